@@ -1,0 +1,81 @@
+"""The options of a cross-entropy call, validated once.
+
+Every backend (the NumPy reference, the Numba kernels, the PyTorch fallback)
+receives a :class:`CrossEntropyOptions` and trusts it: the checks on the
+scalar options live here and nowhere else.  The checks that need the arrays
+themselves (target range, shapes, ``weight`` length) are in
+:mod:`softxent._validate`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Scalar options of cross-entropy, already checked.
+
+    Attributes:
+        ignore_index: class index whose samples contribute nothing (loss 0,
+            gradient row 0), or ``None`` to disable.  Only used with
+            class-index targets, as in PyTorch.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: ε in [0, 1]; the target becomes (1−ε)·y + ε/C.
+        z_loss: λ ≥ 0; adds λ·lse² to every (non-ignored) sample.
+        softcap: s > 0 or ``None``; logits become s·tanh(z/s) first.
+    """
+
+    ignore_index: int | None = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+
+def make_options(
+    *,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> CrossEntropyOptions:
+    """Check the scalar options and freeze them.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__} {ignore_index!r}")
+        ignore_index = int(ignore_index)
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = _real("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    z_loss = _real("z_loss", z_loss)
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None:
+        softcap = _real("softcap", softcap)
+        if not softcap > 0.0:
+            raise ValueError(f"softcap must be > 0 (or None to disable it), got {softcap!r}")
+    return CrossEntropyOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)

@@ -1,0 +1,64 @@
+"""Checks on the arrays of a cross-entropy call (shapes, target range, weight).
+
+The functions take shapes and arrays that support ``<``, ``>=``, ``!=``, ``&``,
+``|``, boolean indexing and ``.any()``, so NumPy arrays and PyTorch tensors go
+through the same code.  Each raises a ``ValueError`` that names the argument
+and the shapes involved; nothing here modifies its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """Return ``axis`` in ``[0, ndim)``, accepting negative values like NumPy."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        try:
+            axis = int(axis.__index__())  # numpy integers
+        except AttributeError:
+            raise TypeError(f"{name} must be an int, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for logits with {ndim} dimension(s)")
+    return axis % ndim
+
+
+def check_target_shape(logits_shape: Sequence[int], axis: int, target_shape: Sequence[int], is_index: bool) -> None:
+    """Class-index targets have the logits' shape without the class axis;
+    probability targets have the logits' shape."""
+    logits_shape = tuple(logits_shape)
+    target_shape = tuple(target_shape)
+    if is_index:
+        expected = logits_shape[:axis] + logits_shape[axis + 1 :]
+        if target_shape != expected:
+            hint = ""
+            if target_shape == logits_shape:
+                hint = " (probability targets must have a floating dtype)"
+            raise ValueError(
+                f"target of class indices must have shape {expected} (logits shape "
+                f"{logits_shape} without the class axis {axis}), got {target_shape}{hint}"
+            )
+    elif target_shape != logits_shape:
+        raise ValueError(
+            f"target of class probabilities must have the logits' shape {logits_shape}, got "
+            f"{target_shape} (class indices must have an integer dtype)"
+        )
+
+
+def check_target_range(target, num_classes: int, ignore_index: int | None) -> None:
+    """Every class index is in ``[0, C)`` or equals ``ignore_index``."""
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        allowed = f"[0, {num_classes})"
+        if ignore_index is not None:
+            allowed += f" or ignore_index={ignore_index}"
+        raise ValueError(f"target contains class index {first}, outside {allowed} (number of classes C={num_classes})")
+
+
+def check_weight_shape(weight_shape: Sequence[int], num_classes: int) -> None:
+    """A class weight is a vector with one entry per class."""
+    if tuple(weight_shape) != (num_classes,):
+        raise ValueError(f"weight must have shape ({num_classes},), one entry per class, got {tuple(weight_shape)}")

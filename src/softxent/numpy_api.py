@@ -1,0 +1,311 @@
+r"""The NumPy API: softmax, log_softmax, logsumexp, cross_entropy and its gradient.
+
+The class axis is ``axis`` (default −1, as in SciPy, JAX and optax); every
+other axis is a batch axis.  float16 inputs are computed in (at least) float32
+and returned as float16; the results have the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _backend
+from ._options import CrossEntropyOptions, make_options
+from ._reduction import mean_denominator, reduced_loss_scale
+from ._validate import check_target_range, check_target_shape, check_weight_shape, normalize_axis
+
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_grad"]
+
+
+def _as_logits(z, name: str = "logits") -> np.ndarray:
+    z = np.asarray(z)
+    if not np.issubdtype(z.dtype, np.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, float32 or float64), got {z.dtype}; "
+            f"convert with .astype(np.float32)"
+        )
+    if z.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
+    return z
+
+
+def _rows(z: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(M, C) view of ``z`` with the class axis last (a copy only if axis is not last)."""
+    moved = np.moveaxis(z, axis, -1)
+    return moved.reshape(-1, z.shape[axis]), moved.shape
+
+
+def _unrows(rows: np.ndarray, moved_shape: tuple[int, ...], axis: int) -> np.ndarray:
+    return np.moveaxis(rows.reshape(moved_shape), -1, axis)
+
+
+def logsumexp(z, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    r"""Log of the sum of exponentials along ``axis``, computed stably.
+
+    .. math:: \operatorname{lse}(z) = m + \log\sum_k e^{z_k - m},\quad m = \max_k z_k
+
+    Its gradient is ``softmax(z, axis)``.
+
+    Args:
+        z: float array ``[..., C, ...]``.
+        axis: the reduced (class) axis.
+        keepdims: keep ``axis`` with size 1.
+
+    Returns:
+        float array of ``z``'s dtype, shape ``z.shape`` without ``axis`` (or with
+        size 1 there when ``keepdims``).  A row holding +inf gives +inf; a row of
+        only −inf gives −inf (as ``torch.logsumexp``).
+
+    Example:
+        >>> import softxent as sx
+        >>> float(sx.logsumexp(np.array([1000.0, 1000.0])))  # 1000 + log 2
+        1000.6931471805599
+    """
+    z = _as_logits(z, "z")
+    axis = normalize_axis(axis, z.ndim)
+    rows, moved_shape = _rows(z, axis)
+    out = _backend.logsumexp_rows(rows).astype(z.dtype).reshape(moved_shape[:-1])
+    return np.expand_dims(out, axis) if keepdims else out
+
+
+def log_softmax(z, axis: int = -1) -> np.ndarray:
+    r"""Log of the softmax along ``axis``: :math:`\log p_j = z_j - \operatorname{lse}(z)`.
+
+    Args:
+        z: float array ``[..., C, ...]``.
+        axis: the class axis.
+
+    Returns:
+        array of ``z``'s shape and dtype.  Rows holding +inf or only −inf give
+        NaN, as ``torch.log_softmax``.  Its vector-Jacobian product is
+        ``g − p·Σ_k g_k``.
+
+    Example:
+        >>> sx.log_softmax(np.array([0.0, 0.0]))
+        array([-0.69314718, -0.69314718])
+    """
+    z = _as_logits(z, "z")
+    axis = normalize_axis(axis, z.ndim)
+    rows, moved_shape = _rows(z, axis)
+    out = _backend.log_softmax_rows(rows, np.empty(rows.shape, z.dtype))
+    return _unrows(out, moved_shape, axis)
+
+
+def softmax(z, axis: int = -1) -> np.ndarray:
+    r"""Softmax along ``axis``: :math:`p_j = e^{z_j} / \sum_k e^{z_k}`, computed stably.
+
+    Args:
+        z: float array ``[..., C, ...]``.
+        axis: the class axis.
+
+    Returns:
+        array of ``z``'s shape and dtype whose slices along ``axis`` sum to 1.
+        Its Jacobian is ``diag(p) − p pᵀ``.
+
+    Example:
+        >>> sx.softmax(np.array([1.0, 1.0, 1.0, 1.0]))
+        array([0.25, 0.25, 0.25, 0.25])
+    """
+    z = _as_logits(z, "z")
+    axis = normalize_axis(axis, z.ndim)
+    rows, moved_shape = _rows(z, axis)
+    out = _backend.softmax_rows(rows, np.empty(rows.shape, z.dtype))
+    return _unrows(out, moved_shape, axis)
+
+
+@dataclass(frozen=True)
+class _CrossEntropyCall:
+    """A validated cross-entropy call in rows form (class axis last, flattened)."""
+
+    rows: np.ndarray  # (M, C) logits
+    target: np.ndarray  # (M,) int64 class indices or (M, C) probabilities
+    weight: np.ndarray | None  # (C,) float64
+    opts: CrossEntropyOptions
+    is_index: bool
+    axis: int
+    moved_shape: tuple[int, ...]
+    loss_shape: tuple[int, ...]  # shape of the unreduced loss
+    dtype: np.dtype
+
+    @property
+    def denominator(self) -> float:
+        return mean_denominator(self.target, self.weight, self.opts.ignore_index, self.is_index)
+
+
+def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossEntropyCall:
+    z = _as_logits(logits)
+    axis = normalize_axis(axis, z.ndim)
+    num_classes = z.shape[axis]
+    if num_classes == 0:
+        raise ValueError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
+    target = np.asarray(target)
+    if np.issubdtype(target.dtype, np.integer):
+        is_index = True
+    elif np.issubdtype(target.dtype, np.floating):
+        is_index = False
+    else:
+        raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
+    check_target_shape(z.shape, axis, target.shape, is_index)
+    if weight is not None:
+        weight = np.asarray(weight)
+        if not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):
+            raise TypeError(f"weight must be a real array, got {weight.dtype}")
+        check_weight_shape(weight.shape, num_classes)
+        weight = weight.astype(np.float64)
+    rows, moved_shape = _rows(z, axis)
+    if is_index:
+        target_rows = target.reshape(-1).astype(np.int64)
+        check_target_range(target_rows, num_classes, opts.ignore_index)
+    else:
+        target_rows, _ = _rows(target, axis)
+    return _CrossEntropyCall(
+        rows=rows,
+        target=target_rows,
+        weight=weight,
+        opts=opts,
+        is_index=is_index,
+        axis=axis,
+        moved_shape=moved_shape,
+        loss_shape=moved_shape[:-1],
+        dtype=z.dtype,
+    )
+
+
+def _reduce(call: _CrossEntropyCall, loss_rows: np.ndarray, loss_scale: float):
+    if call.opts.reduction == "none":
+        return loss_rows.astype(call.dtype).reshape(call.loss_shape)
+    return call.dtype.type(loss_rows.sum() * loss_scale)
+
+
+def cross_entropy(
+    logits,
+    target,
+    *,
+    axis: int = -1,
+    weight=None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+):
+    r"""Cross-entropy between softmax(logits) and a target, as ``torch.nn.functional.cross_entropy``.
+
+    For one sample with logits z (after the optional softcap z ← s·tanh(z/s)),
+    lse = log Σ_k e^{z_k} and effective target y:
+
+    .. math::
+
+        \ell = \sum_k y_k\,(\operatorname{lse} - z_k) + λ\,\operatorname{lse}^2
+
+    * class index t:  y = (1−ε)·w_t·onehot(t) + (ε/C)·w, so ℓ = (1−ε)·w_t·(lse − z_t) + …
+    * probabilities q: y = w ⊙ ((1−ε)·q + ε/C)
+
+    with w the class ``weight`` (1 without), ε = ``label_smoothing``, λ = ``z_loss``.
+
+    Args:
+        logits: float array ``[..., C, ...]``, the class axis is ``axis``.
+        target: integer class indices of shape ``logits.shape`` without ``axis``,
+            or float class probabilities of ``logits.shape``.
+        axis: the class axis of ``logits`` (and of probability targets).
+        weight: optional class weights ``[C]``.
+        ignore_index: samples whose target equals it give 0 loss and a zero
+            gradient; ``None`` disables (class indices only).
+        reduction: ``"mean"`` (Σℓ / Σ w_t over non-ignored samples, or / number
+            of samples for probabilities), ``"sum"`` or ``"none"``.
+        label_smoothing: ε in [0, 1].
+        z_loss: λ ≥ 0, PaLM's auxiliary λ·lse² per sample.
+        softcap: s > 0 caps the logits at ±s smoothly (Gemma 2), or None.
+
+    Returns:
+        a scalar of the logits' dtype, or for ``reduction="none"`` an array of
+        the target's (index) shape.  A mean over zero samples (N = 0 or all
+        ignored) is 0.0, not NaN as in PyTorch.
+
+    Example:
+        >>> logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+        >>> round(float(sx.cross_entropy(logits, np.array([0, 1]))), 6)
+        0.132384
+    """
+    opts = make_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    call = _prepare(logits, target, axis, weight, opts)
+    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts)
+    return _reduce(call, loss_rows, reduced_loss_scale(reduction, call.denominator))
+
+
+def cross_entropy_grad(
+    logits,
+    target,
+    *,
+    grad_output=None,
+    axis: int = -1,
+    weight=None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+):
+    r"""Cross-entropy and its gradient with respect to the logits, in one pass.
+
+    Same arguments as :func:`cross_entropy`, plus ``grad_output``: the upstream
+    gradient ∂J/∂loss (a scalar, or an array of the loss's shape for
+    ``reduction="none"``; default 1).  The gradient of each sample's row is
+
+    .. math::
+
+        \frac{\partial J}{\partial z_j} = g\cdot r\cdot
+        \bigl((S + 2λ\,\operatorname{lse})\,p_j - y_j\bigr)\cdot(1 - \tanh^2(z_j/s))
+
+    with p = softmax(z), y the effective target and S = Σ_k y_k (1 for an
+    unweighted one-hot target: the seed's p − y), g the upstream gradient and
+    r = 1/D for ``mean`` (1 otherwise).  Ignored samples get a zero row.
+
+    Returns:
+        ``(loss, dlogits)``: the loss as :func:`cross_entropy` returns it and the
+        gradient with the logits' shape and dtype.
+
+    Example:
+        >>> loss, g = sx.cross_entropy_grad(np.array([[0.0, 0.0]]), np.array([1]))
+        >>> g  # p − y
+        array([[ 0.5, -0.5]])
+    """
+    opts = make_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    call = _prepare(logits, target, axis, weight, opts)
+    loss_scale = reduced_loss_scale(reduction, call.denominator)
+    scale = _row_scale(call, grad_output, loss_scale)
+    grad_rows = np.empty(call.rows.shape, call.dtype)
+    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, scale, grad_rows)
+    return _reduce(call, loss_rows, loss_scale), _unrows(grad_rows, call.moved_shape, call.axis)
+
+
+def _row_scale(call: _CrossEntropyCall, grad_output, loss_scale: float):
+    """The factor of each gradient row: upstream gradient × (1/D for mean)."""
+    if grad_output is None:
+        return loss_scale
+    g = np.asarray(grad_output)
+    if not (np.issubdtype(g.dtype, np.floating) or np.issubdtype(g.dtype, np.integer)):
+        raise TypeError(f"grad_output must be real, got {g.dtype}")
+    expected = call.loss_shape if call.opts.reduction == "none" else ()
+    if g.shape != expected:
+        raise ValueError(
+            f"grad_output must have the loss's shape {expected} for reduction={call.opts.reduction!r}, got {g.shape}"
+        )
+    g = g.astype(np.float64)
+    if call.opts.reduction == "none":
+        return g.reshape(-1)
+    return float(g) * loss_scale
