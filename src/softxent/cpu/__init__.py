@@ -1,0 +1,6 @@
+"""Fused CPU kernels (Numba): cross-entropy loss + gradient and the softmax family.
+
+Each kernel reads a row of logits once, keeps it in cache while it works, and
+writes its output once.  The launchers here have the same contracts as the
+float64 reference in :mod:`softxent._reference`.
+"""

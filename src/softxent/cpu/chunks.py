@@ -1,0 +1,241 @@
+r"""Passes over one chunk of a row (≤ :data:`CHUNK` elements, kept in L1).
+
+A row is processed chunk by chunk with an *online* max: after chunk c the
+running max is m_c and the running sum s_c = Σ_{k seen} e^{z_k − m_c}; a new,
+larger chunk max m' rescales the sum by e^{m_c − m'}.  The exponentials stored
+for chunk c are relative to m_c, so the final pass multiplies them by
+e^{m_c − m_final} / s.  Memory is read once; the exp work runs on data in L1.
+
+Each function is a short loop over contiguous 1-D arrays that LLVM vectorizes;
+``src`` arrays may hold float16/bfloat16 bits (see :mod:`softxent.cpu.simd`),
+``work`` arrays hold the compute type.
+"""
+
+from __future__ import annotations
+
+from numba import njit, types
+from numba.extending import overload
+
+from .simd import EXACT_JIT, HELPER_JIT, LOOP_JIT, as_compute, compute_neg_inf, exp_le0, load, maxnum, store, tanh
+
+#: elements per chunk: 4 KB of float32, small enough for L1 next to its exponentials
+CHUNK = 1024
+
+
+@njit(**EXACT_JIT)
+def chunk_max(src, m):
+    """max(m, max_j src_j), ignoring NaN (NaN reaches the sum through exp)."""
+    for j in range(src.size):
+        m = maxnum(m, load(src[j]))
+    return m
+
+
+@njit(**LOOP_JIT)
+def chunk_exp_sum(src, m):
+    """Σ_j e^{src_j − m}."""
+    s = m - m
+    for j in range(src.size):
+        s += exp_le0(load(src[j]) - m)
+    return s
+
+
+@njit(**LOOP_JIT)
+def chunk_exp_store(src, work, m):
+    """work_j = e^{src_j − m}; returns Σ_j work_j."""
+    s = m - m
+    for j in range(src.size):
+        e = exp_le0(load(src[j]) - m)
+        work[j] = e
+        s += e
+    return s
+
+
+@njit(**LOOP_JIT)
+def chunk_exp_inplace(work, m):
+    """work_j ← e^{work_j − m} (the in-place twin of :func:`chunk_exp_store`)."""
+    s = m - m
+    for j in range(work.size):
+        e = exp_le0(work[j] - m)
+        work[j] = e
+        s += e
+    return s
+
+
+@njit(**EXACT_JIT)
+def chunk_nan_or_zero(src, work, want_store):
+    """For a chunk seen while the running max is −inf (all −inf or NaN so far):
+    its e^{z − m} are 0 for −inf and NaN for NaN.  Stores them if asked, returns their sum."""
+    s = as_compute(work, 0.0)
+    for j in range(src.size):
+        v = as_compute(work, load(src[j]))
+        e = v if v != v else as_compute(work, 0.0)  # NaN stays NaN; the rest is −inf
+        if want_store:
+            work[j] = e
+        s += e
+    return s
+
+
+@njit(**EXACT_JIT)
+def online_update(src, work, m, s, want_store, inplace):
+    """Fold one chunk into the running (max m, Σ e^{z−m}) of its row; returns the new (m, s).
+
+    With ``want_store`` the chunk's e^{z_j − m_new} go to ``work`` (read from
+    ``work`` itself when ``inplace``: the logits are being overwritten).
+    """
+    new_m = chunk_max(src, m)
+    neg_inf = compute_neg_inf(work)
+    if new_m > m:
+        if m != neg_inf:
+            s = s * exp_le0(m - new_m)
+        m = new_m
+    if m == neg_inf:  # every element so far is −inf or NaN
+        s += chunk_nan_or_zero(src, work, want_store)
+    elif not want_store:
+        s += chunk_exp_sum(src, m)
+    elif inplace:
+        s += chunk_exp_inplace(work, m)
+    else:
+        s += chunk_exp_store(src, work, m)
+    return m, s
+
+
+@njit(**HELPER_JIT)
+def chunk_softcap(src, work, cap):
+    """work_j = cap·tanh(src_j / cap)."""
+    c = as_compute(work, cap)
+    inv = as_compute(work, 1.0 / cap)
+    for j in range(src.size):
+        work[j] = c * tanh(load(src[j]) * inv)
+
+
+@njit(**LOOP_JIT)
+def chunk_sum(src):
+    """Σ_j src_j, in float64."""
+    s = 0.0
+    for j in range(src.size):
+        s += load(src[j])
+    return s
+
+
+@njit(**LOOP_JIT)
+def chunk_dot(src, w):
+    """Σ_j w_j·src_j, in float64."""
+    s = 0.0
+    for j in range(src.size):
+        s += w[j] * load(src[j])
+    return s
+
+
+@njit(**LOOP_JIT)
+def chunk_prob_target_dots(src, q, w, has_weight, keep, uniform):
+    """(Σ_j y_j·src_j, Σ_j y_j) with y_j = w_j·(keep·q_j + uniform), in float64."""
+    dot = 0.0
+    total = 0.0
+    for j in range(src.size):
+        y = keep * load(q[j]) + uniform
+        if has_weight:
+            y *= w[j]
+        dot += y * load(src[j])
+        total += y
+    return dot, total
+
+
+@njit(**LOOP_JIT)
+def _finish_scaled_copy(work, dst, factor, minus):
+    f = as_compute(work, factor)
+    u = as_compute(work, minus)
+    for j in range(work.size):
+        store(dst, j, f * work[j] - u)
+
+
+@njit(**LOOP_JIT)
+def _finish_scaled_inplace(dst, factor, minus):
+    f = as_compute(dst, factor)
+    u = as_compute(dst, minus)
+    for j in range(dst.size):
+        dst[j] = f * dst[j] - u
+
+
+def chunk_finish_scaled(work, dst, factor, minus):
+    """dst_j = factor·work_j − minus (the gradient of unweighted class-index rows).
+
+    When ``dst`` is a float32/float64 row, ``work`` *is* ``dst`` (see
+    :func:`softxent.cpu.simd.work_row`) and the loop runs in place: a loop over
+    two views of the same memory would fail LLVM's overlap check and not vectorize.
+    """
+    raise NotImplementedError("chunk_finish_scaled is only callable from Numba code")
+
+
+@overload(chunk_finish_scaled)
+def _chunk_finish_scaled_overload(work, dst, factor, minus):
+    if dst.dtype in (types.float32, types.float64):
+        return lambda work, dst, factor, minus: _finish_scaled_inplace(dst, factor, minus)
+    return lambda work, dst, factor, minus: _finish_scaled_copy(work, dst, factor, minus)
+
+
+@njit(inline="always", **LOOP_JIT)
+def _general_value(x, factor, m, qj, wj, keep, uniform, scale, has_prob, has_weight, cap, inv_cap, one):
+    """(factor·p̃ − scale·y)·chain for one element, every argument in the compute type."""
+    y = uniform
+    if has_prob:
+        y += keep * qj
+    if has_weight:
+        y *= wj
+    if cap > 0.0:
+        t = x * inv_cap
+        return (factor * exp_le0(x - m) - scale * y) * (one - t * t)
+    return factor * x - scale * y
+
+
+@njit(**LOOP_JIT)
+def _finish_general_copy(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+    one = as_compute(work, 1.0)
+    f, k, u, sc = as_compute(work, factor), as_compute(work, keep), as_compute(work, uniform), as_compute(work, scale)
+    c, inv_cap = as_compute(work, cap), as_compute(work, 1.0 / cap if cap > 0.0 else 0.0)
+    for j in range(work.size):
+        qj = load(q[j]) if has_prob else one
+        wj = w[j] if has_weight else one
+        store(dst, j, _general_value(work[j], f, m, qj, wj, k, u, sc, has_prob, has_weight, c, inv_cap, one))
+
+
+@njit(**LOOP_JIT)
+def _finish_general_inplace(dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+    one = as_compute(dst, 1.0)
+    f, k, u, sc = as_compute(dst, factor), as_compute(dst, keep), as_compute(dst, uniform), as_compute(dst, scale)
+    c, inv_cap = as_compute(dst, cap), as_compute(dst, 1.0 / cap if cap > 0.0 else 0.0)
+    for j in range(dst.size):
+        qj = as_compute(dst, load(q[j])) if has_prob else one
+        wj = w[j] if has_weight else one
+        dst[j] = _general_value(dst[j], f, m, qj, wj, k, u, sc, has_prob, has_weight, c, inv_cap, one)
+
+
+def chunk_finish_general(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+    """dst_j = (factor·p̃_j − scale·y_j)·chain_j for every option.
+
+    ``work`` holds e^{z_j − m_c} (no softcap) or the capped logit z'_j (softcap,
+    cap > 0: then p̃_j = e^{z'_j − m} and chain_j = 1 − (z'_j/cap)²).
+    y_j = w_j·(keep·q_j + uniform) for probability targets, w_j·uniform otherwise.
+    In place when ``work`` is ``dst`` (float rows), as :func:`chunk_finish_scaled`.
+    """
+    raise NotImplementedError("chunk_finish_general is only callable from Numba code")
+
+
+@overload(chunk_finish_general)
+def _chunk_finish_general_overload(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+    if dst.dtype in (types.float32, types.float64):
+
+        def impl(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+            _finish_general_inplace(dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap)
+
+        return impl
+
+    def impl(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+        _finish_general_copy(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap)
+
+    return impl
+
+
+@njit(**EXACT_JIT)
+def fill_zero(dst):
+    for j in range(dst.size):
+        store(dst, j, 0.0)

@@ -1,0 +1,111 @@
+r"""softmax, log_softmax and logsumexp of every row on the CPU (Numba, rows in parallel).
+
+One online pass per row gives m = max z and s = Σ e^{z−m} (see
+:mod:`softxent.cpu.chunks`); a second pass over the cache-resident row writes
+
+* softmax:      p_j = e^{z_j − m_c} · e^{m_c − m} / s  (the stored exponentials rescaled),
+* log_softmax:  z_j − lse,  lse = m + log s.
+
+Like PyTorch, a row holding +inf or only −inf gives NaN for softmax and
+log_softmax, while logsumexp returns +inf / −inf for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .chunks import CHUNK, chunk_finish_scaled, online_update
+from .simd import EXACT_JIT, LOOP_JIT, compute_neg_inf, compute_zero, load, numba_view, scratch_row, store, work_row
+
+
+@njit(**EXACT_JIT)
+def _row_stats(z, work, chunk_max_at, want_store):
+    """Online (m, s) of a row; stores e^{z − m_c} into ``work`` if asked."""
+    m = compute_neg_inf(z)
+    s = compute_zero(z)
+    for c in range(chunk_max_at.size):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, z.size)
+        m, s = online_update(z[lo:hi], work[lo:hi], m, s, want_store, False)
+        chunk_max_at[c] = m
+    return m, s
+
+
+@njit(parallel=True, **EXACT_JIT)
+def logsumexp_kernel(z, out):
+    """out_i = lse(z_i) for every row of ``z`` (M, C); ``out`` (M,) float64."""
+    for i in prange(z.shape[0]):
+        row = z[i]
+        chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
+        m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False)
+        if math.isinf(m):  # all −inf, or a +inf: ±inf unless the row holds a NaN
+            has_nan = False
+            for j in range(row.size):
+                v = load(row[j])
+                has_nan |= v != v
+            out[i] = math.nan if has_nan else float(m)
+        else:
+            out[i] = float(m) + math.log(float(s))
+
+
+@njit(parallel=True, **EXACT_JIT)
+def softmax_kernel(z, out):
+    """out_i = softmax(z_i) for every row; ``out`` has the dtype of ``z``."""
+    for i in prange(z.shape[0]):
+        row = z[i]
+        dst = out[i]
+        work = work_row(dst, row.size)
+        chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
+        m, s = _row_stats(row, work, chunk_max_at, True)
+        if m == compute_neg_inf(row):
+            s = s - s + math.nan  # all −inf: NaN, as PyTorch
+        for c in range(chunk_max_at.size):
+            lo = c * CHUNK
+            hi = min(lo + CHUNK, row.size)
+            factor = math.exp(float(chunk_max_at[c]) - float(m)) / float(s)
+            chunk_finish_scaled(work[lo:hi], dst[lo:hi], factor, 0.0)
+
+
+@njit(**LOOP_JIT)
+def _shift_row(src, dst, lse):
+    for j in range(src.size):
+        store(dst, j, load(src[j]) - lse)
+
+
+@njit(parallel=True, **EXACT_JIT)
+def log_softmax_kernel(z, out):
+    """out_i = z_i − lse(z_i) for every row; ``out`` has the dtype of ``z``."""
+    for i in prange(z.shape[0]):
+        row = z[i]
+        chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
+        m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False)
+        lse = math.nan if m == compute_neg_inf(row) else float(m) + math.log(float(s))
+        _shift_row(row, out[i], lse)
+
+
+def logsumexp_rows(z: np.ndarray) -> np.ndarray:
+    """lse of each row of ``z`` (M, C) → (M,) float64 (contract of the reference)."""
+    z = np.ascontiguousarray(z)
+    out = np.empty(z.shape[0], np.float64)
+    if z.shape[1] == 0:
+        out.fill(-np.inf)
+    elif z.shape[0]:
+        logsumexp_kernel(numba_view(z), out)
+    return out
+
+
+def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
+    if z.size:
+        softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
+    return out
+
+
+def log_softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """log_softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
+    if z.size:
+        log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
+    return out

@@ -1,0 +1,171 @@
+"""The fused Numba kernels against the float64 reference, and their exp/tanh against NumPy."""
+
+import itertools
+
+import numpy as np
+import pytest
+from numba import njit
+
+from softxent import _reference as reference
+from softxent._options import make_options
+from softxent.cpu import cross_entropy as ce_kernel
+from softxent.cpu import simd
+from softxent.cpu import softmax as softmax_kernels
+from softxent.cpu.chunks import CHUNK
+
+
+@njit
+def _map_exp(x, out):
+    for i in range(x.size):
+        out[i] = simd.exp_le0(x[i])
+
+
+@njit
+def _map_tanh(x, out):
+    for i in range(x.size):
+        out[i] = simd.tanh(x[i])
+
+
+def ulp_error(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|approx − exact| in units of the float32 spacing at the exact value."""
+    return np.abs(approx.astype(np.float64) - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+
+
+def test_fast_exp_is_within_one_ulp_of_numpy_on_its_whole_domain():
+    x = np.concatenate([np.linspace(-87.3, 0.0, 2_000_001), -np.logspace(-38, 1.94, 200_001), [-0.0, 0.0]]).astype(
+        np.float32
+    )
+    out = np.empty_like(x)
+    _map_exp(x, out)
+    assert ulp_error(out, np.exp(x.astype(np.float64))).max() <= 1.0
+
+
+def test_fast_exp_special_values():
+    x = np.array([-np.inf, np.nan, -1e30, -87.5, 0.0], dtype=np.float32)
+    out = np.empty_like(x)
+    _map_exp(x, out)
+    assert out[0] == 0.0 and np.isnan(out[1]) and out[2] == 0.0 and out[3] == 0.0 and out[4] == 1.0
+
+
+def test_fast_tanh_is_within_two_ulp_of_numpy():
+    x = np.concatenate([np.linspace(-20, 20, 2_000_001), np.logspace(-30, 1, 10_001)]).astype(np.float32)
+    out = np.empty_like(x)
+    _map_tanh(x, out)
+    exact = np.tanh(x.astype(np.float64))
+    assert ulp_error(out, exact).max() <= 2.0
+    special = np.array([np.inf, -np.inf, np.nan, 0.0], np.float32)
+    _map_tanh(special, special)
+    np.testing.assert_array_equal(special[:2], [1.0, -1.0])
+    assert np.isnan(special[2]) and special[3] == 0.0
+
+
+@pytest.mark.parametrize("c", [1, 2, 37, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_softmax_family_kernels_match_the_reference(c, dtype):
+    rng = np.random.default_rng(c)
+    z = (rng.normal(size=(9, c)) * 6).astype(dtype)
+    if c > 3:
+        z[1, : c // 2] = -np.inf  # leading chunks of only −inf
+        z[3, c // 3] = np.inf
+        z[4, -1] = np.nan
+    z[2] = -np.inf
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
+    if dtype == np.float16:
+        tol = dict(rtol=1e-3, atol=1e-3)
+    for name in ("softmax_rows", "log_softmax_rows"):
+        got = getattr(softmax_kernels, name)(z, np.empty_like(z))
+        want = getattr(reference, name)(z, np.empty_like(z))
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), equal_nan=True, **tol)
+    np.testing.assert_allclose(
+        softmax_kernels.logsumexp_rows(z), reference.logsumexp_rows(z), equal_nan=True, rtol=1e-6
+    )
+
+
+OPTIONS = [
+    dict(zip(("label_smoothing", "z_loss", "softcap", "ignore_index"), values, strict=True))
+    for values in itertools.product([0.0, 0.1], [0.0, 1e-3], [None, 5.0], [-100, None])
+]
+
+
+def _case(c, kind, use_weight, seed=0):
+    rng = np.random.default_rng(seed + c)
+    z = rng.normal(size=(11, c)) * 4
+    if c > 4:
+        z[1, : c // 2] = -np.inf
+        z[5, 0] = 60.0
+    if kind == "index":
+        target = rng.integers(0, c, size=11)
+        target[[2, 7]] = -100
+    else:
+        target = rng.dirichlet(np.ones(c), size=11)
+    weight = rng.uniform(0.3, 2.0, size=c) if use_weight else None
+    return z, target, weight
+
+
+@pytest.mark.parametrize("c", [1, 3, CHUNK + 5, 2 * CHUNK])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cross_entropy_kernel_matches_the_reference_for_every_option(c, kind, use_weight, dtype):
+    z, target, weight = _case(c, kind, use_weight)
+    z = z.astype(dtype)
+    if kind == "index" and c > 4:
+        target[1] = c - 1  # a target inside the −inf region gives +inf loss
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    for options in OPTIONS:
+        opts = make_options(**options)
+        t = target.copy()
+        if kind == "index" and options["ignore_index"] is None:
+            t[t < 0] = 0
+        scale = np.linspace(0.5, 1.5, z.shape[0])
+        want_grad = np.empty(z.shape)
+        with np.errstate(all="ignore"):
+            want_loss = reference.cross_entropy_rows(z, t, weight, opts, scale, want_grad)
+        got_grad = np.empty_like(z)
+        got_loss = ce_kernel.cross_entropy_rows(z, t, weight, opts, scale, got_grad)
+        msg = f"{options} {kind} weight={use_weight}"
+        np.testing.assert_allclose(got_loss, want_loss, rtol=rtol, atol=rtol, equal_nan=True, err_msg=msg)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=rtol, atol=rtol, equal_nan=True, err_msg=msg)
+        forward_only = ce_kernel.cross_entropy_rows(z, t, weight, opts)
+        np.testing.assert_array_equal(forward_only, got_loss)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_in_place_gradient_overwrites_the_logits_with_the_same_values(dtype, softcap):
+    z, target, weight = _case(2 * CHUNK + 3, "index", True)
+    z = z.astype(dtype)
+    opts = make_options(label_smoothing=0.1, softcap=softcap)
+    grad = np.empty_like(z)
+    loss = ce_kernel.cross_entropy_rows(z, target, weight, opts, 0.25, grad)
+    buffer = z.copy()
+    loss_inplace = ce_kernel.cross_entropy_rows(buffer, target, weight, opts, 0.25, buffer, inplace=True)
+    np.testing.assert_array_equal(loss_inplace, loss)
+    np.testing.assert_array_equal(buffer, grad)
+
+
+def test_float16_gradient_is_rounded_once_from_float32():
+    z, target, weight = _case(CHUNK + 9, "index", False)
+    z16 = z.astype(np.float16)
+    opts = make_options(label_smoothing=0.05)
+    grad16 = np.empty_like(z16)
+    loss16 = ce_kernel.cross_entropy_rows(z16, target, None, opts, 1.0, grad16)
+    grad32 = np.empty(z.shape, np.float32)
+    loss32 = ce_kernel.cross_entropy_rows(z16.astype(np.float32), target, None, opts, 1.0, grad32)
+    np.testing.assert_array_equal(loss16, loss32)
+    np.testing.assert_array_equal(grad16, grad32.astype(np.float16))
+
+
+def test_bfloat16_bits_are_read_and_written_as_bfloat16():
+    torch = pytest.importorskip("torch")
+    z, target, _ = _case(CHUNK + 9, "index", False)
+    zb = torch.tensor(z, dtype=torch.bfloat16)
+    opts = make_options()
+    grad_bits = np.empty(z.shape, np.int16)
+    loss = ce_kernel.cross_entropy_rows(zb.view(torch.int16).numpy(), target, None, opts, 1.0, grad_bits)
+    grad = torch.from_numpy(grad_bits).view(torch.bfloat16)
+    grad32 = np.empty(z.shape, np.float32)
+    loss32 = ce_kernel.cross_entropy_rows(zb.float().numpy(), target, None, opts, 1.0, grad32)
+    np.testing.assert_array_equal(loss, loss32)
+    assert torch.equal(grad, torch.from_numpy(grad32).to(torch.bfloat16))
