@@ -44,7 +44,7 @@ def make_case(shape, axis, kind, ignore_index, use_weight, seed):
     return logits, target, weight
 
 
-TARGET_KINDS = [("index", -100), ("index", None), ("index", 1), ("prob", -100)]
+TARGET_KINDS = [("index", -100), ("index", None), ("index", 1), ("prob", -100), ("prob", None)]
 CASES = [
     (shape, axis, kind, ignore_index)
     for shape, axis in SHAPES

@@ -35,6 +35,7 @@ TARGET = np.array([0, 1, 4, 2])
         (dict(z_loss=float("inf")), ValueError, r"z_loss"),
         (dict(reduction="avg"), ValueError, r"reduction must be one of"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int or None"),
+        (dict(target=np.full((4, 5), 0.2), ignore_index=3), ValueError, r"ignore_index=3 is not supported for prob"),
         (dict(axis=2), ValueError, r"axis=2 is out of range"),
         (dict(logits=LOGITS.astype(np.int64)), TypeError, r"logits must have a floating dtype.*int64"),
         (dict(logits=np.float64(1.0), target=np.array(0)), ValueError, r"logits must have at least one dimension"),

@@ -62,3 +62,12 @@ def check_weight_shape(weight_shape: Sequence[int], num_classes: int) -> None:
     """A class weight is a vector with one entry per class."""
     if tuple(weight_shape) != (num_classes,):
         raise ValueError(f"weight must have shape ({num_classes},), one entry per class, got {tuple(weight_shape)}")
+
+
+def check_ignore_index_for_probabilities(is_index: bool, ignore_index: int | None) -> None:
+    """As in PyTorch, probability targets accept only the default ignore_index (or None)."""
+    if not is_index and ignore_index not in (None, -100):
+        raise ValueError(
+            f"ignore_index={ignore_index} is not supported for probability (floating point) targets; "
+            "leave it at -100 or None"
+        )

@@ -14,7 +14,13 @@ import numpy as np
 from . import _backend
 from ._options import CrossEntropyOptions, make_options
 from ._reduction import mean_denominator, reduced_loss_scale
-from ._validate import check_target_range, check_target_shape, check_weight_shape, normalize_axis
+from ._validate import (
+    check_ignore_index_for_probabilities,
+    check_target_range,
+    check_target_shape,
+    check_weight_shape,
+    normalize_axis,
+)
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_grad"]
 
@@ -148,6 +154,7 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossE
     else:
         raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
     check_target_shape(z.shape, axis, target.shape, is_index)
+    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
     if weight is not None:
         weight = np.asarray(weight)
         if not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):

@@ -233,7 +233,8 @@ def cross_entropy_rows(
         -(2**62) if opts.ignore_index is None else opts.ignore_index,
         opts.ignore_index is not None,
         want_grad,
-        inplace,
+        # 16-bit rows keep their exponentials in a float32 scratch row, never in the logits
+        inplace and z.dtype in (np.float32, np.float64),
         has_prob,
         loss,
     )

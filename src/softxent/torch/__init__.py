@@ -1,0 +1,15 @@
+"""softxent for PyTorch: a drop-in for ``torch.nn.functional.cross_entropy`` and friends.
+
+    import softxent.torch as sxt
+    loss = sxt.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
+    loss.backward()          # the gradient was computed in the forward pass
+
+CPU tensors run fused Numba kernels; other devices run blocks of PyTorch ops.
+Everything is a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)``
+traces through it.
+"""
+
+from .functional import cross_entropy, log_softmax, logsumexp, softmax
+from .modules import CrossEntropyLoss
+
+__all__ = ["cross_entropy", "CrossEntropyLoss", "softmax", "log_softmax", "logsumexp"]

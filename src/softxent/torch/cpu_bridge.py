@@ -1,0 +1,63 @@
+"""Run the Numba kernels of :mod:`softxent.cpu` on CPU tensors, without copies.
+
+A contiguous CPU tensor is handed to Numba as a NumPy view of its storage;
+bfloat16, which NumPy lacks, travels as its int16 bits (and float16 as its
+uint16 bits, see :func:`softxent.cpu.simd.numba_view`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._options import CrossEntropyOptions
+from ..cpu import cross_entropy as ce_kernel
+from ..cpu import softmax as softmax_kernels
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor (bfloat16 as int16 bits)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CrossEntropyOptions,
+    scale: float | None = None,
+    grad_out: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Per-row losses (M,) float64 of contiguous rows (M, C); the gradient goes to ``grad_out``."""
+    w = None if weight is None else weight.detach().to(torch.float64).numpy()
+    target_np = as_numpy(target.contiguous()) if target.dim() == 2 else target.detach().to(torch.int64).numpy()
+    loss = ce_kernel.cross_entropy_rows(
+        as_numpy(logits),
+        target_np,
+        w,
+        opts,
+        scale,
+        None if grad_out is None else as_numpy(grad_out),
+        inplace=inplace,
+    )
+    return torch.from_numpy(loss)
+
+
+def softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(z)
+    softmax_kernels.softmax_rows(as_numpy(z), as_numpy(out))
+    return out
+
+
+def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(z)
+    softmax_kernels.log_softmax_rows(as_numpy(z), as_numpy(out))
+    return out
+
+
+def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(softmax_kernels.logsumexp_rows(as_numpy(z))).to(z.dtype)

@@ -1,0 +1,232 @@
+r"""Drop-in replacements for ``torch.nn.functional.cross_entropy``, ``softmax``,
+``log_softmax`` and ``torch.logsumexp`` (class dimension 1, as in PyTorch).
+
+They put the class dimension last, flatten the rest into rows and call the
+``softxent::`` custom ops (:mod:`softxent.torch.ops`): fused Numba kernels on
+CPU, blocks of PyTorch ops on other devices.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .._options import make_options
+from .._validate import check_ignore_index_for_probabilities, check_target_shape, check_weight_shape, normalize_axis
+from . import cpu_bridge, fallback, ops
+
+
+def _check_input(input: Tensor, name: str = "input") -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
+        )
+
+
+def _to_rows(x: Tensor, class_dim: int) -> Tensor:
+    """(M, C) with the class dimension last; a view when it already is last."""
+    return x.movedim(class_dim, -1).reshape(-1, x.shape[class_dim])
+
+
+def _from_rows(rows: Tensor, like: Tensor, class_dim: int) -> Tensor:
+    return rows.reshape(like.movedim(class_dim, -1).shape).movedim(-1, class_dim)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    r"""Cross-entropy between logits and a target, as ``torch.nn.functional.cross_entropy``.
+
+    .. math::
+
+        \ell_i = \sum_k y_{ik}\,(\operatorname{lse}(z_i) - z_{ik}) + λ\,\operatorname{lse}(z_i)^2,
+        \qquad \frac{\partial \ell_i}{\partial z_{ij}} = (S_i + 2λ\,\operatorname{lse}(z_i))\,p_{ij} - y_{ij}
+
+    with z the logits (after the optional softcap z ← s·tanh(z/s), whose
+    derivative 1 − tanh² multiplies the gradient), p = softmax(z), y the
+    effective target (one-hot of the class index times ``weight[t]``, smoothed
+    by ε = ``label_smoothing``; or the given probabilities) and S = Σ_k y_k.
+
+    Args:
+        input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, …, dK)``; any float dtype
+            (float16/bfloat16 accumulate in float32).
+        target: class indices ``()``, ``(N,)`` or ``(N, d1, …, dK)`` of an integer
+            dtype, or class probabilities of ``input``'s shape and a float dtype.
+        weight: class weights ``(C,)``.
+        ignore_index: target value whose samples give 0 loss and a zero
+            gradient; ``None`` disables it.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (PyTorch semantics; a mean
+            over zero samples is 0.0, not NaN).
+        label_smoothing: ε in [0, 1].
+        z_loss: λ ≥ 0, adds λ·lse² per sample (PaLM).
+        softcap: s > 0 caps the logits smoothly (Gemma 2), or None.
+        inplace_backward: write the gradient over ``input``'s storage instead of
+            a new N×C buffer (CPU, eager mode, ``(N, C)`` inputs).  This destroys
+            the logits: do not read ``input`` after the call.
+
+    Returns:
+        the loss: a scalar, or for ``reduction="none"`` one value per sample, in
+        ``input``'s dtype (float32 under ``torch.autocast``).
+
+    The gradient is computed in the forward pass (one read of the logits, one
+    write of the gradient); backward only scales it.  Double backward is not
+    supported.
+    """
+    opts = make_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    _check_input(input)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        is_index = False
+    elif not target.is_complex() and target.dtype != torch.bool:
+        is_index = True
+    else:
+        raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (the classes), got a scalar")
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    check_target_shape(input.shape, class_dim, target.shape, is_index)
+    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    if weight is not None:
+        _check_input(weight, "weight")
+        check_weight_shape(weight.shape, num_classes)
+    for name, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+    rows = input.reshape(1, num_classes) if input.dim() == 1 else _to_rows(input, class_dim)
+    if is_index:
+        target_rows = target.reshape(-1)
+        if target_rows.dtype != torch.int64:
+            target_rows = target_rows.long()
+    else:
+        target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, class_dim)
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    op_args = (
+        weight,
+        -100 if opts.ignore_index is None else opts.ignore_index,
+        opts.ignore_index is not None,
+        opts.reduction,
+        opts.label_smoothing,
+        opts.z_loss,
+        0.0 if opts.softcap is None else opts.softcap,
+    )
+    use_inplace = (
+        inplace_backward
+        and compute_grad
+        and input.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and rows.data_ptr() == input.data_ptr()
+        and rows.is_contiguous()
+        and not (target_rows.dim() == 2 and target_rows.requires_grad)
+    )
+    if torch._C._are_functorch_transforms_active():
+        loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)  # torch.func needs plain ops
+    elif use_inplace:
+        loss = _InplaceCrossEntropy.apply(rows, target_rows, *op_args)
+    else:
+        loss, _ = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad)
+    if opts.reduction == "none":
+        loss = loss.reshape(target.shape if is_index else target.shape[:class_dim] + target.shape[class_dim + 1 :])
+    if _autocast_enabled(input.device.type):
+        return loss  # float32 (float64 stays float64), as PyTorch's autocast policy for cross_entropy
+    return loss.to(input.dtype)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """Eager CPU path of ``inplace_backward=True``: the kernel writes the gradient
+    over the logits' storage, so no N×C buffer is allocated."""
+
+    @staticmethod
+    def forward(
+        ctx, logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap
+    ):
+        opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+        rows_fn = partial(cpu_bridge.cross_entropy_rows, inplace=True)
+        loss, grad = ops._forward(rows_fn, logits, target, weight, opts, True, logits)
+        # autograd must know the logits changed: anything that saved them now fails loudly
+        torch.autograd.graph.increment_version(logits)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad.detach())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (ops.scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 8
+
+
+def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
+    """Apply a rows op (M, C) → (M, C) along ``dim`` of any tensor (0-d: a single class)."""
+    _check_input(input)
+    if dtype is not None:
+        input = input.to(dtype)
+    dim = normalize_axis(dim, max(input.dim(), 1), "dim")
+    if input.dim() == 0:
+        return op(input.reshape(1, 1)).reshape(())
+    return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim)
+
+
+def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    r"""softmax along ``dim``: :math:`p_j = e^{z_j - m} / \sum_k e^{z_k - m}`, m the max.
+
+    Drop-in for ``torch.softmax`` / ``F.softmax``: same result shape and dtype
+    (``dtype`` casts the input first).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
+    On CPU it runs a fused Numba kernel; elsewhere ``torch.softmax``.
+    """
+    if input.device.type != "cpu":
+        return torch.softmax(input, dim, dtype=dtype)
+    return _rows_call(ops.softmax_op, input, dim, dtype)
+
+
+def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    r"""log-softmax along ``dim``: :math:`z_j - \operatorname{lse}(z)`.
+
+    Drop-in for ``torch.log_softmax``.  Gradient: ``g − softmax(z)·Σ_k g_k``.
+    """
+    if input.device.type != "cpu":
+        return torch.log_softmax(input, dim, dtype=dtype)
+    return _rows_call(ops.log_softmax_op, input, dim, dtype)
+
+
+def logsumexp(input: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    r"""log Σ_k e^{z_k} along ``dim``, computed stably; drop-in for ``torch.logsumexp``.
+
+    Rows holding +inf give +inf, rows of only −inf give −inf.  Gradient: softmax(z)·g.
+    """
+    if input.device.type != "cpu":
+        return torch.logsumexp(input, dim, keepdim=keepdim)
+    _check_input(input)
+    dim = normalize_axis(dim, max(input.dim(), 1), "dim")
+    if input.dim() == 0:
+        return input.clone()
+    out = ops.logsumexp_op(_to_rows(input, dim).contiguous())
+    out = out.reshape(input.movedim(dim, -1).shape[:-1])
+    return out.unsqueeze(dim) if keepdim else out

@@ -1,0 +1,256 @@
+r"""The ``softxent::`` custom operators and their autograd formulas.
+
+``softxent::cross_entropy(logits (M, C), target, weight, …) -> (loss, grad)``
+computes the reduced loss *and* the gradient ``∂loss/∂logits`` in one pass
+(the fused Numba kernel on CPU, blocks of PyTorch ops elsewhere).  Autograd
+saves that gradient; backward only multiplies it by the upstream gradient — in
+place, and not at all when the upstream gradient is 1 (``loss.backward()``).
+So the logits are read once and the gradient written once per step.
+
+The ops are registered with ``torch.library.custom_op`` (+ ``register_fake``
+and ``register_autograd``) so that ``torch.compile(fullgraph=True)`` traces
+through them.  Double backward is not supported (the gradient is a constant
+to autograd) and raises a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._options import CrossEntropyOptions
+from .._reduction import mean_denominator, reduced_loss_scale
+from .._validate import check_target_range
+from . import cpu_bridge, fallback
+
+_NO_DOUBLE_BACKWARD = (
+    "softxent.torch: double backward (create_graph=True) through {name} is not supported: "
+    "its gradient is computed in the forward pass. Use torch.nn.functional for higher-order derivatives."
+)
+
+
+def _options(
+    ignore_index: int, use_ignore_index: bool, reduction: str, label_smoothing: float, z_loss: float, softcap: float
+) -> CrossEntropyOptions:
+    """The op's flat scalar arguments (already validated by the caller) back into options."""
+    return CrossEntropyOptions(
+        ignore_index=ignore_index if use_ignore_index else None,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap if softcap > 0.0 else None,
+    )
+
+
+def _reduced_loss(loss_rows: Tensor, reduction: str, loss_scale: float, dtype: torch.dtype) -> Tensor:
+    if reduction == "none":
+        return loss_rows.to(dtype)
+    return (loss_rows.sum() * loss_scale).to(dtype)
+
+
+def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute_grad: bool, grad: Tensor | None):
+    """The device-independent part of the op: checks, mean denominator, reduction."""
+    is_index = target.dim() == 1
+    if is_index:
+        check_target_range(target, logits.shape[1], opts.ignore_index)
+    loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target, weight, opts.ignore_index, is_index))
+    if grad is None:
+        grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    loss_rows = rows_fn(
+        logits, target, weight, opts, loss_scale if compute_grad else None, grad if compute_grad else None
+    )
+    return _reduced_loss(loss_rows, opts.reduction, loss_scale, fallback.compute_dtype(logits.dtype)), grad
+
+
+#: run the blocks-of-PyTorch-ops path on CPU too (tests use it to check that path)
+FORCE_FALLBACK = False
+
+
+def _fallback_rows(*args):
+    return fallback.cross_entropy_rows(*args)[0]
+
+
+def rows_backend(device: torch.device):
+    """The per-row implementation for ``device``: the fused Numba kernel on CPU,
+    blocks of PyTorch ops anywhere else."""
+    if device.type == "cpu" and not FORCE_FALLBACK:
+        return cpu_bridge.cross_entropy_rows
+    return _fallback_rows
+
+
+@torch.library.custom_op("softxent::cross_entropy", mutates_args=())
+def cross_entropy_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    use_ignore_index: bool,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(loss, ∂loss/∂logits) of rows ``logits`` (M, C); the grad is empty unless ``compute_grad``."""
+    opts = _options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _forward(rows_backend(logits.device), logits.contiguous(), target, weight, opts, compute_grad, None)
+
+
+@cross_entropy_op.register_fake
+def _cross_entropy_fake(
+    logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad
+):
+    acc = fallback.compute_dtype(logits.dtype)
+    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=acc)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, grad
+
+
+def _setup_cross_entropy(ctx, inputs, output):
+    logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.options = (ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+    # probability targets are differentiable in PyTorch: ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j)
+    ctx.target_grad = target.dim() == 2 and target.requires_grad
+    ctx.save_for_backward(output[1], logits if ctx.target_grad else None, weight)
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when running eagerly on real tensors, where in-place updates and ``.item()`` are safe."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is Tensor for t in tensors)
+
+
+def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tensor:
+    """grad · upstream (a scalar, or one factor per row for reduction="none").
+
+    Eager mode scales the saved gradient in place, and skips the multiplication
+    when the upstream gradient is exactly 1 on the CPU (reading it needs no device sync).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name=name))
+    factor = upstream.to(grad.dtype)
+    if ctx.reduction == "none":
+        factor = factor.reshape(-1, *([1] * (grad.dim() - 1)))
+    if not _plain_eager(grad, upstream):
+        return grad * factor  # traced (torch.compile, make_fx, fake tensors): stay functional
+    if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
+        return grad
+    # In place: a second backward through the same graph then fails autograd's
+    # saved-tensor version check ("modified by an inplace operation") instead of
+    # silently scaling twice.
+    return grad.mul_(factor)
+
+
+def _backward_cross_entropy(ctx, grad_loss, _grad_of_grad):
+    grad, logits, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError(
+            "softxent.torch.cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
+        )
+    if grad_loss is None:
+        return (None,) * 10
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy")
+    grad_target = None
+    if ctx.target_grad:
+        grad_target = _probability_target_gradient(ctx, logits, weight, grad_loss)
+    return (grad_logits, grad_target) + (None,) * 8
+
+
+def _probability_target_gradient(ctx, logits: Tensor, weight: Tensor | None, grad_loss: Tensor) -> Tensor:
+    """∂loss/∂q = g·r·(1−ε)·w ⊙ (lse − z'), recomputed from the saved logits."""
+    opts = _options(*ctx.options)
+    z, _ = fallback.capped_logits(logits.to(fallback.compute_dtype(logits.dtype)), opts.softcap)
+    nlp = fallback.log_normalizer(z) - z
+    if weight is not None:
+        nlp = nlp * weight.to(nlp.dtype)
+    scale = grad_loss.to(nlp.dtype)
+    if opts.reduction == "none":
+        scale = scale[:, None]
+    elif opts.reduction == "mean":
+        scale = scale / max(logits.shape[0], 1)
+    return ((1.0 - opts.label_smoothing) * scale * nlp).to(logits.dtype)
+
+
+cross_entropy_op.register_autograd(_backward_cross_entropy, setup_context=_setup_cross_entropy)
+
+
+# --- softmax, log_softmax, logsumexp on rows (M, C) --------------------------
+
+
+@torch.library.custom_op("softxent::softmax", mutates_args=())
+def softmax_op(z: Tensor) -> Tensor:
+    """p = softmax of each row of ``z`` (M, C)."""
+    return torch.softmax(z, dim=1)
+
+
+@softmax_op.register_kernel("cpu")
+def _softmax_cpu(z):
+    return cpu_bridge.softmax_rows(z.contiguous())
+
+
+@torch.library.custom_op("softxent::log_softmax", mutates_args=())
+def log_softmax_op(z: Tensor) -> Tensor:
+    """z − lse(z) of each row of ``z`` (M, C)."""
+    return torch.log_softmax(z, dim=1)
+
+
+@log_softmax_op.register_kernel("cpu")
+def _log_softmax_cpu(z):
+    return cpu_bridge.log_softmax_rows(z.contiguous())
+
+
+@torch.library.custom_op("softxent::logsumexp", mutates_args=())
+def logsumexp_op(z: Tensor) -> Tensor:
+    """lse of each row of ``z`` (M, C) → (M,)."""
+    return torch.logsumexp(z, dim=1)
+
+
+@logsumexp_op.register_kernel("cpu")
+def _logsumexp_cpu(z):
+    return cpu_bridge.logsumexp_rows(z.contiguous())
+
+
+@softmax_op.register_fake
+@log_softmax_op.register_fake
+def _rows_fake(z):
+    return torch.empty_like(z)
+
+
+@logsumexp_op.register_fake
+def _logsumexp_fake(z):
+    return z.new_empty(z.shape[0])
+
+
+def _save_output(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _save_input_and_output(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output)
+
+
+# Backward formulas in differentiable PyTorch ops on the saved output, so that
+# higher derivatives work: they differentiate back into these ops.
+def _softmax_backward(ctx, g):
+    (p,) = ctx.saved_tensors
+    return p * (g - (g * p).sum(dim=1, keepdim=True))
+
+
+def _log_softmax_backward(ctx, g):
+    (log_p,) = ctx.saved_tensors
+    return g - torch.exp(log_p) * g.sum(dim=1, keepdim=True)
+
+
+def _logsumexp_backward(ctx, g):
+    z, lse = ctx.saved_tensors
+    return g[:, None] * torch.exp(z - lse[:, None])
+
+
+softmax_op.register_autograd(_softmax_backward, setup_context=_save_output)
+log_softmax_op.register_autograd(_log_softmax_backward, setup_context=_save_output)
+logsumexp_op.register_autograd(_logsumexp_backward, setup_context=_save_input_and_output)

@@ -1,0 +1,389 @@
+"""softxent.torch against torch.nn.functional: values, gradients, every option, every dtype."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softxent.torch as sxt
+from softxent.torch import ops
+from torch_reference import torch_cross_entropy
+
+
+@pytest.fixture(params=["numba", "fallback"])
+def backend(request, monkeypatch):
+    """Run a test on the fused CPU kernel and on the blocks-of-PyTorch-ops path of other devices."""
+    monkeypatch.setattr(ops, "FORCE_FALLBACK", request.param == "fallback")
+    return request.param
+
+
+# dtype: (atol, rtol) of the loss and the gradient against PyTorch, as in Liger's _DTYPE_PARAMS
+DTYPE_PARAMS = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-6),
+    torch.bfloat16: (1e-2, 2e-2),
+    torch.float16: (1e-3, 2e-3),
+}
+
+
+def _assert_close(ours, theirs, dtype):
+    """Within the dtype's tolerance; for 16-bit dtypes the absolute tolerance scales with the
+    largest value, since PyTorch rounds intermediates (log p) to 16 bits and we do not."""
+    atol, rtol = DTYPE_PARAMS[dtype]
+    if dtype in (torch.bfloat16, torch.float16) and theirs.numel():
+        atol = atol * max(1.0, theirs.detach().abs().max().float().item())
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def _compare_with_torch(input, target, dtype, **kwargs):
+    """softxent against F.cross_entropy in ``dtype`` and, for 16-bit dtypes, against float64."""
+    references = [dtype] if dtype in (torch.float32, torch.float64) else [dtype, torch.float64]
+    for ref_dtype in references:
+        x1 = input.detach().clone().requires_grad_(input.requires_grad)
+        x2 = input.detach().to(ref_dtype).requires_grad_(input.requires_grad)
+        t1 = target.detach().clone().requires_grad_(target.requires_grad)
+        t2 = target.detach().to(ref_dtype if target.is_floating_point() else target.dtype)
+        t2.requires_grad_(target.requires_grad)
+        kw2 = dict(kwargs)
+        if kw2.get("weight") is not None:
+            kw2["weight"] = kw2["weight"].to(ref_dtype)
+        ours = sxt.cross_entropy(x1, t1, **kwargs)
+        theirs = F.cross_entropy(x2, t2, **kw2)
+        assert ours.dtype == dtype and ours.shape == theirs.shape
+        _assert_close(ours, theirs.to(dtype), dtype)
+        inputs = [(a, b) for a, b in ((x1, x2), (t1, t2)) if a.requires_grad]
+        if inputs and ours.numel():
+            upstream = torch.linspace(-1.0, 2.0, ours.numel(), dtype=torch.float64).reshape(ours.shape)
+            ours_grads = torch.autograd.grad(ours, [a for a, _ in inputs], upstream.to(dtype))
+            theirs_grads = torch.autograd.grad(theirs, [b for _, b in inputs], upstream.to(ref_dtype))
+            for g1, g2 in zip(ours_grads, theirs_grads, strict=True):
+                assert g1.dtype == dtype
+                _assert_close(g1, g2.to(dtype), dtype)
+
+
+def _pytorch_samples(dtype):
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(o for o in op_db if o.name == "nn.functional.cross_entropy" and not o.variant_test_name)
+    return list(op.sample_inputs("cpu", dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_pytorch_own_cross_entropy_samples_give_pytorch_values_and_gradients(dtype, backend):
+    samples = _pytorch_samples(dtype)
+    assert len(samples) >= 20
+    for sample in samples:
+        _compare_with_torch(sample.input, *sample.args, dtype, **sample.kwargs)
+
+
+SHAPES = [(7, 2), (13, 37), (4, 1), (3, 5, 2), (2, 6, 3, 4), (1, 1030)]
+OPTIONS = list(
+    itertools.product(
+        ["mean", "sum", "none"],
+        [0.0, 0.15],  # label_smoothing
+        [False, True],  # weight
+        [-100, 2],  # ignore_index
+    )
+)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_pytorch_option_matches_f_cross_entropy(shape, kind, dtype, backend):
+    gen = torch.Generator().manual_seed(sum(shape))
+    input = (torch.randn(shape, generator=gen, dtype=dtype) * 3).requires_grad_()
+    num_classes = shape[1]
+    index_shape = (shape[0],) + shape[2:]
+    for reduction, label_smoothing, use_weight, ignore_index in OPTIONS:
+        if kind == "prob" and ignore_index != -100:
+            continue  # PyTorch rejects it; see test_bad_input_raises_a_clear_error_and_modifies_nothing
+        if kind == "index":
+            target = torch.randint(0, num_classes, index_shape, generator=gen)
+            target.view(-1)[1::3] = ignore_index if ignore_index < num_classes else 0  # never all ignored
+        else:
+            target = torch.softmax(torch.randn(shape, generator=gen, dtype=dtype), dim=1).requires_grad_()
+        weight = torch.rand(num_classes, generator=gen, dtype=dtype) + 0.2 if use_weight else None
+        _compare_with_torch(
+            input,
+            target,
+            dtype,
+            weight=weight,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+        )
+
+
+@pytest.mark.parametrize("z_loss,softcap", [(1e-3, None), (0.0, 4.0), (1e-2, 2.5)])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_z_loss_and_softcap_match_their_textbook_definition(z_loss, softcap, kind, reduction, backend):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(9, 11)) * 3
+    target = rng.integers(0, 11, size=9) if kind == "index" else rng.dirichlet(np.ones(11), size=9)
+    if kind == "index":
+        target[4] = -100
+    options = dict(reduction=reduction, z_loss=z_loss, softcap=softcap, label_smoothing=0.1)
+    grad_output = rng.normal(size=9) if reduction == "none" else 1.0
+    want_loss, want_grad = torch_cross_entropy(logits, target, axis=1, grad_output=grad_output, **options)
+    x = torch.tensor(logits, requires_grad=True)
+    t = torch.tensor(target)
+    loss = sxt.cross_entropy(x, t, **options)
+    loss.backward(torch.tensor(grad_output))
+    np.testing.assert_allclose(loss.detach().numpy(), want_loss, rtol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), want_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_mean_over_nothing_is_zero_with_a_zero_gradient(backend):
+    x = torch.randn(4, 5, requires_grad=True)
+    loss = sxt.cross_entropy(x, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    empty = torch.randn(0, 5, requires_grad=True)
+    loss = sxt.cross_entropy(empty, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 5)
+
+
+def test_one_dimensional_input_is_one_sample(backend):
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for target in (torch.tensor(3), torch.softmax(torch.randn(6, dtype=torch.float64), 0)):
+        for reduction in ("mean", "none"):
+            _compare_with_torch(x, target, torch.float64, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_target_dtype_is_accepted(dtype):
+    x = torch.randn(5, 7)
+    t = torch.randint(0, 7, (5,))
+    assert torch.equal(sxt.cross_entropy(x, t.to(dtype)), sxt.cross_entropy(x, t))
+
+
+def test_no_grad_and_detached_inputs_skip_the_gradient():
+    x = torch.randn(5, 7)
+    t = torch.randint(0, 7, (5,))
+    with torch.no_grad():
+        loss = sxt.cross_entropy(x.requires_grad_(), t)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), t))
+
+
+def test_upstream_gradient_scales_the_gradient_and_backward_twice_is_caught(backend):
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    loss = sxt.cross_entropy(x, t)
+    (loss * 3.0).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(3.0 * F.cross_entropy(x, t), x)[0])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss * 2.0).backward()
+
+
+def test_backward_twice_with_unit_upstream_gradient_accumulates():
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    loss = sxt.cross_entropy(x, t)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * torch.autograd.grad(F.cross_entropy(x, t), x)[0])
+
+
+def test_double_backward_raises_a_clear_error():
+    x = torch.randn(4, 5, requires_grad=True)
+    loss = sxt.cross_entropy(x, torch.randint(0, 5, (4,)))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_weight_requiring_grad_raises_like_pytorch():
+    x = torch.randn(4, 5, requires_grad=True)
+    w = torch.rand(5, requires_grad=True)
+    loss = sxt.cross_entropy(x, torch.randint(0, 5, (4,)), weight=w)
+    with pytest.raises(RuntimeError, match="derivative for 'weight' is not implemented"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient_and_overwrites_the_logits(dtype):
+    x = torch.randn(16, 2100, dtype=dtype)
+    t = torch.randint(0, 2100, (16,))
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    logits_b = b * 1.0
+    storage = logits_b.data_ptr()
+    loss_a = sxt.cross_entropy(a * 1.0, t, label_smoothing=0.1)
+    loss_b = sxt.cross_entropy(logits_b, t, label_smoothing=0.1, inplace_backward=True)
+    assert torch.equal(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    assert torch.equal(a.grad, b.grad)
+    assert logits_b.data_ptr() == storage and not torch.equal(logits_b.detach(), x)
+
+
+def test_inplace_backward_refuses_logits_that_another_op_saved():
+    x = torch.randn(4, 6, requires_grad=True)
+    logits = x * 1.0
+    other = (logits**2).sum()  # pow saves its input
+    loss = sxt.cross_entropy(logits, torch.randint(0, 6, (4,)), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+def test_torch_compile_fullgraph_traces_a_model_using_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    inp = torch.randn(20, 12)
+    tgt = torch.randint(0, 10, (20,))
+    tgt[3] = -100
+
+    def step(x, t):
+        return sxt.cross_entropy(model(x), t, label_smoothing=0.1, z_loss=1e-4)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(inp, tgt)
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    loss_e = step(inp, tgt)
+    grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_func_grad_and_vmap_work():
+    x = torch.randn(8, 33)
+    t = torch.randint(0, 33, (8,))
+    t[0] = -100
+    for kwargs in ({}, dict(label_smoothing=0.1, weight=torch.rand(33)), dict(reduction="sum")):
+        ours = torch.func.grad(lambda x, kw=kwargs: sxt.cross_entropy(x, t, **kw))(x)
+        torch.testing.assert_close(ours, torch.func.grad(lambda x, kw=kwargs: F.cross_entropy(x, t, **kw))(x))
+    xb = torch.randn(3, 8, 33)
+    ours = torch.func.vmap(torch.func.grad(lambda x: sxt.cross_entropy(x, t)))(xb)
+    torch.testing.assert_close(ours, torch.func.vmap(torch.func.grad(lambda x: F.cross_entropy(x, t)))(xb))
+
+
+def test_autocast_bfloat16_returns_a_float32_loss_like_pytorch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 10)
+    x = torch.randn(8, 16)
+    t = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lin(x)
+        ours = sxt.cross_entropy(logits, t)
+        theirs = F.cross_entropy(logits, t)
+    assert logits.dtype == torch.bfloat16 and ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    ours.backward()
+    assert lin.weight.grad.dtype == torch.float32
+
+
+def test_a_small_model_trains_to_the_same_loss_as_with_pytorch():
+    def train(loss_fn):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 7))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        x = torch.randn(128, 20)
+        y = torch.randint(0, 7, (128,))
+        losses = []
+        for _ in range(25):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    ours = train(sxt.CrossEntropyLoss(label_smoothing=0.05))
+    theirs = train(torch.nn.CrossEntropyLoss(label_smoothing=0.05))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    assert ours[-1] < 0.8 * ours[0]  # it learns (random labels: slowly)
+
+
+def test_module_mirrors_nn_cross_entropy_loss():
+    weight = torch.rand(5)
+    ours = sxt.CrossEntropyLoss(weight=weight, ignore_index=1, reduction="sum", label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=1, reduction="sum", label_smoothing=0.1)
+    assert "weight" in dict(ours.named_buffers()) and not list(ours.parameters())
+    x = torch.randn(6, 5)
+    t = torch.randint(0, 5, (6,))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+    legacy = sxt.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    assert "label_smoothing=0.1" in repr(ours)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        sxt.CrossEntropyLoss(label_smoothing=2.0)
+
+
+@pytest.mark.parametrize(
+    "call,error,pattern",
+    [
+        (lambda x: sxt.cross_entropy(x, torch.tensor([0, 1, 5, 2])), ValueError, r"class index 5, outside \[0, 5\)"),
+        (lambda x: sxt.cross_entropy(x, torch.tensor([0, -3, 1, 2])), ValueError, r"class index -3"),
+        (
+            lambda x: sxt.cross_entropy(x, torch.tensor([0, 1, 2])),
+            ValueError,
+            r"target of class indices must have shape",
+        ),
+        (lambda x: sxt.cross_entropy(x, torch.rand(4, 4)), ValueError, r"target of class probabilities must have"),
+        (lambda x: sxt.cross_entropy(x, torch.zeros(4, dtype=torch.bool)), TypeError, r"target must hold"),
+        (lambda x: sxt.cross_entropy(x, [0, 1, 2, 3]), TypeError, r"target must be a torch.Tensor"),
+        (lambda x: sxt.cross_entropy(x.long(), torch.zeros(4, dtype=torch.long)), TypeError, r"input must be a float"),
+        (lambda x: sxt.cross_entropy(x, torch.zeros(4, dtype=torch.long), weight=torch.ones(3)), ValueError, r"weight"),
+        (lambda x: sxt.cross_entropy(x, torch.zeros(4, dtype=torch.long), label_smoothing=-1), ValueError, r"label"),
+        (lambda x: sxt.cross_entropy(x, torch.zeros(4, dtype=torch.long), softcap=0.0), ValueError, r"softcap"),
+        (lambda x: sxt.cross_entropy(x, torch.zeros(4, dtype=torch.long), reduction="avg"), ValueError, r"reduction"),
+        (lambda x: sxt.cross_entropy(x[0, 0], torch.tensor(0)), ValueError, r"at least one dimension"),
+        (lambda x: sxt.cross_entropy(x, torch.rand(4, 5), ignore_index=0), ValueError, r"ignore_index=0 is not sup"),
+        (lambda x: sxt.softmax(x, 2), ValueError, r"dim=2 is out of range"),
+        (lambda x: sxt.logsumexp(x.long(), 1), TypeError, r"input must be a float"),
+    ],
+)
+def test_bad_input_raises_a_clear_error_and_modifies_nothing(call, error, pattern):
+    x = torch.randn(4, 5, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(error, match=pattern):
+        call(x)
+    assert torch.equal(x.detach(), before) and x.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", [((5, 7), 1), ((3, 4, 6), 0), ((2, 3, 2000), -1), ((9,), 0)])
+def test_softmax_family_matches_torch(dtype, shape, dim):
+    atol, rtol = DTYPE_PARAMS[dtype]
+    x = (torch.randn(shape, dtype=torch.float64) * 4).to(dtype).requires_grad_()
+    for ours_fn, theirs_fn in (
+        (lambda z: sxt.softmax(z, dim), lambda z: torch.softmax(z, dim)),
+        (lambda z: sxt.log_softmax(z, dim), lambda z: torch.log_softmax(z, dim)),
+        (lambda z: sxt.logsumexp(z, dim), lambda z: torch.logsumexp(z, dim)),
+        (lambda z: sxt.logsumexp(z, dim, keepdim=True), lambda z: torch.logsumexp(z, dim, keepdim=True)),
+    ):
+        ours, theirs = ours_fn(x), theirs_fn(x)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=atol * 10, rtol=rtol * 10)
+        v = torch.randn(ours.shape, dtype=torch.float64).to(dtype)
+        (g1,) = torch.autograd.grad(ours, x, v)
+        (g2,) = torch.autograd.grad(theirs, x, v)
+        torch.testing.assert_close(g1, g2, atol=atol * 10, rtol=rtol * 10)
+
+
+def test_softmax_family_supports_double_backward():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    for fn in (lambda z: sxt.softmax(z, 1), lambda z: sxt.log_softmax(z, 1), lambda z: sxt.logsumexp(z, 1)):
+        assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    q = torch.softmax(torch.randn(6, 9), 1)
+    ce = torch.ops.softxent.cross_entropy.default
+    for target, weight, reduction, smoothing, z_loss, cap in [
+        (t, None, "mean", 0.0, 0.0, 0.0),
+        (t, torch.rand(9), "none", 0.1, 1e-3, 5.0),
+        (q, torch.rand(9), "sum", 0.2, 0.0, 0.0),
+    ]:
+        torch.library.opcheck(ce, (x, target, weight, -100, True, reduction, smoothing, z_loss, cap, True))
+    for op in (torch.ops.softxent.softmax.default, torch.ops.softxent.log_softmax.default):
+        torch.library.opcheck(op, (x,))
+    torch.library.opcheck(torch.ops.softxent.logsumexp.default, (x,))
