@@ -9,7 +9,8 @@ Everything is a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`
 traces through it.
 """
 
+from .cpu_buffers import empty_cache
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
 from .modules import CrossEntropyLoss
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "softmax", "log_softmax", "logsumexp"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "softmax", "log_softmax", "logsumexp", "empty_cache"]

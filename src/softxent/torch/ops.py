@@ -21,7 +21,7 @@ from torch import Tensor
 from .._options import CrossEntropyOptions
 from .._reduction import mean_denominator, reduced_loss_scale
 from .._validate import check_target_range
-from . import cpu_bridge, fallback
+from . import cpu_bridge, cpu_buffers, fallback
 
 _NO_DOUBLE_BACKWARD = (
     "softxent.torch: double backward (create_graph=True) through {name} is not supported: "
@@ -54,8 +54,12 @@ def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute
     if is_index:
         check_target_range(target, logits.shape[1], opts.ignore_index)
     loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target, weight, opts.ignore_index, is_index))
-    if grad is None:
-        grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    if grad is None and not compute_grad:
+        grad = logits.new_empty(0)
+    elif grad is None and rows_fn is cpu_bridge.cross_entropy_rows:
+        grad = cpu_buffers.empty(tuple(logits.shape), logits.dtype)
+    elif grad is None:
+        grad = torch.empty_like(logits)
     loss_rows = rows_fn(
         logits, target, weight, opts, loss_scale if compute_grad else None, grad if compute_grad else None
     )
