@@ -1,15 +1,16 @@
-"""The ``softxent`` command line: ``demo``, ``check`` (and ``bench``)."""
+"""The ``softxent`` command line: ``demo``, ``check`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import check, demo
+from . import bench, check, demo
 
 COMMANDS = {
     "demo": (demo, "train the seed's network on scikit-learn's digits, backprop from p - y"),
     "check": (check, "float64 finite-difference checks of every function and option"),
+    "bench": (bench, "time softxent against PyTorch eager, torch.compile and installed peers"),
 }
 
 

@@ -1,0 +1,166 @@
+"""What ``softxent bench`` runs: a problem, its contenders and its baselines.
+
+A contender is a name with a ``forward`` (loss only, no autograd) and a
+``forward_backward`` (loss and the gradients of the problem's inputs) closure
+over the problem's tensors.  A peer that is not installed or does not apply to
+the device is listed as skipped with the reason — never replaced by something
+else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import softxent.torch as sxt
+
+
+@dataclass
+class Contender:
+    name: str
+    forward: Callable[[], torch.Tensor] | None
+    forward_backward: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]
+    compile_seconds: float | None = None
+    #: bytes of the gradients it returns (subtracted from its peak to get its overhead)
+    gradient_bytes: int = 0
+
+    def clear_gradients(self) -> None:
+        """Drop the gradients a previous call left on the leaves (before measuring memory)."""
+        for leaf in getattr(self.forward_backward, "leaves", ()):
+            leaf.grad = None
+
+
+@dataclass
+class Problem:
+    suite: str
+    label: str  # e.g. "4096×32000 float32"
+    device: torch.device
+    #: bytes a perfect fused kernel moves: forward / forward+backward
+    forward_bytes: int
+    forward_backward_bytes: int
+    #: baselines timed alternately with every contender: (name, fn) per mode
+    forward_baseline: tuple[str, Callable[[], object]]
+    forward_backward_baseline: tuple[str, Callable[[], object]]
+    #: float64 loss and gradients to measure each contender's error against
+    reference: tuple[torch.Tensor, list[torch.Tensor]]
+    contenders: list[Contender] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _backward_into_leaves(loss_fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], *args):
+    """Closure: clear the leaves' grads, run loss_fn(*leaves, *args) and backward; return (loss, grads)."""
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        loss = loss_fn(*leaves, *args)
+        loss.backward()
+        return loss.detach(), [leaf.grad for leaf in leaves]
+
+    run.leaves = leaves
+    return run
+
+
+def _no_grad(loss_fn: Callable[..., torch.Tensor], *args):
+    def run():
+        with torch.no_grad():
+            return loss_fn(*args)
+
+    return run
+
+
+def timed_compile(fn: Callable[[], object]) -> float:
+    """Seconds of the first call of a freshly compiled function (its compile time)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def cross_entropy_problem(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
+    """Suite ``ce``: loss and gradient of (N, V) logits against class indices."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(n, v, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    target = torch.randint(0, v, (n,), generator=gen).to(device)
+    element = logits.element_size()
+    copy_dst = torch.empty_like(logits)
+    ref_logits = logits.double().requires_grad_()
+    ref_loss = F.cross_entropy(ref_logits, target)
+    ref_loss.backward()
+    problem = Problem(
+        suite="ce",
+        label=f"{n}×{v} {str(dtype).removeprefix('torch.')}",
+        device=device,
+        forward_bytes=n * v * element,
+        forward_backward_bytes=2 * n * v * element,
+        forward_baseline=("read (x.sum())", lambda: logits.sum()),
+        forward_backward_baseline=("copy (y.copy_(x))", lambda: copy_dst.copy_(logits)),
+        reference=(ref_loss.detach(), [ref_logits.grad]),
+    )
+    del ref_logits
+    leaf = logits.clone().requires_grad_()
+    grad_bytes = leaf.numel() * element
+
+    problem.contenders.append(
+        Contender(
+            "softxent",
+            _no_grad(sxt.cross_entropy, logits, target),
+            _backward_into_leaves(sxt.cross_entropy, [leaf], target),
+            gradient_bytes=grad_bytes,
+        )
+    )
+    scratch = logits.clone().requires_grad_()  # overwritten by its own gradient every call
+
+    def inplace_loss(x, t):
+        return sxt.cross_entropy(x, t, inplace_backward=True)
+
+    problem.contenders.append(
+        Contender(
+            "softxent inplace_backward",
+            None,
+            _backward_into_leaves(inplace_loss, [scratch], target),
+            gradient_bytes=0,
+        )
+    )
+    problem.contenders.append(
+        Contender(
+            "torch eager F.cross_entropy",
+            _no_grad(F.cross_entropy, logits, target),
+            _backward_into_leaves(F.cross_entropy, [leaf], target),
+            gradient_bytes=grad_bytes,
+        )
+    )
+    compiled_fwd = torch.compile(F.cross_entropy)
+    compiled_fb = torch.compile(F.cross_entropy)
+    fwd = _no_grad(compiled_fwd, logits, target)
+    fb = _backward_into_leaves(compiled_fb, [leaf], target)
+    compile_seconds = timed_compile(fwd) + timed_compile(fb)
+    problem.contenders.append(
+        Contender("torch.compile F.cross_entropy", fwd, fb, compile_seconds=compile_seconds, gradient_bytes=grad_bytes)
+    )
+    if not installed("liger_kernel"):
+        problem.skipped.append(("Liger-Kernel", "not installed (pip install liger-kernel)"))
+    elif device.type != "cuda":
+        problem.skipped.append(("Liger-Kernel", "its kernels are Triton, CUDA only"))
+    else:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        liger_leaf = logits.clone().requires_grad_()  # Liger writes its gradient over its input
+        problem.contenders.append(
+            Contender(
+                "Liger-Kernel cross_entropy",
+                _no_grad(liger_cross_entropy, logits.clone(), target),
+                _backward_into_leaves(liger_cross_entropy, [liger_leaf], target),
+                gradient_bytes=grad_bytes,
+            )
+        )
+    problem.skipped.append(("Cut Cross-Entropy", "fuses the classifier matmul: compared in --suite lce"))
+    return problem

@@ -1,0 +1,93 @@
+"""``softxent bench``: time softxent against PyTorch eager, torch.compile and the peers that are installed.
+
+Reports median ms, GB/s, the fraction of a same-size memory copy (or read)
+timed alternately in the same run, peak memory and the error against float64;
+writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"]}
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 4096x32000, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
+    return dims
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=("ce",), default="ce", help="ce: cross-entropy on given logits")
+    parser.add_argument("--n", type=int, help="rows (tokens); with --v replaces the default shapes")
+    parser.add_argument("--v", type=int, help="classes (vocabulary size)")
+    parser.add_argument(
+        "--shape", type=_shape, action="append", help="NxV, repeatable (default: 4096x32000 1024x128256)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per contender (median)")
+    parser.add_argument("--out", default="softxent-bench", help="folder for bench.json, bench.md, bench.png")
+    parser.add_argument("--json", default=None, help="path of the JSON report (default OUT/bench.json)")
+    parser.add_argument("--plot", default=None, help="path of the PNG chart (default OUT/bench.png)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("softxent bench needs PyTorch: pip install torch (then softxent[torch])") from None
+    from softxent.bench import contenders, report, runner
+
+    if (args.n is None) != (args.v is None):
+        raise SystemExit("--n and --v go together")
+    if args.reps < 1:
+        raise SystemExit("--reps must be >= 1")
+    shapes = args.shape or ([(args.n, args.v)] if args.n else [_shape(s) for s in DEFAULT_SHAPES[args.suite]])
+    for shape in shapes:
+        if len(shape) != 2:
+            raise SystemExit(f"suite {args.suite} takes shapes NxV, got {'x'.join(map(str, shape))}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype)
+    machine = report.machine_description(device)
+    print(f"softxent bench on {machine.get('gpu') or machine['cpu']}, {machine['threads']} threads", file=sys.stderr)
+
+    rows, skipped = [], []
+    for n, v in shapes:
+        problem = contenders.cross_entropy_problem(n, v, dtype, device)
+        rows.extend(runner.run_problem(problem, args.reps))
+        skipped.extend({"problem": problem.label, "contender": name, "reason": why} for name, why in problem.skipped)
+        del problem
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out / "bench.json"
+    plot_path = Path(args.plot) if args.plot else out / "bench.png"
+    table = report.markdown_table(rows)
+    config = {
+        "suite": args.suite,
+        "shapes": ["x".join(map(str, s)) for s in shapes],
+        "dtype": args.dtype,
+        "reps": args.reps,
+    }
+    report.write_json(json_path, rows, machine, skipped, config)
+    (out / "bench.md").write_text(table + "\n")
+    try:
+        report.write_chart(plot_path, rows, machine)
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
+    print(table)
+    for s in skipped:
+        print(f"skipped {s['contender']} ({s['problem']}): {s['reason']}")
+    print(f"wrote {json_path}, {out / 'bench.md'}" + (f", {plot_path}" if plot_path.exists() else ""))
+    return 0

@@ -1,0 +1,44 @@
+"""`softxent bench` end to end on a small problem (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from softxent.cli import main
+
+
+def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, capsys):
+    assert main(["bench", "--shape", "64x3000", "--reps", "2", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = payload["rows"]
+    names = {(r["contender"], r["mode"]) for r in rows}
+    for name in ("softxent", "torch eager F.cross_entropy", "torch.compile F.cross_entropy"):
+        assert (name, "forward") in names and (name, "forward+backward") in names
+    assert ("softxent inplace_backward", "forward+backward") in names
+    for r in rows:
+        assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["fraction_of_baseline"] > 0 and r["gb_per_s"] > 0
+        expected_baseline = "read" if r["mode"] == "forward" else "copy"
+        assert r["baseline"].startswith(expected_baseline)
+        if r["mode"] == "forward+backward" and "inplace" not in r["contender"]:
+            assert r["loss_rel_error"] < 1e-5 and r["grad_max_abs_error"] < 1e-6
+    compiled = [r for r in rows if r["contender"].startswith("torch.compile")]
+    assert all(r["compile_s"] > 0 for r in compiled)
+    skipped = {s["contender"]: s["reason"] for s in payload["skipped"]}
+    assert "Liger-Kernel" in skipped and "Cut Cross-Entropy" in skipped
+    assert payload["machine"]["torch"] and payload["machine"]["threads"] >= 1
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "| softxent | forward+backward |" in out and "skipped Liger-Kernel" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--n", "10"], "--n and --v go together"),
+        (["bench", "--shape", "10x10x10"], "takes shapes NxV"),
+        (["bench", "--reps", "0"], "--reps must be >= 1"),
+    ],
+)
+def test_bench_rejects_bad_options(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
