@@ -17,6 +17,7 @@ def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, ca
     assert ("softxent inplace_backward", "forward+backward") in names
     for r in rows:
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["fraction_of_baseline"] > 0 and r["gb_per_s"] > 0
+        assert r["gflop_per_s"] is None
         expected_baseline = "read" if r["mode"] == "forward" else "copy"
         assert r["baseline"].startswith(expected_baseline)
         if r["mode"] == "forward+backward" and "inplace" not in r["contender"]:
@@ -36,6 +37,7 @@ def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, ca
     [
         (["bench", "--n", "10"], "--n and --v go together"),
         (["bench", "--shape", "10x10x10"], "takes shapes NxV"),
+        (["bench", "--suite", "lce", "--shape", "10x10"], "takes shapes NxDxV"),
         (["bench", "--reps", "0"], "--reps must be >= 1"),
     ],
 )

@@ -8,16 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import softxent.torch as sxt
-from softxent.torch import ops
 from torch_reference import torch_cross_entropy
-
-
-@pytest.fixture(params=["numba", "fallback"])
-def backend(request, monkeypatch):
-    """Run a test on the fused CPU kernel and on the blocks-of-PyTorch-ops path of other devices."""
-    monkeypatch.setattr(ops, "FORCE_FALLBACK", request.param == "fallback")
-    return request.param
-
 
 # dtype: (atol, rtol) of the loss and the gradient against PyTorch, as in Liger's _DTYPE_PARAMS
 DTYPE_PARAMS = {

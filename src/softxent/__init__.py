@@ -4,11 +4,13 @@ NumPy API (class axis ``axis=-1``)::
 
     import softxent as sx
     loss, dlogits = sx.cross_entropy_grad(logits, target)   # dlogits = (p − y) / N
+    loss, dh, dW, db = sx.linear_cross_entropy_grad(hidden, W, target, linear_bias=b)  # no N×V logits
 
 PyTorch API: ``import softxent.torch as sxt`` (needs the ``torch`` extra).
 """
 
 from .numpy_api import cross_entropy, cross_entropy_grad, log_softmax, logsumexp, softmax
+from .numpy_linear import linear_cross_entropy, linear_cross_entropy_grad
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,7 @@ __all__ = [
     "logsumexp",
     "cross_entropy",
     "cross_entropy_grad",
+    "linear_cross_entropy",
+    "linear_cross_entropy_grad",
     "__version__",
 ]

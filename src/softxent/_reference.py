@@ -105,6 +105,8 @@ def cross_entropy_rows(
     opts: CrossEntropyOptions,
     scale: np.ndarray | float | None = None,
     grad_out: np.ndarray | None = None,
+    *,
+    inplace: bool = False,
 ) -> np.ndarray:
     """Per-sample loss ℓ_i (M,) float64 and, if ``scale`` is given, the gradient.
 
@@ -116,6 +118,8 @@ def cross_entropy_rows(
         scale: None for the loss only; else the factor of each row's gradient,
             a scalar or an (M,) array (upstream gradient / mean denominator).
         grad_out: (M, C) array receiving ``scale_i · ∂ℓ_i/∂z_i`` (cast to its dtype).
+        inplace: accepted for the kernels' signature; ``grad_out`` may always be
+            ``z`` itself here (each block is read before it is written).
     """
     num_rows, num_classes = z.shape
     is_index = target.ndim == 1

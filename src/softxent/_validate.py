@@ -71,3 +71,27 @@ def check_ignore_index_for_probabilities(is_index: bool, ignore_index: int | Non
             f"ignore_index={ignore_index} is not supported for probability (floating point) targets; "
             "leave it at -100 or None"
         )
+
+
+def check_linear_shapes(
+    hidden_shape: Sequence[int], weight_shape: Sequence[int], bias_shape, hidden_name: str = "hidden"
+) -> int:
+    """The layer of a fused linear + cross-entropy: hidden ``(…, D)`` (called
+    ``hidden_name`` in messages), weight ``(V, D)``, bias ``(V,)`` or None.  Returns V."""
+    hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
+    if len(hidden_shape) == 0:
+        raise ValueError(f"{hidden_name} must have at least one dimension (the features D), got a scalar")
+    if len(weight_shape) != 2:
+        raise ValueError(f"linear_weight must have shape (V, D) (classes × features), got {weight_shape}")
+    if weight_shape[1] != hidden_shape[-1]:
+        raise ValueError(
+            f"linear_weight {weight_shape} must have D={hidden_shape[-1]} columns, the last dimension of "
+            f"{hidden_name} {hidden_shape}"
+        )
+    if weight_shape[0] == 0:
+        raise ValueError(f"linear_weight must have at least one class (row), got shape {weight_shape}")
+    if bias_shape is not None and tuple(bias_shape) != (weight_shape[0],):
+        raise ValueError(
+            f"linear_bias must have shape ({weight_shape[0]},), one entry per class, got {tuple(bias_shape)}"
+        )
+    return weight_shape[0]

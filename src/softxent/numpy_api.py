@@ -140,12 +140,13 @@ class _CrossEntropyCall:
         return mean_denominator(self.target, self.weight, self.opts.ignore_index, self.is_index)
 
 
-def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossEntropyCall:
-    z = _as_logits(logits)
-    axis = normalize_axis(axis, z.ndim)
-    num_classes = z.shape[axis]
-    if num_classes == 0:
-        raise ValueError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
+def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opts: CrossEntropyOptions):
+    """Check ``target`` and ``weight`` against logits of ``logits_shape`` (class axis ``axis``).
+
+    Returns ``(target_rows, weight, is_index)``: (M,) int64 class indices or
+    (M, C) probabilities in rows form, and the weight as float64 (or None).
+    """
+    num_classes = logits_shape[axis]
     target = np.asarray(target)
     if np.issubdtype(target.dtype, np.integer):
         is_index = True
@@ -153,7 +154,7 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossE
         is_index = False
     else:
         raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
-    check_target_shape(z.shape, axis, target.shape, is_index)
+    check_target_shape(logits_shape, axis, target.shape, is_index)
     check_ignore_index_for_probabilities(is_index, opts.ignore_index)
     if weight is not None:
         weight = np.asarray(weight)
@@ -161,12 +162,21 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossE
             raise TypeError(f"weight must be a real array, got {weight.dtype}")
         check_weight_shape(weight.shape, num_classes)
         weight = weight.astype(np.float64)
-    rows, moved_shape = _rows(z, axis)
     if is_index:
         target_rows = target.reshape(-1).astype(np.int64)
         check_target_range(target_rows, num_classes, opts.ignore_index)
     else:
         target_rows, _ = _rows(target, axis)
+    return target_rows, weight, is_index
+
+
+def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossEntropyCall:
+    z = _as_logits(logits)
+    axis = normalize_axis(axis, z.ndim)
+    if z.shape[axis] == 0:
+        raise ValueError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
+    target_rows, weight, is_index = prepare_target(z.shape, axis, target, weight, opts)
+    rows, moved_shape = _rows(z, axis)
     return _CrossEntropyCall(
         rows=rows,
         target=target_rows,
@@ -301,18 +311,23 @@ def cross_entropy_grad(
 
 
 def _row_scale(call: _CrossEntropyCall, grad_output, loss_scale: float):
-    """The factor of each gradient row: upstream gradient × (1/D for mean)."""
+    return row_scale(grad_output, call.loss_shape, call.opts.reduction, loss_scale)
+
+
+def row_scale(grad_output, loss_shape: tuple[int, ...], reduction: str, loss_scale: float):
+    """The factor of each gradient row: upstream gradient × (1/D for mean) —
+    a float, or an (M,) float64 array for ``reduction="none"``."""
     if grad_output is None:
         return loss_scale
     g = np.asarray(grad_output)
     if not (np.issubdtype(g.dtype, np.floating) or np.issubdtype(g.dtype, np.integer)):
         raise TypeError(f"grad_output must be real, got {g.dtype}")
-    expected = call.loss_shape if call.opts.reduction == "none" else ()
+    expected = loss_shape if reduction == "none" else ()
     if g.shape != expected:
         raise ValueError(
-            f"grad_output must have the loss's shape {expected} for reduction={call.opts.reduction!r}, got {g.shape}"
+            f"grad_output must have the loss's shape {expected} for reduction={reduction!r}, got {g.shape}"
         )
     g = g.astype(np.float64)
-    if call.opts.reduction == "none":
+    if reduction == "none":
         return g.reshape(-1)
     return float(g) * loss_scale

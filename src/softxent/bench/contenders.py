@@ -50,6 +50,8 @@ class Problem:
     reference: tuple[torch.Tensor, list[torch.Tensor]]
     contenders: list[Contender] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: floating-point operations of one forward+backward (suites whose cost is matmuls), else None
+    flops: int | None = None
 
 
 def _backward_into_leaves(loss_fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], *args):

@@ -51,14 +51,15 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     head = (
-        "| problem | contender | mode | ms | GB/s | × baseline | baseline (ms) | peak extra MB | overhead MB "
-        "| loss rel err | max |Δgrad| | compile s |\n"
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+        "| problem | contender | mode | ms | GB/s | GFLOP/s | × baseline | baseline (ms) | peak extra MB "
+        "| overhead MB | loss rel err | max |Δgrad| | compile s |\n"
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r.problem} | {r.contender} | {r.mode} | {r.ms:.1f} | {r.gb_per_s:.1f} | "
+            f"| {r.problem} | {r.contender} | {r.mode} | {r.ms:.1f} | {_fmt(r.gb_per_s, '.1f')} | "
+            f"{_fmt(r.gflop_per_s, '.0f')} | "
             f"{r.fraction_of_baseline:.2f} | {r.baseline} ({r.baseline_ms:.1f}) | {_fmt(r.peak_extra_mb, '.0f')} | "
             f"{_fmt(r.overhead_mb, '.0f')} | {_fmt(r.loss_rel_error, '.1e')} | {_fmt(r.grad_max_abs_error, '.1e')} | "
             f"{_fmt(r.compile_s, '.1f')} |"

@@ -18,7 +18,8 @@ class Row:
     contender: str
     mode: str  # "forward" or "forward+backward"
     ms: float
-    gb_per_s: float  # the bytes a perfect fused kernel moves, per second
+    gb_per_s: float | None  # the bytes a perfect fused kernel moves, per second (memory-bound suites)
+    gflop_per_s: float | None  # matmul work per second (suite lce)
     baseline: str
     baseline_ms: float
     fraction_of_baseline: float  # baseline time / contender time, median over alternating reps
@@ -80,7 +81,8 @@ def run_contender(problem: Problem, contender: Contender, reps: int) -> list[Row
                 contender=contender.name,
                 mode=mode,
                 ms=timing.seconds * 1e3,
-                gb_per_s=nbytes / timing.seconds / 1e9,
+                gb_per_s=nbytes / timing.seconds / 1e9 if nbytes else None,
+                gflop_per_s=problem.flops / timing.seconds / 1e9 if problem.flops else None,
                 baseline=baseline_name,
                 baseline_ms=timing.baseline_seconds * 1e3,
                 fraction_of_baseline=timing.fraction_of_baseline,

@@ -1,8 +1,12 @@
 """``softxent bench``: time softxent against PyTorch eager, torch.compile and the peers that are installed.
 
-Reports median ms, GB/s, the fraction of a same-size memory copy (or read)
-timed alternately in the same run, peak memory and the error against float64;
-writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``.
+Suite ``ce`` (cross-entropy on given N×V logits) reports median ms, GB/s and
+the fraction of a same-size memory copy (or read) timed alternately in the
+same run; suite ``lce`` (fused linear + cross-entropy, N tokens × D features ×
+V classes) reports ms, GFLOP/s and the speed-up over the naive F.linear +
+F.cross_entropy timed alternately.  Both report peak memory above the inputs
+and the gradients, and the error against float64; they write ``bench.json``,
+``bench.md`` and ``bench.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"]}
+DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"]}
+SHAPE_FORMS = {"ce": "NxV", "lce": "NxDxV"}
+DEFAULT_REPS = {"ce": 5, "lce": 3}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -26,15 +32,26 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=("ce",), default="ce", help="ce: cross-entropy on given logits")
-    parser.add_argument("--n", type=int, help="rows (tokens); with --v replaces the default shapes")
+    parser.add_argument(
+        "--suite",
+        choices=("ce", "lce"),
+        default="ce",
+        help="ce: cross-entropy on given logits; lce: fused linear + cross-entropy",
+    )
+    parser.add_argument("--n", type=int, help="rows (tokens); with --v (and --d for lce) replaces the default shapes")
+    parser.add_argument("--d", type=int, default=1024, help="features of the hidden states (suite lce, default 1024)")
     parser.add_argument("--v", type=int, help="classes (vocabulary size)")
     parser.add_argument(
-        "--shape", type=_shape, action="append", help="NxV, repeatable (default: 4096x32000 1024x128256)"
+        "--shape",
+        type=_shape,
+        action="append",
+        help="repeatable; NxV for ce (default 4096x32000 1024x128256), NxDxV for lce (default 4096x1024x32000)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per contender (median)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions per contender, median (default 5 for ce, 3 for lce)"
+    )
     parser.add_argument("--out", default="softxent-bench", help="folder for bench.json, bench.md, bench.png")
     parser.add_argument("--json", default=None, help="path of the JSON report (default OUT/bench.json)")
     parser.add_argument("--plot", default=None, help="path of the PNG chart (default OUT/bench.png)")
@@ -45,16 +62,19 @@ def main(args: argparse.Namespace) -> int:
         import torch
     except ImportError:
         raise SystemExit("softxent bench needs PyTorch: pip install torch (then softxent[torch])") from None
-    from softxent.bench import contenders, report, runner
+    from softxent.bench import contenders, linear_contenders, report, runner
 
     if (args.n is None) != (args.v is None):
         raise SystemExit("--n and --v go together")
-    if args.reps < 1:
+    reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
+    if reps < 1:
         raise SystemExit("--reps must be >= 1")
-    shapes = args.shape or ([(args.n, args.v)] if args.n else [_shape(s) for s in DEFAULT_SHAPES[args.suite]])
+    given = [(args.n, args.v) if args.suite == "ce" else (args.n, args.d, args.v)] if args.n else None
+    shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
+    form = SHAPE_FORMS[args.suite]
     for shape in shapes:
-        if len(shape) != 2:
-            raise SystemExit(f"suite {args.suite} takes shapes NxV, got {'x'.join(map(str, shape))}")
+        if len(shape) != len(form.split("x")):
+            raise SystemExit(f"suite {args.suite} takes shapes {form}, got {'x'.join(map(str, shape))}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -63,9 +83,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"softxent bench on {machine.get('gpu') or machine['cpu']}, {machine['threads']} threads", file=sys.stderr)
 
     rows, skipped = [], []
-    for n, v in shapes:
-        problem = contenders.cross_entropy_problem(n, v, dtype, device)
-        rows.extend(runner.run_problem(problem, args.reps))
+    for shape in shapes:
+        if args.suite == "ce":
+            problem = contenders.cross_entropy_problem(*shape, dtype, device)
+        else:
+            problem = linear_contenders.linear_cross_entropy_problem(*shape, dtype, device)
+        rows.extend(runner.run_problem(problem, reps))
         skipped.extend({"problem": problem.label, "contender": name, "reason": why} for name, why in problem.skipped)
         del problem
 
@@ -78,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         "suite": args.suite,
         "shapes": ["x".join(map(str, s)) for s in shapes],
         "dtype": args.dtype,
-        "reps": args.reps,
+        "reps": reps,
     }
     report.write_json(json_path, rows, machine, skipped, config)
     (out / "bench.md").write_text(table + "\n")

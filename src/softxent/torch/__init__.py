@@ -11,6 +11,16 @@ traces through it.
 
 from .cpu_buffers import empty_cache
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
-from .modules import CrossEntropyLoss
+from .linear import linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "softmax", "log_softmax", "logsumexp", "empty_cache"]
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "empty_cache",
+]

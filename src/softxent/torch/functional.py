@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .._options import make_options
+from .._options import CrossEntropyOptions, make_options
 from .._validate import check_ignore_index_for_probabilities, check_target_shape, check_weight_shape, normalize_axis
 from . import cpu_bridge, fallback, ops
 
@@ -25,6 +25,30 @@ def _check_input(input: Tensor, name: str = "input") -> None:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
         )
+
+
+def _check_target(
+    input: Tensor, logits_shape: tuple[int, ...], class_dim: int, target, weight, opts: CrossEntropyOptions
+) -> bool:
+    """Check ``target`` and ``weight`` against logits of ``logits_shape`` (classes
+    along ``class_dim``) computed from ``input``; True for class indices."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        is_index = False
+    elif not target.is_complex() and target.dtype != torch.bool:
+        is_index = True
+    else:
+        raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
+    check_target_shape(logits_shape, class_dim, target.shape, is_index)
+    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    if weight is not None:
+        _check_input(weight, "weight")
+        check_weight_shape(weight.shape, logits_shape[class_dim])
+    for name, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    return is_index
 
 
 def _to_rows(x: Tensor, class_dim: int) -> Tensor:
@@ -93,26 +117,11 @@ def cross_entropy(
         softcap=softcap,
     )
     _check_input(input)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point():
-        is_index = False
-    elif not target.is_complex() and target.dtype != torch.bool:
-        is_index = True
-    else:
-        raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension (the classes), got a scalar")
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
-    check_target_shape(input.shape, class_dim, target.shape, is_index)
-    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
-    if weight is not None:
-        _check_input(weight, "weight")
-        check_weight_shape(weight.shape, num_classes)
-    for name, t in (("target", target), ("weight", weight)):
-        if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    is_index = _check_target(input, tuple(input.shape), class_dim, target, weight, opts)
 
     rows = input.reshape(1, num_classes) if input.dim() == 1 else _to_rows(input, class_dim)
     if is_index:

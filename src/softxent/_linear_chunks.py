@@ -1,0 +1,204 @@
+r"""Fused linear + cross-entropy, one chunk of tokens at a time — the driver
+shared by the NumPy and the PyTorch APIs.
+
+With hidden states H (N, D), the output layer W (V, D) and bias b (V,), the
+logits Z = H Wᵀ + b (N, V) are never materialized.  For each chunk r of
+(non-ignored) tokens:
+
+.. math::
+
+    Z_r = H_r W^\top + b \qquad\text{(GEMM into one reused N_c×V buffer)}
+
+    \ell_r,\; G_r = \text{cross-entropy kernel}(Z_r)
+    \qquad G_r = \operatorname{scale}_r\cdot\partial\ell_r/\partial Z_r
+    \text{ written over } Z_r
+
+    dH_r = G_r W, \qquad dW \mathrel{+}= G_r^\top H_r, \qquad db \mathrel{+}= \textstyle\sum_r G_r
+
+so the peak extra memory is one chunk of logits, whatever N·V is, and the work
+is the three GEMMs of the unfused version plus one pass of the cross-entropy
+kernel over each chunk while it is hot in cache.  Tokens whose target is
+``ignore_index`` contribute nothing and are skipped before any matmul.
+
+The array library is abstracted by :class:`ArrayOps` (NumPy or PyTorch), so the
+loop exists once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._options import CrossEntropyOptions
+
+#: CPU: a chunk of logits holds about this fraction of all the logits, between
+#: the two bounds below.  Every chunk re-reads W (each GEMM call repacks it) and
+#: re-writes ∂W, so bigger chunks run the GEMMs faster; 1/12 keeps the peak well
+#: under a tenth of the logits.
+CPU_CHUNK_FRACTION = 1 / 12
+CPU_CHUNK_MIN_BYTES = 32 << 20
+CPU_CHUNK_MAX_BYTES = 256 << 20
+#: fewest rows per chunk (smaller GEMMs lose efficiency), unless N is smaller
+MIN_CHUNK_ROWS = 64
+#: chunks are a multiple of this many rows (SIMD/GEMM tile friendly)
+ROW_ALIGN = 16
+
+
+def cpu_chunk_bytes(num_tokens: int, num_classes: int, itemsize: int) -> int:
+    """Bytes of logits one CPU chunk may hold: a twelfth of all the logits,
+    at least 32 MiB and at most 256 MiB."""
+    share = int(num_tokens * num_classes * itemsize * CPU_CHUNK_FRACTION)
+    return min(max(share, CPU_CHUNK_MIN_BYTES), CPU_CHUNK_MAX_BYTES)
+
+
+def auto_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, budget_bytes: int | None = None) -> int:
+    """Tokens per chunk: as many as fit ``budget_bytes`` of logits (default
+    :func:`cpu_chunk_bytes`), rounded down to a multiple of 16, at least 64, never
+    more than ``num_tokens`` (at least 1)."""
+    if budget_bytes is None:
+        budget_bytes = cpu_chunk_bytes(num_tokens, num_classes, itemsize)
+    rows = budget_bytes // max(1, num_classes * itemsize)
+    rows = max(MIN_CHUNK_ROWS, rows // ROW_ALIGN * ROW_ALIGN)
+    return max(1, min(rows, num_tokens))
+
+
+#: elements of the temporary used by :func:`blocked_accumulate_matmul`
+ACCUMULATE_BLOCK_ELEMENTS = 1 << 20
+
+
+def blocked_accumulate_matmul(acc, a, b, matmul_into, empty) -> None:
+    """``acc (V, D) += a (V, K) @ b (K, D)`` through a temporary of about a million
+    elements in ``a``'s dtype, block of rows by block of rows — for libraries
+    without an accumulating GEMM (NumPy), or when ``acc`` is wider than ``a`` and
+    ``b`` (16-bit matmuls, float32 accumulation)."""
+    num_rows, num_cols = acc.shape
+    step = max(1, min(num_rows, ACCUMULATE_BLOCK_ELEMENTS // max(1, num_cols)))
+    tmp = empty((step, num_cols), a)
+    for lo in range(0, num_rows, step):
+        hi = min(lo + step, num_rows)
+        matmul_into(a[lo:hi], b, tmp[: hi - lo])
+        acc[lo:hi] += tmp[: hi - lo]
+
+
+@dataclass(frozen=True)
+class ArrayOps:
+    """The few array operations the chunk loop needs, for one array library.
+
+    Attributes:
+        empty: ``empty(shape, like, dtype=None)`` → uninitialized array on ``like``'s device.
+        matmul_into: ``matmul_into(a, b, out)`` → ``out = a @ b`` (``out`` may have
+            another dtype than ``a``: the product is cast into it).
+        accumulate_matmul: ``accumulate_matmul(acc, a, b)`` → ``acc += a @ b``
+            without an acc-sized temporary.
+        add_column_sums: ``add_column_sums(acc, g)`` → ``acc += g.sum(axis=0)`` (in acc's dtype).
+        take_rows / put_rows: gather ``x[idx]`` / scatter ``dst[idx] = src``.
+        cross_entropy_rows: the fused kernel's contract (see
+            :func:`softxent._reference.cross_entropy_rows`) writing the gradient over
+            its logits argument; returns per-row losses.
+    """
+
+    empty: Callable[..., Any]
+    matmul_into: Callable[[Any, Any, Any], None]
+    accumulate_matmul: Callable[[Any, Any, Any], None]
+    add_column_sums: Callable[[Any, Any], None]
+    take_rows: Callable[[Any, Any], Any]
+    put_rows: Callable[[Any, Any, Any], None]
+    cross_entropy_rows: Callable[..., Any]
+
+
+@dataclass
+class Gradients:
+    """Where the gradients go (None = not wanted).  ``hidden`` must be zero-filled
+    when some tokens are skipped; ``weight`` and ``bias`` must start at zero."""
+
+    hidden: Any = None
+    weight: Any = None
+    bias: Any = None
+    #: optional hook ``(logits_chunk, rows) -> None`` run on each chunk's logits
+    #: before they are overwritten by the gradient (``rows``: slice or indices)
+    before_gradient: Callable[[Any, Any], None] | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+
+def linear_cross_entropy_rows(
+    ops: ArrayOps,
+    hidden,
+    linear_weight,
+    linear_bias,
+    target,
+    class_weight,
+    opts: CrossEntropyOptions,
+    loss_out,
+    *,
+    chunk_rows: int,
+    tokens=None,
+    scale=None,
+    grads: Gradients | None = None,
+):
+    """Per-token losses of ``hidden (N, D) @ linear_weight (V, D).T + linear_bias``,
+    and (with ``scale``) the gradients, chunk by chunk.
+
+    Args:
+        ops: the array library's operations.
+        hidden, linear_weight, linear_bias: the layer, in the dtype the matmuls
+            run in; the bias may be None.
+        target: (N,) class indices or (N, V) probabilities.
+        class_weight: (V,) class weights or None.
+        opts: validated cross-entropy options.
+        loss_out: (N,) float array receiving ℓ_i; entries of skipped tokens are
+            left untouched (the caller zero-fills them).
+        chunk_rows: tokens per chunk.
+        tokens: indices of the tokens to compute (the non-ignored ones), or None for all.
+        scale: None for the loss only; else the factor of each token's gradient —
+            a float, or an (N,) array (upstream gradient × 1/D for ``mean``).
+        grads: destinations of dH (N, D), dW (V, D), db (V,).
+    """
+    num_tokens = hidden.shape[0] if tokens is None else tokens.shape[0]
+    if num_tokens == 0:
+        return loss_out
+    want_grad = scale is not None and grads is not None and (grads.any or grads.before_gradient is not None)
+    per_row_scale = want_grad and not isinstance(scale, float)
+    rows_per_chunk = max(1, min(chunk_rows, num_tokens))
+    buffer = ops.empty((rows_per_chunk, linear_weight.shape[0]), hidden)
+    w_t = linear_weight.T
+    for start in range(0, num_tokens, rows_per_chunk):
+        stop = min(start + rows_per_chunk, num_tokens)
+        rows = slice(start, stop) if tokens is None else tokens[start:stop]
+        h = hidden[rows] if tokens is None else ops.take_rows(hidden, rows)
+        z = buffer[: stop - start]
+        ops.matmul_into(h, w_t, z)
+        if linear_bias is not None:
+            z += linear_bias
+        t = target[rows] if tokens is None else ops.take_rows(target, rows)
+        if not want_grad:
+            loss_rows = ops.cross_entropy_rows(z, t, class_weight, opts)
+            _store(ops, loss_out, rows, loss_rows, tokens is None)
+            continue
+        if grads.before_gradient is not None:
+            grads.before_gradient(z, rows)
+        row_scale = (scale[rows] if tokens is None else ops.take_rows(scale, rows)) if per_row_scale else scale
+        loss_rows = ops.cross_entropy_rows(z, t, class_weight, opts, row_scale, z)  # z now holds G_r
+        _store(ops, loss_out, rows, loss_rows, tokens is None)
+        if grads.hidden is not None:
+            if tokens is None:
+                ops.matmul_into(z, linear_weight, grads.hidden[rows])
+            else:
+                dh = ops.empty((stop - start, hidden.shape[1]), grads.hidden)
+                ops.matmul_into(z, linear_weight, dh)
+                ops.put_rows(grads.hidden, rows, dh)
+        if grads.weight is not None:
+            ops.accumulate_matmul(grads.weight, z.T, h)
+        if grads.bias is not None:
+            ops.add_column_sums(grads.bias, z)
+    return loss_out
+
+
+def _store(ops: ArrayOps, loss_out, rows, loss_rows, contiguous: bool) -> None:
+    if contiguous:
+        loss_out[rows] = loss_rows
+    else:
+        ops.put_rows(loss_out, rows, loss_rows)

@@ -1,0 +1,231 @@
+r"""Fused linear + cross-entropy for NumPy: the N×V logits are never materialized.
+
+``logits = hidden @ linear_weight.T + linear_bias`` is computed one chunk of
+tokens at a time; each chunk becomes its losses and its gradient p − y at once
+(the fused cross-entropy kernel, in place), which is folded into ``dhidden``,
+``dlinear_weight`` and ``dlinear_bias`` before the next chunk reuses the
+buffer (:mod:`softxent._linear_chunks`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend
+from ._linear_chunks import ArrayOps, Gradients, auto_chunk_rows, blocked_accumulate_matmul, linear_cross_entropy_rows
+from ._options import make_options
+from ._reduction import mean_denominator, reduced_loss_scale
+from ._validate import check_linear_shapes
+from .numpy_api import prepare_target, row_scale
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_grad"]
+
+
+def _empty(shape, like, dtype=None) -> np.ndarray:
+    return np.empty(shape, like.dtype if dtype is None else dtype)
+
+
+def _matmul_into(a, b, out) -> None:
+    if out.dtype == np.result_type(a, b):
+        np.matmul(a, b, out=out)
+    else:
+        out[...] = np.matmul(a, b)
+
+
+def _accumulate_matmul(acc, a, b) -> None:
+    blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty)
+
+
+def _add_column_sums(acc, g) -> None:
+    acc += g.sum(axis=0, dtype=acc.dtype)
+
+
+def _put_rows(dst, idx, src) -> None:
+    dst[idx] = src
+
+
+def _cross_entropy_rows(z, target, weight, opts, scale=None, grad_out=None):
+    return _backend.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
+
+
+NUMPY_OPS = ArrayOps(
+    empty=_empty,
+    matmul_into=_matmul_into,
+    accumulate_matmul=_accumulate_matmul,
+    add_column_sums=_add_column_sums,
+    take_rows=lambda x, idx: x[idx],
+    put_rows=_put_rows,
+    cross_entropy_rows=_cross_entropy_rows,
+)
+
+
+def _float_array(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {x.dtype}")
+    return x
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+
+
+def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, want_grad):
+    hidden = _float_array(hidden, "hidden")
+    linear_weight = _float_array(linear_weight, "linear_weight")
+    if linear_bias is not None:
+        linear_bias = _float_array(linear_bias, "linear_bias")
+    _check_chunk_size(chunk_size)
+    num_classes = check_linear_shapes(
+        hidden.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape
+    )
+    lead = hidden.shape[:-1]
+    target_rows, weight, is_index = prepare_target(lead + (num_classes,), len(lead), target, weight, opts)
+    loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target_rows, weight, opts.ignore_index, is_index))
+    scale = row_scale(grad_output, lead, opts.reduction, loss_scale) if want_grad else None
+
+    # float16 matmuls have no BLAS in NumPy: compute in float32 (float64 if any input is)
+    dtypes = [hidden.dtype, linear_weight.dtype] + ([] if linear_bias is None else [linear_bias.dtype])
+    compute = np.float64 if np.float64 in dtypes else np.float32
+    h = np.ascontiguousarray(hidden.reshape(-1, hidden.shape[-1]), dtype=compute)
+    w = np.ascontiguousarray(linear_weight, dtype=compute)
+    b = None if linear_bias is None else np.ascontiguousarray(linear_bias, dtype=compute)
+    num_tokens = h.shape[0]
+
+    tokens = None
+    if is_index and opts.ignore_index is not None:
+        valid = target_rows != opts.ignore_index
+        if not valid.all():
+            tokens = np.flatnonzero(valid)
+    zeros = np.zeros if tokens is not None else np.empty
+    loss_rows = zeros(num_tokens, np.float64)
+    grads = None
+    if want_grad:
+        grads = Gradients(
+            hidden=zeros(h.shape, compute),
+            weight=np.zeros(w.shape, compute),
+            bias=None if b is None else np.zeros(b.shape, compute),
+        )
+    chunk = chunk_size or auto_chunk_rows(num_tokens, num_classes, np.dtype(compute).itemsize)
+    linear_cross_entropy_rows(
+        NUMPY_OPS,
+        h,
+        w,
+        b,
+        target_rows,
+        weight,
+        opts,
+        loss_rows,
+        chunk_rows=chunk,
+        tokens=tokens,
+        scale=scale,
+        grads=grads,
+    )
+
+    out_dtype = np.result_type(*dtypes)
+    if opts.reduction == "none":
+        loss = loss_rows.astype(out_dtype).reshape(lead)
+    else:
+        loss = out_dtype.type(loss_rows.sum() * loss_scale)
+    if not want_grad:
+        return loss
+    dbias = None if b is None else grads.bias.astype(linear_bias.dtype, copy=False)
+    return (
+        loss,
+        grads.hidden.astype(hidden.dtype, copy=False).reshape(hidden.shape),
+        grads.weight.astype(linear_weight.dtype, copy=False),
+        dbias,
+    )
+
+
+def linear_cross_entropy(
+    hidden,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+):
+    r"""Cross-entropy of the logits ``hidden @ linear_weight.T + linear_bias``, without
+    ever holding all of them.
+
+    .. math::
+
+        z_i = W h_i + b \in \mathbb{R}^V, \qquad
+        \ell_i = \sum_k y_{ik}\,(\operatorname{lse}(z_i) - z_{ik}) + λ\,\operatorname{lse}(z_i)^2
+
+    with every option of :func:`softxent.cross_entropy` (class axis last).
+
+    Args:
+        hidden: ``(…, D)`` float array of hidden states (any leading dimensions).
+        linear_weight: ``(V, D)`` output layer.
+        target: class indices of shape ``hidden.shape[:-1]``, or class
+            probabilities of shape ``hidden.shape[:-1] + (V,)``.
+        linear_bias: optional ``(V,)`` bias.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`softxent.cross_entropy`.
+        chunk_size: tokens per chunk of logits; by default a twelfth of the
+            logits, between 32 and 256 MiB (at least 64 tokens).  Samples equal to ``ignore_index`` are skipped
+            before any matmul.
+
+    Returns:
+        the loss: a scalar, or for ``reduction="none"`` an array of shape
+        ``hidden.shape[:-1]``.  float16 inputs are computed in float32.
+
+    Example:
+        >>> h, W = np.eye(2), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+        >>> round(float(sx.linear_cross_entropy(h, W, np.array([0, 1]))), 6)
+        0.551445
+    """
+    opts = make_options(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+    return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, None, False)
+
+
+def linear_cross_entropy_grad(
+    hidden,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    grad_output=None,
+    weight=None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+):
+    r"""The fused linear + cross-entropy and its gradients, in one chunked pass.
+
+    With G = ∂J/∂Z the logits' gradient (``cross_entropy_grad``'s: g·r·((S + 2λ·lse)·p − y),
+    per chunk, never stored whole):
+
+    .. math::
+
+        \frac{\partial J}{\partial H} = G\,W, \qquad
+        \frac{\partial J}{\partial W} = G^\top H, \qquad
+        \frac{\partial J}{\partial b} = \sum_i G_i
+
+    Same arguments as :func:`linear_cross_entropy`, plus ``grad_output`` (the
+    upstream gradient: a scalar, or the loss's shape for ``reduction="none"``).
+
+    Returns:
+        ``(loss, dhidden, dlinear_weight, dlinear_bias)``, the gradients in their
+        inputs' shapes and dtypes; ``dlinear_bias`` is None without a bias.
+    """
+    opts = make_options(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+    return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, True)

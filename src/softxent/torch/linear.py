@@ -1,0 +1,435 @@
+r"""Fused linear + cross-entropy for PyTorch: ``softxent::linear_cross_entropy``.
+
+The logits Z = H Wᵀ + b (N, V) are computed one chunk of tokens at a time
+(:mod:`softxent._linear_chunks`); each chunk is turned into its losses and its
+gradient G = ∂loss/∂Z at once — in place, by the fused cross-entropy kernel —
+and folded into
+
+.. math::
+
+    \partial H = G\,W, \qquad \partial W = G^\top H, \qquad \partial b = \textstyle\sum_i G_i
+
+before the buffer is reused.  For ``reduction="mean"``/``"sum"`` those
+gradients are computed in the forward pass and backward only scales them by
+the upstream scalar; for ``"none"`` the upstream gradient differs per token,
+so backward runs the chunk loop again with it (one extra GEMM).
+
+Under ``torch.autocast`` the matmuls run in the autocast dtype while the
+softmax statistics, the loss and the accumulation of ∂W and ∂b stay in float32.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .._linear_chunks import (
+    ArrayOps,
+    Gradients,
+    auto_chunk_rows,
+    blocked_accumulate_matmul,
+    cpu_chunk_bytes,
+    linear_cross_entropy_rows,
+)
+from .._options import CrossEntropyOptions, make_options
+from .._reduction import mean_denominator, reduced_loss_scale
+from .._validate import check_linear_shapes, check_target_range
+from . import cpu_bridge, cpu_buffers, fallback, ops
+from .functional import _autocast_enabled, _check_input, _check_target
+
+
+def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if like.device.type == "cpu":
+        return cpu_buffers.empty(tuple(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)  # one GEMM with β = 1: no temporary
+    else:
+        blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty)
+
+
+def _add_column_sums(acc: Tensor, g: Tensor) -> None:
+    acc.add_(g.sum(dim=0, dtype=acc.dtype))
+
+
+def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None):
+    if device.type == "cpu" and not ops.FORCE_FALLBACK:
+        return cpu_bridge.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
+    return fallback.cross_entropy_rows(z, target, weight, opts, scale, grad_out)[0]
+
+
+def _array_ops(device: torch.device) -> ArrayOps:
+    return ArrayOps(
+        empty=_empty,
+        matmul_into=_matmul_into,
+        accumulate_matmul=_accumulate_matmul,
+        add_column_sums=_add_column_sums,
+        take_rows=lambda x, idx: x.index_select(0, idx),
+        put_rows=lambda dst, idx, src: dst.index_copy_(0, idx, src.to(dst.dtype)),
+        cross_entropy_rows=partial(_cross_entropy_rows, device),
+    )
+
+
+def chunk_budget_bytes(device: torch.device, num_tokens: int, num_classes: int, itemsize: int) -> int:
+    """Bytes of logits one chunk may hold: on CUDA an eighth of the free memory,
+    at most 1 GiB; elsewhere :func:`softxent._linear_chunks.cpu_chunk_bytes`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(free // 8, 1 << 30))
+    return cpu_chunk_bytes(num_tokens, num_classes, itemsize)
+
+
+def _target_gradient_hook(dq: Tensor, weight: Tensor | None, opts: CrossEntropyOptions, scale):
+    """∂J/∂q_ij = scale_i·(1−ε)·w_j·(lse_i − z'_ij) of probability targets, from each
+    chunk's logits before they turn into the gradient."""
+
+    def hook(z: Tensor, rows) -> None:
+        zc, _ = fallback.capped_logits(z.to(fallback.compute_dtype(z.dtype)), opts.softcap)
+        nlp = fallback.log_normalizer(zc) - zc
+        if weight is not None:
+            nlp = nlp * weight.to(nlp.dtype)
+        factor = scale[rows][:, None] if isinstance(scale, Tensor) else scale
+        dq[rows] = ((1.0 - opts.label_smoothing) * factor * nlp).to(dq.dtype)
+
+    return hook
+
+
+def _run(
+    hidden: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_output: Tensor | None,
+    opts: CrossEntropyOptions,
+    chunk_size: int,
+    matmul_dtype: torch.dtype,
+    wanted: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The op's body: (loss, ∂input, ∂linear_weight, ∂linear_bias, ∂target), empty where not wanted."""
+    is_index = target.dim() == 1
+    num_tokens = hidden.shape[0]
+    num_classes = linear_weight.shape[0]
+    if is_index:
+        check_target_range(target, num_classes, opts.ignore_index)
+    loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target, weight, opts.ignore_index, is_index))
+    want_grad = any(wanted)
+    scale = None
+    if want_grad:
+        scale = loss_scale if grad_output is None else grad_output.to(torch.float64).reshape(-1) * loss_scale
+        if isinstance(scale, Tensor) and scale.device.type != "cpu":
+            scale = scale.to(fallback.compute_dtype(hidden.dtype))
+
+    tokens = None
+    if is_index and opts.ignore_index is not None:
+        valid = target != opts.ignore_index
+        if not bool(valid.all()):
+            tokens = valid.nonzero().reshape(-1)
+    acc = fallback.compute_dtype(matmul_dtype)
+    loss_rows = torch.zeros(
+        num_tokens, dtype=torch.float64 if hidden.device.type == "cpu" else acc, device=hidden.device
+    )
+    h = hidden.to(matmul_dtype).contiguous()
+    w = linear_weight.to(matmul_dtype).contiguous()
+    b = None if linear_bias is None else linear_bias.to(matmul_dtype)
+    d_target = hidden.new_empty(0)  # outputs may not alias each other: one empty tensor each
+    grads = None
+    if want_grad:
+        # ∂H rows are independent (no accumulation): the matmul dtype is enough; ∂W and ∂b accumulate
+        # over chunks, in float32 at least
+        zeros = torch.zeros if tokens is not None else torch.empty
+        grads = Gradients(
+            hidden=zeros(h.shape, dtype=h.dtype, device=h.device) if wanted[0] else None,
+            weight=torch.zeros(w.shape, dtype=torch.promote_types(acc, linear_weight.dtype), device=w.device)
+            if wanted[1]
+            else None,
+            bias=torch.zeros(num_classes, dtype=torch.promote_types(acc, linear_bias.dtype), device=w.device)
+            if wanted[2]
+            else None,
+        )
+        if wanted[3]:
+            d_target = torch.zeros_like(target)
+            grads.before_gradient = _target_gradient_hook(d_target, weight, opts, scale)
+    itemsize = torch.empty((), dtype=matmul_dtype).element_size()
+    chunk = chunk_size or auto_chunk_rows(
+        num_tokens, num_classes, itemsize, chunk_budget_bytes(hidden.device, num_tokens, num_classes, itemsize)
+    )
+    linear_cross_entropy_rows(
+        _array_ops(hidden.device),
+        h,
+        w,
+        b,
+        target,
+        weight,
+        opts,
+        loss_rows,
+        chunk_rows=chunk,
+        tokens=tokens,
+        scale=scale,
+        grads=grads,
+    )
+    if opts.reduction == "none":
+        loss = loss_rows.to(acc)
+    else:
+        loss = (loss_rows.sum() * loss_scale).to(acc)
+    grads = grads or Gradients()
+    d_hidden = hidden.new_empty(0) if grads.hidden is None else grads.hidden.to(hidden.dtype)
+    d_weight = hidden.new_empty(0) if grads.weight is None else grads.weight.to(linear_weight.dtype)
+    d_bias = hidden.new_empty(0) if grads.bias is None else grads.bias.to(linear_bias.dtype)
+    return loss, d_hidden, d_weight, d_bias, d_target
+
+
+@torch.library.custom_op("softxent::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_output: Tensor | None,
+    ignore_index: int,
+    use_ignore_index: bool,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    matmul_dtype: torch.dtype,
+    grad_input: bool,
+    grad_linear_weight: bool,
+    grad_linear_bias: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ∂input, ∂linear_weight, ∂linear_bias, ∂target) of ``input (N, D) @ linear_weight.T
+    + linear_bias`` against ``target``; gradients are empty unless asked for, and are scaled
+    per token by ``grad_output`` (N,) when given.  ``chunk_size`` 0 chooses it."""
+    opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+    with torch.autocast(input.device.type, enabled=False):
+        return _run(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            grad_output,
+            opts,
+            chunk_size,
+            matmul_dtype,
+            (grad_input, grad_linear_weight, grad_linear_bias, grad_target),
+        )
+
+
+@linear_cross_entropy_op.register_fake
+def _linear_cross_entropy_fake(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    grad_output,
+    ignore_index,
+    use_ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    matmul_dtype,
+    grad_input,
+    grad_linear_weight,
+    grad_linear_bias,
+    grad_target,
+):
+    acc = fallback.compute_dtype(matmul_dtype)
+    loss = input.new_empty((input.shape[0],) if reduction == "none" else (), dtype=acc)
+    return (
+        loss,
+        torch.empty_like(input) if grad_input else input.new_empty(0),
+        torch.empty_like(linear_weight) if grad_linear_weight else input.new_empty(0),
+        torch.empty_like(linear_bias) if grad_linear_bias else input.new_empty(0),
+        torch.empty_like(target) if grad_target else input.new_empty(0),
+    )
+
+
+_GRADIENT_INPUTS = (0, 1, 2, 3)  # input, linear_weight, linear_bias, target
+
+
+def _setup_context(ctx, inputs, output):
+    input, linear_weight, linear_bias, target, weight, grad_output, *options = inputs
+    ctx.set_materialize_grads(False)
+    ctx.reduction = options[2]
+    ctx.options = options
+    # the forward pass returned ∂loss/∂inputs (up to one scalar factor) unless the loss has a
+    # value per token (reduction="none") or the gradients were asked for another grad_output
+    ctx.computed = tuple(options[-4:]) if ctx.reduction != "none" and grad_output is None else (False,) * 4
+    ctx.num_tokens = input.shape[0]
+    # the inputs are saved too (no copy): backward recomputes if it needs a gradient the forward skipped
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *output[1:])
+
+
+def _backward(ctx, grad_loss, *_grads_of_grads):
+    if ctx.needs_input_grad[4]:
+        raise RuntimeError(
+            "softxent.torch.linear_cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
+        )
+    none = (None,) * 18
+    if grad_loss is None:
+        return none
+    if torch.is_grad_enabled():
+        raise RuntimeError(ops._NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
+    input, linear_weight, linear_bias, target, weight, *computed_grads = ctx.saved_tensors
+    wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
+    if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
+        grads = [
+            ops.scale_saved_gradient(ctx, g, grad_loss, "linear_cross_entropy") if need else None
+            for g, need in zip(computed_grads, wanted, strict=True)
+        ]
+    else:
+        per_token = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss.reshape(1).expand(ctx.num_tokens)
+        outputs = linear_cross_entropy_op(
+            input, linear_weight, linear_bias, target, weight, per_token, *ctx.options[:-4], *wanted
+        )
+        grads = [g if need else None for g, need in zip(outputs[1:], wanted, strict=True)]
+    return tuple(grads) + none[4:]
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def _matmul_dtype(input: Tensor, linear_weight: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for the device, else the inputs' promoted dtype."""
+    device_type = input.device.type
+    if _autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(input.dtype, linear_weight.dtype)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N×V logits.
+
+    Drop-in for ``torch.nn.functional.linear_cross_entropy`` (same argument
+    names), plus ``z_loss``, ``softcap`` and ``chunk_size``.  With z_i = W h_i + b:
+
+    .. math::
+
+        \ell_i = \sum_k y_{ik}\,(\operatorname{lse}(z_i) - z_{ik}) + λ\,\operatorname{lse}(z_i)^2, \qquad
+        \partial h_i = W^\top g_i,\;\; \partial W = \sum_i g_i h_i^\top,\;\; \partial b = \sum_i g_i
+
+    where g_i = ∂loss/∂z_i = r·((S + 2λ·lse)·p_i − y_i) is the fused cross-entropy
+    gradient (see :func:`softxent.torch.cross_entropy`).  Only one chunk of
+    logits exists at a time; tokens equal to ``ignore_index`` are skipped before
+    any matmul.
+
+    Args:
+        input: hidden states ``(…, D)`` (``(N, D)``, ``(D,)``, or any leading dimensions).
+        linear_weight: ``(V, D)``.
+        target: class indices ``input.shape[:-1]`` (integer dtype) or
+            probabilities ``input.shape[:-1] + (V,)`` (float dtype).
+        linear_bias: ``(V,)`` or None.
+        weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
+            :func:`softxent.torch.cross_entropy` (``ignore_index=None`` disables it).
+        chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
+            the device (a twelfth of the logits on CPU, between 32 and 256 MiB; an eighth of the
+            free memory on CUDA).
+
+    Returns:
+        the loss (a scalar, or ``input.shape[:-1]`` for ``reduction="none"``) in
+        ``input``'s dtype; float32 under ``torch.autocast``, where the matmuls run
+        in the autocast dtype and the statistics and ∂W, ∂b accumulate in float32.
+
+    The gradients of ``input``, ``linear_weight`` and ``linear_bias`` (and of
+    probability targets) are computed during the forward pass for ``mean``/``sum``;
+    backward only scales them.  Double backward is not supported.
+    """
+    opts = make_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    _check_input(input, "input")
+    _check_input(linear_weight, "linear_weight")
+    if linear_bias is not None:
+        _check_input(linear_bias, "linear_bias")
+    chunk = _check_chunk_size(chunk_size)
+    num_classes = check_linear_shapes(
+        input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input"
+    )
+    lead = tuple(input.shape[:-1])
+    is_index = _check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+    hidden = input.reshape(-1, input.shape[-1])
+    target_rows = target.reshape(-1) if is_index else target.reshape(-1, num_classes)
+    if is_index and target_rows.dtype != torch.int64:
+        target_rows = target_rows.long()
+    matmul_dtype = _matmul_dtype(input, linear_weight)
+    if torch._C._are_functorch_transforms_active():  # torch.func needs plain ops: materialize the logits
+        logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
+        loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
+    else:
+        grad_mode = torch.is_grad_enabled()
+        wanted = [grad_mode and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)] + [
+            grad_mode and not is_index and target.requires_grad
+        ]
+        if opts.reduction == "none":
+            wanted = [False] * 4  # computed in backward, with the upstream gradient of each token
+        loss = linear_cross_entropy_op(
+            hidden,
+            linear_weight,
+            linear_bias,
+            target_rows,
+            weight,
+            None,
+            -100 if opts.ignore_index is None else opts.ignore_index,
+            opts.ignore_index is not None,
+            opts.reduction,
+            opts.label_smoothing,
+            opts.z_loss,
+            0.0 if opts.softcap is None else opts.softcap,
+            chunk,
+            matmul_dtype,
+            *wanted,
+        )[0]
+    if opts.reduction == "none":
+        loss = loss.reshape(lead)
+    if _autocast_enabled(input.device.type):
+        return loss
+    return loss.to(input.dtype)

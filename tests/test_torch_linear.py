@@ -1,0 +1,290 @@
+"""softxent.torch.linear_cross_entropy against naive F.linear + F.cross_entropy autograd."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softxent.torch as sxt
+from softxent.torch import linear as linear_module
+from torch_reference import reference_linear_loss
+
+OPTIONS = [
+    {},
+    {"reduction": "sum", "label_smoothing": 0.1},
+    {"reduction": "none"},
+    {"z_loss": 1e-3, "softcap": 2.5},
+    {"ignore_index": None},
+    {"weight": True, "label_smoothing": 0.2},
+    {"weight": True, "reduction": "none", "z_loss": 1e-3},
+]
+
+
+def _problem(lead, d, v, kind, dtype=torch.float64, seed=0, ignored=0.2, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    if kind == "index":
+        t = torch.randint(0, v, lead, generator=gen)
+        t[torch.rand(lead, generator=gen) < ignored] = -100
+    else:
+        t = torch.softmax(torch.randn(*lead, v, generator=gen, dtype=torch.float64), -1)
+    cw = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+    leaves = [x.to(dtype).requires_grad_() for x in (h, w) + ((b,) if bias else ())]
+    return leaves, t if kind == "index" else t.to(dtype), cw.to(dtype)
+
+
+def _grads(loss, leaves, upstream):
+    grads = torch.autograd.grad(loss, leaves, upstream, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+
+
+def _compare(leaves, target, options, chunk_size=None, atol=1e-12, rtol=1e-10):
+    ours_leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref_target = target.double() if target.is_floating_point() else target
+    ours_opts = dict(options)
+    ref_opts = dict(options)
+    if ref_opts.get("weight") is not None:
+        ref_opts["weight"] = ref_opts["weight"].double()
+    h, w, *b = ours_leaves
+    ours = sxt.linear_cross_entropy(h, w, target, linear_bias=b[0] if b else None, chunk_size=chunk_size, **ours_opts)
+    rh, rw, *rb = ref_leaves
+    ref = reference_linear_loss(rh, rw, ref_target, rb[0] if rb else None, **ref_opts)
+    assert ours.dtype == h.dtype and ours.shape == ref.shape
+    torch.testing.assert_close(ours.double(), ref, atol=atol, rtol=rtol)
+    if ours.numel():
+        upstream = torch.linspace(-1.0, 2.0, ours.numel(), dtype=torch.float64).reshape(ours.shape)
+        for g, r in zip(
+            _grads(ours, ours_leaves, upstream.to(ours.dtype)), _grads(ref, ref_leaves, upstream), strict=True
+        ):
+            torch.testing.assert_close(g.double(), r, atol=atol * max(1.0, r.abs().max().item()), rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "options,kind,lead,chunk",
+    [
+        (options, kind, lead, chunk)
+        for options, kind, lead, chunk in itertools.product(OPTIONS, ["index", "probs"], [(23,), (2, 5)], [None, 4])
+        if kind == "index" or "ignore_index" not in options  # ignore_index applies to class indices only
+    ],
+)
+def test_matches_naive_float64_autograd(backend, options, kind, lead, chunk):
+    leaves, target, cw = _problem(lead, 7, 19, kind, ignored=0.2 if "ignore_index" not in options else 0.0)
+    opts = {k: (cw if k == "weight" else v) for k, v in options.items()}
+    _compare(leaves, target, opts, chunk)
+
+
+@pytest.mark.parametrize(
+    "lead,d,v,chunk,bias",
+    [
+        ((1,), 5, 3, None, True),
+        ((17,), 4, 1, None, True),
+        ((17,), 4, 2, 3, False),
+        ((64,), 3, 257, 10, True),
+        ((), 6, 11, None, True),
+        ((3, 4), 5, 9, 5, False),
+    ],
+)
+def test_shapes(lead, d, v, chunk, bias):
+    leaves, target, _ = _problem(lead, d, v, "index", ignored=0.0, bias=bias)
+    _compare(leaves, target, {}, chunk)
+    _compare(leaves, target, {"reduction": "none"}, chunk)
+
+
+def test_float32_matches_pytorch_to_float32_rounding(backend):
+    leaves, target, _ = _problem((300,), 64, 1000, "index", dtype=torch.float32)
+    _compare(leaves, target, {"label_smoothing": 0.1}, 128, atol=1e-6, rtol=1e-5)
+
+
+def test_equals_torch_linear_cross_entropy_on_its_options():
+    leaves, target, cw = _problem((50,), 8, 30, "index")
+    h, w, b = leaves
+    for kwargs in ({}, {"weight": cw, "label_smoothing": 0.1, "reduction": "sum"}, {"reduction": "none"}):
+        ours = sxt.linear_cross_entropy(h, w, target, linear_bias=b, **kwargs)
+        theirs = F.linear_cross_entropy(h, w, target, linear_bias=b, ignore_index=-100, **kwargs)
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+
+
+def test_probability_targets_get_their_gradient():
+    leaves, q, cw = _problem((6,), 4, 5, "probs")
+    q.requires_grad_()
+    h, w, b = leaves
+    ours = sxt.linear_cross_entropy(h, w, q, linear_bias=b, weight=cw, label_smoothing=0.1, softcap=3.0)
+    q_ref = q.detach().clone().requires_grad_()
+    ref = reference_linear_loss(h, w, q_ref, b, weight=cw, label_smoothing=0.1, softcap=3.0)
+    (g,) = torch.autograd.grad(ours, [q])
+    (r,) = torch.autograd.grad(ref, [q_ref])
+    torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_all_ignored_and_empty_batches_give_zero_loss_and_gradients():
+    (h, w, b), _, _ = _problem((5,), 4, 6, "index")
+    loss = sxt.linear_cross_entropy(h, w, torch.full((5,), -100), linear_bias=b)
+    loss.backward()
+    assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any() and not b.grad.any()
+    empty = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    loss = sxt.linear_cross_entropy(empty, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 4)
+
+
+def test_ignored_tokens_are_skipped_before_the_matmul():
+    (h, w, b), t, _ = _problem((12,), 4, 6, "index", ignored=0.5)
+    with torch.no_grad():
+        h[t == -100] = float("nan")  # never read: otherwise NaN would reach dW
+    loss = sxt.linear_cross_entropy(h, w, t, linear_bias=b, chunk_size=2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
+    assert not h.grad[t == -100].any()
+
+
+def test_bfloat16_and_autocast_keep_float32_statistics():
+    (h, w), t, _ = _problem((64,), 32, 200, "index", dtype=torch.float32, bias=False)
+    ref_h, ref_w = (x.detach().to(torch.bfloat16).double().requires_grad_() for x in (h, w))
+    ref = reference_linear_loss(ref_h, ref_w, t)
+    ref.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sxt.linear_cross_entropy(h, w, t)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, atol=2e-2, rtol=1e-2)
+    for g, r in ((h.grad, ref_h.grad), (w.grad, ref_w.grad)):
+        torch.testing.assert_close(g.double(), r, atol=2e-2 * r.abs().max().item(), rtol=5e-2)
+    hb, wb = (x.detach().to(torch.bfloat16).requires_grad_() for x in (h, w))
+    loss16 = sxt.linear_cross_entropy(hb, wb, t, chunk_size=16)
+    loss16.backward()
+    assert loss16.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss16.double(), ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(wb.grad.double(), ref_w.grad, atol=2e-2 * ref_w.grad.abs().max().item(), rtol=5e-2)
+
+
+def test_backward_only_scales_the_gradients_computed_in_forward(monkeypatch):
+    (h, w, b), t, _ = _problem((10,), 4, 7, "index")
+    calls = []
+    original = linear_module._run
+    monkeypatch.setattr(linear_module, "_run", lambda *a: calls.append(a[-1]) or original(*a))
+    loss = sxt.linear_cross_entropy(h, w, t, linear_bias=b)
+    (3.0 * loss).backward()
+    assert calls == [(True, True, True, False)]  # one chunk loop, gradients included
+    ref_leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    (3.0 * reference_linear_loss(*ref_leaves[:2], t, ref_leaves[2])).backward()
+    for x, r in zip((h, w, b), ref_leaves, strict=True):
+        torch.testing.assert_close(x.grad, r.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_module_holds_only_options():
+    (h, w, b), t, cw = _problem((2, 6), 4, 7, "index")
+    module = sxt.LinearCrossEntropyLoss(cw, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
+    assert list(module.parameters()) == [] and "chunk_size=5" in repr(module)
+    got = module(h, w, t, b)
+    want = sxt.linear_cross_entropy(h, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, z_loss=1e-3)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="reduction"):
+        sxt.LinearCrossEntropyLoss(reduction="avg")
+
+
+def test_custom_op_passes_opcheck():
+    (h, w, b), t, cw = _problem((6,), 4, 9, "index", dtype=torch.float32)
+    q = torch.softmax(torch.randn(6, 9), 1)
+    op = torch.ops.softxent.linear_cross_entropy.default
+    for target, bias, weight, grad_output, reduction, smoothing, z_loss, cap, chunk, wanted in [
+        (t, b, None, None, "mean", 0.0, 0.0, 0.0, 0, (True, True, True, False)),
+        (t, None, cw, torch.randn(6), "none", 0.1, 1e-3, 5.0, 4, (True, True, False, False)),
+        (q, b, cw, None, "sum", 0.2, 0.0, 0.0, 2, (True, False, True, True)),
+        (t, b, None, None, "mean", 0.0, 0.0, 0.0, 0, (False, False, False, False)),
+    ]:
+        args = (h, w, bias, target, weight, grad_output, -100, True, reduction, smoothing, z_loss, cap, chunk)
+        torch.library.opcheck(op, (*args, torch.float32, *wanted))
+
+
+def test_torch_compile_fullgraph_traces_a_language_model_head():
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Tanh())
+    head = torch.nn.Linear(16, 50)
+    tokens = torch.randint(0, 50, (3, 7))
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :2] = -100
+
+    def step(x, y):
+        return sxt.linear_cross_entropy(body(x), head.weight, y, linear_bias=head.bias, z_loss=1e-4, chunk_size=8)
+
+    params = list(body.parameters()) + list(head.parameters())
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(tokens, labels)
+    grads_c = torch.autograd.grad(loss_c, params)
+    loss_e = step(tokens, labels)
+    grads_e = torch.autograd.grad(loss_e, params)
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, e in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_torch_func_grad_uses_plain_ops():
+    (h, w, b), t, _ = _problem((8,), 4, 6, "index")
+
+    def loss_of(weight):
+        return sxt.linear_cross_entropy(h.detach(), weight, t, linear_bias=b.detach(), label_smoothing=0.1)
+
+    got = torch.func.grad(loss_of)(w.detach())
+    ref_w = w.detach().clone().requires_grad_()
+    reference_linear_loss(h.detach(), ref_w, t, b.detach(), label_smoothing=0.1).backward()
+    torch.testing.assert_close(got, ref_w.grad)
+
+
+def test_double_backward_and_class_weight_gradients_raise_clearly():
+    (h, w, b), t, cw = _problem((8,), 4, 6, "index")
+    loss = sxt.linear_cross_entropy(h, w, t, linear_bias=b)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, [h], create_graph=True)
+    cw.requires_grad_()
+    loss = sxt.linear_cross_entropy(h, w, t, weight=cw)
+    with pytest.raises(RuntimeError, match="derivative for 'weight' is not implemented"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "h_shape,w_shape,t_shape,kwargs,message",
+    [
+        ((4, 3), (5, 2), (4,), {}, "linear_weight .* must have D=3 columns, the last dimension of input"),
+        ((4, 3), (5, 3), (4,), {"linear_bias": torch.zeros(4)}, r"linear_bias must have shape \(5,\)"),
+        ((4, 3), (5, 3), (3,), {}, "target of class indices must have shape"),
+        ((4, 3), (5, 3), (4,), {"weight": torch.ones(4)}, r"weight must have shape \(5,\)"),
+        ((4, 3), (5, 3), (4,), {"chunk_size": 0}, "chunk_size must be a positive int"),
+        ((4, 3), (5, 3), (4,), {"reduction": "avg"}, "reduction must be one of"),
+        ((), (5, 3), (4,), {}, "input must have at least one dimension"),
+    ],
+)
+def test_bad_input_is_rejected_naming_the_argument(h_shape, w_shape, t_shape, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sxt.linear_cross_entropy(
+            torch.ones(h_shape), torch.ones(w_shape), torch.zeros(t_shape, dtype=torch.long), **kwargs
+        )
+
+
+def test_out_of_range_target_raises_value_error_and_integer_inputs_type_error():
+    (h, w, b), t, _ = _problem((6,), 3, 5, "index", ignored=0.0)
+    t[1] = 7
+    with pytest.raises(ValueError, match="target contains class index 7"):
+        sxt.linear_cross_entropy(h, w, t)
+    assert h.grad is None
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        sxt.linear_cross_entropy(torch.ones(2, 3, dtype=torch.long), w, t[:2])
+    with pytest.raises(TypeError, match="linear_weight must be a floating-point tensor"):
+        sxt.linear_cross_entropy(h, torch.ones(5, 3, dtype=torch.long), t)
+
+
+def test_automatic_chunk_keeps_one_chunk_of_logits_small():
+    from softxent._linear_chunks import auto_chunk_rows
+
+    logits = 4096 * 32000 * 4
+    rows = auto_chunk_rows(4096, 32000, 4)
+    assert rows % 16 == 0 and 0.07 * logits <= rows * 32000 * 4 <= logits / 12  # a twelfth of the logits
+    assert auto_chunk_rows(100, 32000, 4) == 100  # never more than N
+    assert auto_chunk_rows(8192, 256000, 4) == 256  # capped at 256 MiB
+    assert auto_chunk_rows(8192, 2**20, 4) == 64  # at least 64 rows for the GEMMs
+    assert auto_chunk_rows(300, 1000, 4) == 300  # small problems: one chunk of 32 MiB or less
+    assert auto_chunk_rows(0, 10, 4) == 1
