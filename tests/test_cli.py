@@ -13,6 +13,7 @@ def test_check_prints_a_table_and_exits_zero(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out
     assert "max abs err" in out and "cross_entropy prob, every option, sum" in out
+    assert "linear_cross_entropy index, every option: dlinear_weight" in out
     assert "FAIL" not in out
 
 

@@ -34,9 +34,9 @@ from ._options import CrossEntropyOptions
 
 #: CPU: a chunk of logits holds about this fraction of all the logits, between
 #: the two bounds below.  Every chunk re-reads W (each GEMM call repacks it) and
-#: re-writes ∂W, so bigger chunks run the GEMMs faster; 1/12 keeps the peak well
+#: re-writes ∂W, so bigger chunks run the GEMMs faster; 1/11 keeps the peak
 #: under a tenth of the logits.
-CPU_CHUNK_FRACTION = 1 / 12
+CPU_CHUNK_FRACTION = 1 / 11
 CPU_CHUNK_MIN_BYTES = 32 << 20
 CPU_CHUNK_MAX_BYTES = 256 << 20
 #: fewest rows per chunk (smaller GEMMs lose efficiency), unless N is smaller
@@ -46,7 +46,7 @@ ROW_ALIGN = 16
 
 
 def cpu_chunk_bytes(num_tokens: int, num_classes: int, itemsize: int) -> int:
-    """Bytes of logits one CPU chunk may hold: a twelfth of all the logits,
+    """Bytes of logits one CPU chunk may hold: an eleventh of all the logits,
     at least 32 MiB and at most 256 MiB."""
     share = int(num_tokens * num_classes * itemsize * CPU_CHUNK_FRACTION)
     return min(max(share, CPU_CHUNK_MIN_BYTES), CPU_CHUNK_MAX_BYTES)
@@ -67,18 +67,21 @@ def auto_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, budget_byt
 ACCUMULATE_BLOCK_ELEMENTS = 1 << 20
 
 
-def blocked_accumulate_matmul(acc, a, b, matmul_into, empty) -> None:
-    """``acc (V, D) += a (V, K) @ b (K, D)`` through a temporary of about a million
-    elements in ``a``'s dtype, block of rows by block of rows — for libraries
-    without an accumulating GEMM (NumPy), or when ``acc`` is wider than ``a`` and
-    ``b`` (16-bit matmuls, float32 accumulation)."""
+def blocked_accumulate_matmul(acc, a, b, matmul_into, empty, overwrite: bool = False) -> None:
+    """``acc (V, D) += a (V, K) @ b (K, D)`` (``=`` with ``overwrite``) through a
+    temporary of about a million elements in ``a``'s dtype, block of rows by block
+    of rows — for libraries without an accumulating GEMM (NumPy), or when ``acc``
+    is wider than ``a`` and ``b`` (16-bit matmuls, float32 accumulation)."""
     num_rows, num_cols = acc.shape
     step = max(1, min(num_rows, ACCUMULATE_BLOCK_ELEMENTS // max(1, num_cols)))
     tmp = empty((step, num_cols), a)
     for lo in range(0, num_rows, step):
         hi = min(lo + step, num_rows)
         matmul_into(a[lo:hi], b, tmp[: hi - lo])
-        acc[lo:hi] += tmp[: hi - lo]
+        if overwrite:
+            acc[lo:hi] = tmp[: hi - lo]
+        else:
+            acc[lo:hi] += tmp[: hi - lo]
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,10 @@ class ArrayOps:
         empty: ``empty(shape, like, dtype=None)`` → uninitialized array on ``like``'s device.
         matmul_into: ``matmul_into(a, b, out)`` → ``out = a @ b`` (``out`` may have
             another dtype than ``a``: the product is cast into it).
-        accumulate_matmul: ``accumulate_matmul(acc, a, b)`` → ``acc += a @ b``
-            without an acc-sized temporary.
-        add_column_sums: ``add_column_sums(acc, g)`` → ``acc += g.sum(axis=0)`` (in acc's dtype).
+        accumulate_matmul: ``accumulate_matmul(acc, a, b, overwrite)`` → ``acc += a @ b``
+            (``acc = a @ b`` with ``overwrite``) without an acc-sized temporary.
+        add_column_sums: ``add_column_sums(acc, g, overwrite)`` → ``acc += g.sum(axis=0)``
+            (``=`` with ``overwrite``), in acc's dtype.
         take_rows / put_rows: gather ``x[idx]`` / scatter ``dst[idx] = src``.
         cross_entropy_rows: the fused kernel's contract (see
             :func:`softxent._reference.cross_entropy_rows`) writing the gradient over
@@ -100,8 +104,8 @@ class ArrayOps:
 
     empty: Callable[..., Any]
     matmul_into: Callable[[Any, Any, Any], None]
-    accumulate_matmul: Callable[[Any, Any, Any], None]
-    add_column_sums: Callable[[Any, Any], None]
+    accumulate_matmul: Callable[[Any, Any, Any, bool], None]
+    add_column_sums: Callable[[Any, Any, bool], None]
     take_rows: Callable[[Any, Any], Any]
     put_rows: Callable[[Any, Any, Any], None]
     cross_entropy_rows: Callable[..., Any]
@@ -109,8 +113,10 @@ class ArrayOps:
 
 @dataclass
 class Gradients:
-    """Where the gradients go (None = not wanted).  ``hidden`` must be zero-filled
-    when some tokens are skipped; ``weight`` and ``bias`` must start at zero."""
+    """Where the gradients go (None = not wanted).  ``weight`` and ``bias`` may start
+    uninitialized (the first chunk overwrites them, or they are zero-filled when
+    there is no token); rows of ``hidden`` for skipped tokens are not written, so
+    the caller zero-fills ``hidden`` when tokens are skipped."""
 
     hidden: Any = None
     weight: Any = None
@@ -159,6 +165,9 @@ def linear_cross_entropy_rows(
     """
     num_tokens = hidden.shape[0] if tokens is None else tokens.shape[0]
     if num_tokens == 0:
+        for acc in (None,) if grads is None else (grads.weight, grads.bias):
+            if acc is not None:
+                acc[...] = 0
         return loss_out
     want_grad = scale is not None and grads is not None and (grads.any or grads.before_gradient is not None)
     per_row_scale = want_grad and not isinstance(scale, float)
@@ -191,9 +200,9 @@ def linear_cross_entropy_rows(
                 ops.matmul_into(z, linear_weight, dh)
                 ops.put_rows(grads.hidden, rows, dh)
         if grads.weight is not None:
-            ops.accumulate_matmul(grads.weight, z.T, h)
+            ops.accumulate_matmul(grads.weight, z.T, h, start == 0)
         if grads.bias is not None:
-            ops.add_column_sums(grads.bias, z)
+            ops.add_column_sums(grads.bias, z, start == 0)
     return loss_out
 
 

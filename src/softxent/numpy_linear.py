@@ -32,12 +32,15 @@ def _matmul_into(a, b, out) -> None:
         out[...] = np.matmul(a, b)
 
 
-def _accumulate_matmul(acc, a, b) -> None:
-    blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty)
+def _accumulate_matmul(acc, a, b, overwrite: bool) -> None:
+    blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty, overwrite)
 
 
-def _add_column_sums(acc, g) -> None:
-    acc += g.sum(axis=0, dtype=acc.dtype)
+def _add_column_sums(acc, g, overwrite: bool) -> None:
+    if overwrite:
+        g.sum(axis=0, dtype=acc.dtype, out=acc)
+    else:
+        acc += g.sum(axis=0, dtype=acc.dtype)
 
 
 def _put_rows(dst, idx, src) -> None:
@@ -106,8 +109,8 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
     if want_grad:
         grads = Gradients(
             hidden=zeros(h.shape, compute),
-            weight=np.zeros(w.shape, compute),
-            bias=None if b is None else np.zeros(b.shape, compute),
+            weight=np.empty(w.shape, compute),
+            bias=None if b is None else np.empty(b.shape, compute),
         )
     chunk = chunk_size or auto_chunk_rows(num_tokens, num_classes, np.dtype(compute).itemsize)
     linear_cross_entropy_rows(
@@ -173,7 +176,7 @@ def linear_cross_entropy(
         linear_bias: optional ``(V,)`` bias.
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`softxent.cross_entropy`.
-        chunk_size: tokens per chunk of logits; by default a twelfth of the
+        chunk_size: tokens per chunk of logits; by default an eleventh of the
             logits, between 32 and 256 MiB (at least 64 tokens).  Samples equal to ``ignore_index`` are skipped
             before any matmul.
 

@@ -116,11 +116,50 @@ def _cross_entropy_cases(rng: np.random.Generator):
     return out
 
 
+def _linear_cross_entropy_cases(rng: np.random.Generator):
+    """linear_cross_entropy_grad's dhidden, dlinear_weight, dlinear_bias against differences,
+    chunked so that the chunk loop (several chunks, a partial last one) is what is checked."""
+    n, d, v = 7, 4, 9
+    h = rng.normal(size=(n, d))
+    w = rng.normal(size=(v, d)) / 2.0
+    b = rng.normal(size=v)
+    t = rng.integers(0, v, size=n)
+    t[1] = -100
+    q = rng.dirichlet(np.ones(v), size=n)
+    g_none = rng.normal(size=n)
+    every = dict(weight=rng.uniform(0.3, 2.0, size=v), label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+    cases = [
+        ("index, ignore_index", t, {}),
+        ("index, every option", t, every),
+        ("index, none + grad_output", t, dict(reduction="none", grad_output=g_none)),
+        ("prob, every option, sum", q, dict(every, reduction="sum")),
+    ]
+    out = []
+    for name, target, options in cases:
+        for which, wrt in (("dhidden", 0), ("dlinear_weight", 1), ("dlinear_bias", 2)):
+
+            def run(target=target, options=options, wrt=wrt):
+                g = options.get("grad_output")
+                grads = sx.linear_cross_entropy_grad(h, w, target, linear_bias=b, chunk_size=3, **options)
+                plain = {k: val for k, val in options.items() if k != "grad_output"}
+                params = [h, w, b]
+
+                def f(x):
+                    args = [x if i == wrt else p for i, p in enumerate(params)]
+                    loss = sx.linear_cross_entropy(args[0], args[1], target, linear_bias=args[2], **plain)
+                    return float((loss * g).sum()) if g is not None else float(loss)
+
+                return grads[1 + wrt], numerical_gradient(f, params[wrt].copy())
+
+            out.append((f"linear_cross_entropy {name}: {which}", run))
+    return out
+
+
 def run_checks(seed: int = 0) -> list[CheckResult]:
     """Run every case on random float64 inputs drawn from ``seed``."""
     rng = np.random.default_rng(seed)
     results = []
-    for name, case in _vjp_cases(rng) + _cross_entropy_cases(rng):
+    for name, case in _vjp_cases(rng) + _cross_entropy_cases(rng) + _linear_cross_entropy_cases(rng):
         analytic, numeric = case()
         results.append(_compare(name, analytic, numeric))
     return results

@@ -54,15 +54,20 @@ def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
-def _accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)  # one GEMM with β = 1: no temporary
+def _accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool) -> None:
+    if acc.dtype != a.dtype:
+        blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty, overwrite)
+    elif overwrite:
+        torch.mm(a, b, out=acc)
     else:
-        blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty)
+        acc.addmm_(a, b)  # one GEMM with β = 1: no temporary
 
 
-def _add_column_sums(acc: Tensor, g: Tensor) -> None:
-    acc.add_(g.sum(dim=0, dtype=acc.dtype))
+def _add_column_sums(acc: Tensor, g: Tensor, overwrite: bool) -> None:
+    if overwrite:
+        torch.sum(g, dim=0, dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(g.sum(dim=0, dtype=acc.dtype))
 
 
 def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None):
@@ -150,16 +155,14 @@ def _run(
     if want_grad:
         # ∂H rows are independent (no accumulation): the matmul dtype is enough; ∂W and ∂b accumulate
         # over chunks, in float32 at least
-        zeros = torch.zeros if tokens is not None else torch.empty
+        # recycled CPU buffers: no page faults for the N×D and V×D gradients in a training loop
         grads = Gradients(
-            hidden=zeros(h.shape, dtype=h.dtype, device=h.device) if wanted[0] else None,
-            weight=torch.zeros(w.shape, dtype=torch.promote_types(acc, linear_weight.dtype), device=w.device)
-            if wanted[1]
-            else None,
-            bias=torch.zeros(num_classes, dtype=torch.promote_types(acc, linear_bias.dtype), device=w.device)
-            if wanted[2]
-            else None,
+            hidden=_empty(h.shape, h) if wanted[0] else None,
+            weight=_empty(w.shape, w, torch.promote_types(acc, linear_weight.dtype)) if wanted[1] else None,
+            bias=_empty((num_classes,), w, torch.promote_types(acc, linear_bias.dtype)) if wanted[2] else None,
         )
+        if tokens is not None and grads.hidden is not None:
+            grads.hidden.zero_()  # the rows of skipped tokens
         if wanted[3]:
             d_target = torch.zeros_like(target)
             grads.before_gradient = _target_gradient_hook(d_target, weight, opts, scale)
@@ -363,7 +366,7 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
             :func:`softxent.torch.cross_entropy` (``ignore_index=None`` disables it).
         chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
-            the device (a twelfth of the logits on CPU, between 32 and 256 MiB; an eighth of the
+            the device (an eleventh of the logits on CPU, between 32 and 256 MiB; an eighth of the
             free memory on CUDA).
 
     Returns:
