@@ -44,3 +44,19 @@ def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, ca
 def test_bench_rejects_bad_options(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_bench_lce_suite_compares_the_fused_versions_with_the_naive_one(tmp_path, capsys):
+    assert main(["bench", "--suite", "lce", "--shape", "96x32x700", "--reps", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["contender"]: r for r in payload["rows"]}
+    for name in ("softxent linear_cross_entropy", "naive F.linear + F.cross_entropy", "torch.compile naive"):
+        assert rows[name]["mode"] == "forward+backward"
+    for r in rows.values():
+        assert r["baseline"] == "naive F.linear + F.cross_entropy" and r["gb_per_s"] is None
+        assert r["ms"] > 0 and r["gflop_per_s"] > 0 and r["fraction_of_baseline"] > 0
+        assert r["loss_rel_error"] < 1e-5 and r["grad_max_abs_error"] < 1e-5
+    assert payload["config"]["suite"] == "lce" and payload["config"]["shapes"] == ["96x32x700"]
+    skipped = {s["contender"] for s in payload["skipped"]}
+    assert "Liger-Kernel" in skipped
+    assert "| softxent linear_cross_entropy | forward+backward |" in capsys.readouterr().out

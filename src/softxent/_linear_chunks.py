@@ -111,6 +111,15 @@ class ArrayOps:
     cross_entropy_rows: Callable[..., Any]
 
 
+def active_tokens(target, opts: CrossEntropyOptions, nonzero):
+    """Indices of the tokens whose target is not ``ignore_index`` (``nonzero(mask)``
+    gives them as a 1-D array), or None when every token counts."""
+    if target.ndim != 1 or opts.ignore_index is None:
+        return None
+    valid = target != opts.ignore_index
+    return None if bool(valid.all()) else nonzero(valid)
+
+
 @dataclass
 class Gradients:
     """Where the gradients go (None = not wanted).  ``weight`` and ``bias`` may start

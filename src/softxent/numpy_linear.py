@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend
-from ._linear_chunks import ArrayOps, Gradients, auto_chunk_rows, blocked_accumulate_matmul, linear_cross_entropy_rows
+from ._linear_chunks import (
+    ArrayOps,
+    Gradients,
+    active_tokens,
+    auto_chunk_rows,
+    blocked_accumulate_matmul,
+    linear_cross_entropy_rows,
+)
 from ._options import make_options
 from ._reduction import mean_denominator, reduced_loss_scale
 from ._validate import check_linear_shapes
@@ -98,11 +105,7 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
     b = None if linear_bias is None else np.ascontiguousarray(linear_bias, dtype=compute)
     num_tokens = h.shape[0]
 
-    tokens = None
-    if is_index and opts.ignore_index is not None:
-        valid = target_rows != opts.ignore_index
-        if not valid.all():
-            tokens = np.flatnonzero(valid)
+    tokens = active_tokens(target_rows, opts, np.flatnonzero)
     zeros = np.zeros if tokens is not None else np.empty
     loss_rows = zeros(num_tokens, np.float64)
     grads = None

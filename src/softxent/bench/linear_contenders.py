@@ -99,7 +99,11 @@ def _add_cut_cross_entropy(problem: Problem, add, leaves, target, device: torch.
     if not installed("cut_cross_entropy"):
         problem.skipped.append(("Cut Cross-Entropy", "not installed (pip install cut-cross-entropy)"))
         return
-    from cut_cross_entropy import linear_cross_entropy as cce
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except Exception as error:  # it imports Triton at import time
+        problem.skipped.append(("Cut Cross-Entropy", f"failed to import: {error}"))
+        return
 
     # its Triton kernels need CUDA; elsewhere its torch.compile path is the one that runs
     impl = "cce" if device.type == "cuda" else "torch_compile"

@@ -28,6 +28,7 @@ from torch import Tensor
 from .._linear_chunks import (
     ArrayOps,
     Gradients,
+    active_tokens,
     auto_chunk_rows,
     blocked_accumulate_matmul,
     cpu_chunk_bytes,
@@ -138,11 +139,7 @@ def _run(
         if isinstance(scale, Tensor) and scale.device.type != "cpu":
             scale = scale.to(fallback.compute_dtype(hidden.dtype))
 
-    tokens = None
-    if is_index and opts.ignore_index is not None:
-        valid = target != opts.ignore_index
-        if not bool(valid.all()):
-            tokens = valid.nonzero().reshape(-1)
+    tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
     acc = fallback.compute_dtype(matmul_dtype)
     loss_rows = torch.zeros(
         num_tokens, dtype=torch.float64 if hidden.device.type == "cpu" else acc, device=hidden.device
