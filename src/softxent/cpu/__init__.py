@@ -4,3 +4,7 @@ Each kernel reads a row of logits once, keeps it in cache while it works, and
 writes its output once.  The launchers here have the same contracts as the
 float64 reference in :mod:`softxent._reference`.
 """
+
+from .vector_width import prefer_full_width_vectors
+
+prefer_full_width_vectors()
