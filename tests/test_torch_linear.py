@@ -256,6 +256,8 @@ def test_double_backward_and_class_weight_gradients_raise_clearly():
         ((4, 3), (5, 3), (4,), {"chunk_size": 0}, "chunk_size must be a positive int"),
         ((4, 3), (5, 3), (4,), {"reduction": "avg"}, "reduction must be one of"),
         ((), (5, 3), (4,), {}, "input must have at least one dimension"),
+        ((3,), (5, 2, 3), (), {}, r"K-dimensional linear_weight \(5, 2, 3\) needs batched input"),
+        ((4, 3), (5, 2, 3), (4, 2), {"linear_bias": torch.zeros(5)}, r"linear_bias must have shape \(5, 2\)"),
     ],
 )
 def test_bad_input_is_rejected_naming_the_argument(h_shape, w_shape, t_shape, kwargs, message):
@@ -288,3 +290,43 @@ def test_automatic_chunk_keeps_one_chunk_of_logits_small():
     assert auto_chunk_rows(8192, 2**20, 4) == 64  # at least 64 rows for the GEMMs
     assert auto_chunk_rows(300, 1000, 4) == 300  # small problems: one chunk of 32 MiB or less
     assert auto_chunk_rows(0, 10, 4) == 1
+
+
+def _pytorch_linear_samples(dtype):
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(o for o in op_db if o.name == "nn.functional.linear_cross_entropy")
+    return list(op.sample_inputs("cpu", dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_pytorch_own_linear_cross_entropy_samples_give_pytorch_values_and_gradients(dtype, backend):
+    samples = _pytorch_linear_samples(dtype)
+    assert len(samples) >= 20
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for sample in samples:
+        kwargs = {k: v for k, v in sample.kwargs.items() if k != "options"}  # PyTorch's chunking knobs
+        args = (sample.input, *sample.args)
+        ours_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        theirs_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        ours_kw = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        bias = ours_kw.get("linear_bias")
+        if bias is not None:
+            ours_kw["linear_bias"] = bias.requires_grad_(kwargs["linear_bias"].requires_grad)
+        ours = sxt.linear_cross_entropy(*ours_args, **ours_kw)
+        theirs = F.linear_cross_entropy(*theirs_args, **kwargs)
+        msg = f"{[tuple(a.shape) for a in args]} {kwargs}"
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, msg
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol, msg=msg)
+        leaves = [(a, b) for a, b in zip(ours_args, theirs_args, strict=True) if a.requires_grad]
+        if bias is not None and kwargs["linear_bias"].requires_grad:
+            leaves.append((ours_kw["linear_bias"], kwargs["linear_bias"]))
+        upstream = torch.linspace(-1.0, 2.0, max(ours.numel(), 1), dtype=ours.dtype).reshape(ours.shape)
+        ours_grads = torch.autograd.grad(ours, [a for a, _ in leaves], upstream, allow_unused=True)
+        theirs_grads = torch.autograd.grad(theirs, [b for _, b in leaves], upstream, allow_unused=True)
+        for g, r in zip(ours_grads, theirs_grads, strict=True):
+            if r is None:
+                assert g is None or not g.any(), msg
+                continue
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(g, r, atol=tol * scale, rtol=tol, msg=msg)

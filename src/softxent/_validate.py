@@ -74,24 +74,39 @@ def check_ignore_index_for_probabilities(is_index: bool, ignore_index: int | Non
 
 
 def check_linear_shapes(
-    hidden_shape: Sequence[int], weight_shape: Sequence[int], bias_shape, hidden_name: str = "hidden"
+    hidden_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    bias_shape,
+    hidden_name: str = "hidden",
+    k_dimensional: bool = False,
 ) -> int:
     """The layer of a fused linear + cross-entropy: hidden ``(…, D)`` (called
-    ``hidden_name`` in messages), weight ``(V, D)``, bias ``(V,)`` or None.  Returns V."""
+    ``hidden_name`` in messages), weight ``(V, D)``, bias ``(V,)`` or None.  Returns V.
+
+    With ``k_dimensional`` (PyTorch's K-dimensional loss) the weight may also be
+    ``(V, d1, …, dK, D)`` with a bias ``(V, d1, …, dK)``; hidden must then be ``(N, D)``.
+    """
     hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
     if len(hidden_shape) == 0:
         raise ValueError(f"{hidden_name} must have at least one dimension (the features D), got a scalar")
-    if len(weight_shape) != 2:
-        raise ValueError(f"linear_weight must have shape (V, D) (classes × features), got {weight_shape}")
-    if weight_shape[1] != hidden_shape[-1]:
+    if len(weight_shape) < 2 or (len(weight_shape) > 2 and not k_dimensional):
+        expected = "(V, D) or (V, d1, …, dK, D)" if k_dimensional else "(V, D)"
+        raise ValueError(f"linear_weight must have shape {expected} (classes × features), got {weight_shape}")
+    if weight_shape[-1] != hidden_shape[-1]:
         raise ValueError(
             f"linear_weight {weight_shape} must have D={hidden_shape[-1]} columns, the last dimension of "
             f"{hidden_name} {hidden_shape}"
         )
     if weight_shape[0] == 0:
         raise ValueError(f"linear_weight must have at least one class (row), got shape {weight_shape}")
-    if bias_shape is not None and tuple(bias_shape) != (weight_shape[0],):
+    if bias_shape is not None and tuple(bias_shape) != weight_shape[:-1]:
         raise ValueError(
-            f"linear_bias must have shape ({weight_shape[0]},), one entry per class, got {tuple(bias_shape)}"
+            f"linear_bias must have shape {weight_shape[:-1]}, one entry per class (and per position of a "
+            f"K-dimensional linear_weight), got {tuple(bias_shape)}"
+        )
+    if len(weight_shape) > 2 and len(hidden_shape) != 2:
+        raise ValueError(
+            f"a K-dimensional linear_weight {weight_shape} needs batched {hidden_name} of shape "
+            f"(N, {weight_shape[-1]}), got {hidden_shape}"
         )
     return weight_shape[0]

@@ -38,7 +38,7 @@ from .._options import CrossEntropyOptions, make_options
 from .._reduction import mean_denominator, reduced_loss_scale
 from .._validate import check_linear_shapes, check_target_range
 from . import cpu_bridge, cpu_buffers, fallback, ops
-from .functional import _autocast_enabled, _check_input, _check_target
+from .functional import _autocast_enabled, _check_input, _check_target, cross_entropy
 
 
 def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -151,8 +151,8 @@ def _run(
     grads = None
     if want_grad:
         # ∂H rows are independent (no accumulation): the matmul dtype is enough; ∂W and ∂b accumulate
-        # over chunks, in float32 at least
-        # recycled CPU buffers: no page faults for the N×D and V×D gradients in a training loop
+        # over chunks, in float32 at least.  On CPU the buffers are recycled (softxent.torch.cpu_buffers):
+        # no page faults for the N×D and V×D gradients in a training loop.
         grads = Gradients(
             hidden=_empty(h.shape, h) if wanted[0] else None,
             weight=_empty(w.shape, w, torch.promote_types(acc, linear_weight.dtype)) if wanted[1] else None,
@@ -325,6 +325,27 @@ def _matmul_dtype(input: Tensor, linear_weight: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, linear_weight.dtype)
 
 
+def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts: CrossEntropyOptions) -> Tensor:
+    """PyTorch's K-dimensional form: ``linear_weight`` (C, d1, …, dK, D) and ``input`` (N, D)
+    give logits (N, C, d1, …, dK), whose cross-entropy runs over the classes C at each
+    position.  A position has its own weights, so this form materializes the logits
+    (``F.linear`` then softxent's fused cross-entropy), as PyTorch's own chunked path does."""
+    num_classes, features = linear_weight.shape[0], linear_weight.shape[-1]
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, features), flat_bias)
+    logits = logits.reshape(input.shape[0], num_classes, *linear_weight.shape[1:-1])
+    return cross_entropy(
+        logits,
+        target,
+        weight,
+        opts.ignore_index,
+        opts.reduction,
+        opts.label_smoothing,
+        z_loss=opts.z_loss,
+        softcap=opts.softcap,
+    )
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -356,10 +377,12 @@ def linear_cross_entropy(
 
     Args:
         input: hidden states ``(…, D)`` (``(N, D)``, ``(D,)``, or any leading dimensions).
-        linear_weight: ``(V, D)``.
+        linear_weight: ``(V, D)``; or, as in PyTorch, ``(V, d1, …, dK, D)`` for a
+            K-dimensional loss over logits ``(N, V, d1, …, dK)`` (that form
+            materializes the logits: each position has its own weights).
         target: class indices ``input.shape[:-1]`` (integer dtype) or
             probabilities ``input.shape[:-1] + (V,)`` (float dtype).
-        linear_bias: ``(V,)`` or None.
+        linear_bias: ``(V,)`` (``(V, d1, …, dK)`` with a K-dimensional weight) or None.
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
             :func:`softxent.torch.cross_entropy` (``ignore_index=None`` disables it).
         chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
@@ -388,8 +411,10 @@ def linear_cross_entropy(
         _check_input(linear_bias, "linear_bias")
     chunk = _check_chunk_size(chunk_size)
     num_classes = check_linear_shapes(
-        input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input"
+        input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input", True
     )
+    if linear_weight.dim() > 2:
+        return _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts)
     lead = tuple(input.shape[:-1])
     is_index = _check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
