@@ -85,3 +85,39 @@ def test_probability_targets_equal_one_hot_class_indices(case):
 def test_logsumexp_is_the_log_normalizer_of_softmax(case):
     logits, _ = case
     np.testing.assert_allclose(sx.log_softmax(logits), logits - sx.logsumexp(logits, keepdims=True), atol=1e-12)
+
+
+@st.composite
+def linear_problems(draw):
+    n, d, v = draw(st.integers(0, 9)), draw(st.integers(1, 5)), draw(st.integers(1, 13))
+    small = st.floats(-3.0, 3.0, allow_nan=False, width=64)
+    hidden = draw(hnp.arrays(np.float64, (n, d), elements=small))
+    weight = draw(hnp.arrays(np.float64, (v, d), elements=small))
+    bias = draw(hnp.arrays(np.float64, (v,), elements=small))
+    target = draw(hnp.arrays(np.int64, (n,), elements=st.sampled_from([-100, *range(v)])))
+    return hidden, weight, bias, target
+
+
+@given(
+    linear_problems(),
+    st.integers(1, 10),
+    st.sampled_from(["mean", "sum", "none"]),
+    st.sampled_from([0.0, 0.3]),
+    st.sampled_from([None, 4.0]),
+)
+def test_linear_cross_entropy_is_cross_entropy_of_the_logits_whatever_the_chunks(
+    problem, chunk, reduction, smoothing, softcap
+):
+    """Chunking is invisible: loss and gradients equal those of the materialized logits,
+    with dhidden = G W, dW = Gᵀ H, db = Σ G for G the logits' gradient."""
+    hidden, weight, bias, target = problem
+    options = dict(reduction=reduction, label_smoothing=smoothing, softcap=softcap)
+    logits = hidden @ weight.T + bias
+    want_loss, g = sx.cross_entropy_grad(logits, target, **options)
+    loss, dh, dw, db = sx.linear_cross_entropy_grad(
+        hidden, weight, target, linear_bias=bias, chunk_size=chunk, **options
+    )
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dh, g @ weight, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dw, g.T @ hidden, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(db, g.sum(axis=0), rtol=1e-9, atol=1e-12)
