@@ -96,7 +96,6 @@ class ArrayOps:
             (``acc = a @ b`` with ``overwrite``) without an acc-sized temporary.
         add_column_sums: ``add_column_sums(acc, g, overwrite)`` → ``acc += g.sum(axis=0)``
             (``=`` with ``overwrite``), in acc's dtype.
-        take_rows / put_rows: gather ``x[idx]`` / scatter ``dst[idx] = src``.
         cross_entropy_rows: the fused kernel's contract (see
             :func:`softxent._reference.cross_entropy_rows`) writing the gradient over
             its logits argument; returns per-row losses.
@@ -106,8 +105,6 @@ class ArrayOps:
     matmul_into: Callable[[Any, Any, Any], None]
     accumulate_matmul: Callable[[Any, Any, Any, bool], None]
     add_column_sums: Callable[[Any, Any, bool], None]
-    take_rows: Callable[[Any, Any], Any]
-    put_rows: Callable[[Any, Any, Any], None]
     cross_entropy_rows: Callable[..., Any]
 
 
@@ -174,9 +171,10 @@ def linear_cross_entropy_rows(
     """
     num_tokens = hidden.shape[0] if tokens is None else tokens.shape[0]
     if num_tokens == 0:
-        for acc in (None,) if grads is None else (grads.weight, grads.bias):
-            if acc is not None:
-                acc[...] = 0
+        if grads is not None:
+            for acc in (grads.weight, grads.bias):
+                if acc is not None:
+                    acc[...] = 0
         return loss_out
     want_grad = scale is not None and grads is not None and (grads.any or grads.before_gradient is not None)
     per_row_scale = want_grad and not isinstance(scale, float)
@@ -185,38 +183,29 @@ def linear_cross_entropy_rows(
     w_t = linear_weight.T
     for start in range(0, num_tokens, rows_per_chunk):
         stop = min(start + rows_per_chunk, num_tokens)
+        # a slice (a view) when every token counts, else the chunk's token indices (a gather)
         rows = slice(start, stop) if tokens is None else tokens[start:stop]
-        h = hidden[rows] if tokens is None else ops.take_rows(hidden, rows)
+        h = hidden[rows]
         z = buffer[: stop - start]
         ops.matmul_into(h, w_t, z)
         if linear_bias is not None:
             z += linear_bias
-        t = target[rows] if tokens is None else ops.take_rows(target, rows)
         if not want_grad:
-            loss_rows = ops.cross_entropy_rows(z, t, class_weight, opts)
-            _store(ops, loss_out, rows, loss_rows, tokens is None)
+            loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts)
             continue
         if grads.before_gradient is not None:
             grads.before_gradient(z, rows)
-        row_scale = (scale[rows] if tokens is None else ops.take_rows(scale, rows)) if per_row_scale else scale
-        loss_rows = ops.cross_entropy_rows(z, t, class_weight, opts, row_scale, z)  # z now holds G_r
-        _store(ops, loss_out, rows, loss_rows, tokens is None)
+        row_scale = scale[rows] if per_row_scale else scale
+        loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts, row_scale, z)  # z := G_r
         if grads.hidden is not None:
             if tokens is None:
                 ops.matmul_into(z, linear_weight, grads.hidden[rows])
             else:
                 dh = ops.empty((stop - start, hidden.shape[1]), grads.hidden)
                 ops.matmul_into(z, linear_weight, dh)
-                ops.put_rows(grads.hidden, rows, dh)
+                grads.hidden[rows] = dh
         if grads.weight is not None:
             ops.accumulate_matmul(grads.weight, z.T, h, start == 0)
         if grads.bias is not None:
             ops.add_column_sums(grads.bias, z, start == 0)
     return loss_out
-
-
-def _store(ops: ArrayOps, loss_out, rows, loss_rows, contiguous: bool) -> None:
-    if contiguous:
-        loss_out[rows] = loss_rows
-    else:
-        ops.put_rows(loss_out, rows, loss_rows)

@@ -50,10 +50,6 @@ def _add_column_sums(acc, g, overwrite: bool) -> None:
         acc += g.sum(axis=0, dtype=acc.dtype)
 
 
-def _put_rows(dst, idx, src) -> None:
-    dst[idx] = src
-
-
 def _cross_entropy_rows(z, target, weight, opts, scale=None, grad_out=None):
     return _backend.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
 
@@ -63,8 +59,6 @@ NUMPY_OPS = ArrayOps(
     matmul_into=_matmul_into,
     accumulate_matmul=_accumulate_matmul,
     add_column_sums=_add_column_sums,
-    take_rows=lambda x, idx: x[idx],
-    put_rows=_put_rows,
     cross_entropy_rows=_cross_entropy_rows,
 )
 

@@ -71,8 +71,13 @@ def _add_column_sums(acc: Tensor, g: Tensor, overwrite: bool) -> None:
         acc.add_(g.sum(dim=0, dtype=acc.dtype))
 
 
+def _uses_cpu_kernel(device: torch.device) -> bool:
+    return device.type == "cpu" and not ops.FORCE_FALLBACK
+
+
 def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None):
-    if device.type == "cpu" and not ops.FORCE_FALLBACK:
+    """Per-row losses: float64 from the fused CPU kernel, the compute dtype from the fallback."""
+    if _uses_cpu_kernel(device):
         return cpu_bridge.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
     return fallback.cross_entropy_rows(z, target, weight, opts, scale, grad_out)[0]
 
@@ -83,8 +88,6 @@ def _array_ops(device: torch.device) -> ArrayOps:
         matmul_into=_matmul_into,
         accumulate_matmul=_accumulate_matmul,
         add_column_sums=_add_column_sums,
-        take_rows=lambda x, idx: x.index_select(0, idx),
-        put_rows=lambda dst, idx, src: dst.index_copy_(0, idx, src.to(dst.dtype)),
         cross_entropy_rows=partial(_cross_entropy_rows, device),
     )
 
@@ -141,9 +144,8 @@ def _run(
 
     tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
     acc = fallback.compute_dtype(matmul_dtype)
-    loss_rows = torch.zeros(
-        num_tokens, dtype=torch.float64 if hidden.device.type == "cpu" else acc, device=hidden.device
-    )
+    loss_dtype = torch.float64 if _uses_cpu_kernel(hidden.device) else acc
+    loss_rows = torch.zeros(num_tokens, dtype=loss_dtype, device=hidden.device)
     h = hidden.to(matmul_dtype).contiguous()
     w = linear_weight.to(matmul_dtype).contiguous()
     b = None if linear_bias is None else linear_bias.to(matmul_dtype)
