@@ -75,6 +75,16 @@ def make_options(
     )
 
 
+def check_chunk_size(chunk_size) -> int:
+    """Tokens per chunk of a fused linear + cross-entropy: a positive int, or None
+    for the automatic choice (returned as 0)."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")

@@ -25,13 +25,19 @@ from ._validate import (
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_grad"]
 
 
-def _as_logits(z, name: str = "logits") -> np.ndarray:
-    z = np.asarray(z)
-    if not np.issubdtype(z.dtype, np.floating):
+def float_array(x, name: str) -> np.ndarray:
+    """``x`` as a NumPy array of a floating dtype, else a TypeError naming ``name``."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(
-            f"{name} must have a floating dtype (float16, float32 or float64), got {z.dtype}; "
+            f"{name} must have a floating dtype (float16, float32 or float64), got {x.dtype}; "
             f"convert with .astype(np.float32)"
         )
+    return x
+
+
+def _as_logits(z, name: str = "logits") -> np.ndarray:
+    z = float_array(z, name)
     if z.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
     return z

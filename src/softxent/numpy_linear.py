@@ -20,10 +20,10 @@ from ._linear_chunks import (
     blocked_accumulate_matmul,
     linear_cross_entropy_rows,
 )
-from ._options import make_options
+from ._options import check_chunk_size, make_options
 from ._reduction import mean_denominator, reduced_loss_scale
 from ._validate import check_linear_shapes
-from .numpy_api import prepare_target, row_scale
+from .numpy_api import float_array, prepare_target, row_scale
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_grad"]
 
@@ -63,26 +63,12 @@ NUMPY_OPS = ArrayOps(
 )
 
 
-def _float_array(x, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {x.dtype}")
-    return x
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
-
-
 def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, want_grad):
-    hidden = _float_array(hidden, "hidden")
-    linear_weight = _float_array(linear_weight, "linear_weight")
+    hidden = float_array(hidden, "hidden")
+    linear_weight = float_array(linear_weight, "linear_weight")
     if linear_bias is not None:
-        linear_bias = _float_array(linear_bias, "linear_bias")
-    _check_chunk_size(chunk_size)
+        linear_bias = float_array(linear_bias, "linear_bias")
+    chunk_size = check_chunk_size(chunk_size)
     num_classes = check_linear_shapes(
         hidden.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape
     )

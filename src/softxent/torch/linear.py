@@ -34,7 +34,7 @@ from .._linear_chunks import (
     cpu_chunk_bytes,
     linear_cross_entropy_rows,
 )
-from .._options import CrossEntropyOptions, make_options
+from .._options import CrossEntropyOptions, check_chunk_size, make_options
 from .._reduction import mean_denominator, reduced_loss_scale
 from .._validate import check_linear_shapes, check_target_range
 from . import cpu_bridge, cpu_buffers, fallback, ops
@@ -311,14 +311,6 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_chunk_size(chunk_size) -> int:
-    if chunk_size is None:
-        return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
-    return chunk_size
-
-
 def _matmul_dtype(input: Tensor, linear_weight: Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for the device, else the inputs' promoted dtype."""
     device_type = input.device.type
@@ -411,7 +403,7 @@ def linear_cross_entropy(
     _check_input(linear_weight, "linear_weight")
     if linear_bias is not None:
         _check_input(linear_bias, "linear_bias")
-    chunk = _check_chunk_size(chunk_size)
+    chunk = check_chunk_size(chunk_size)
     num_classes = check_linear_shapes(
         input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input", True
     )
