@@ -9,14 +9,14 @@ For one row z (after the optional softcap z ← s·tanh(z/s)):
 
 .. math::
 
-    lse = \log\sum_k e^{z_k}, \qquad p_k = e^{z_k - lse}
+    m = \max_k z_k, \quad s = \sum_k e^{z_k - m}, \quad lse = m + \log s, \qquad p_k = e^{z_k - m} / s
 
 and with an effective target y (class indices: ``y = (1−ε)·w_t·onehot(t) + ε/C·w``;
 probabilities ``q``: ``y = w·((1−ε)·q + ε/C)``; ``w`` = 1 without class weights)
 
 .. math::
 
-    \ell = \sum_k y_k (lse - z_k) + λ\,lse^2, \qquad
+    \ell = \sum_k y_k (\log s - (z_k - m)) + λ\,lse^2, \qquad
     \frac{\partial \ell}{\partial z_j} = (S + 2λ\,lse)\,p_j - y_j, \quad S = \sum_k y_k
 
 times ``1 − tanh²(z/s)`` when softcapped, times the row's ``scale`` (upstream
@@ -133,8 +133,9 @@ def cross_entropy_rows(
             m = zb.max(axis=1, keepdims=True)
             e = np.exp(zb - m)
             sumexp = e.sum(axis=1, keepdims=True)
-            lse = m + np.log(sumexp)
-            nlp = lse - zb  # −log p
+            log_s = np.log(sumexp)
+            lse = m + log_s  # only the z-loss needs lse itself
+            nlp = log_s - (zb - m)  # −log p, relative to the max: exact at any magnitude
             if is_index:
                 t = target[rows]
                 valid = np.ones(t.shape, bool) if opts.ignore_index is None else t != opts.ignore_index
@@ -159,7 +160,8 @@ def cross_entropy_rows(
             # y_eff and S = Σ y_eff, so that ∂ℓ/∂z = (S + 2λ·lse)·p − y_eff.
             if is_index:
                 w_all = np.ones(num_classes) if weight is None else weight
-                y = np.broadcast_to(eps / num_classes * w_all, zb.shape).copy()
+                # with ε = 0 the other classes' weights do not enter (an inf weight of an unused class stays out)
+                y = np.broadcast_to(eps / num_classes * w_all, zb.shape).copy() if eps > 0 else np.zeros(zb.shape)
                 y[np.arange(t.shape[0]), t_safe] += (1.0 - eps) * w_t
             total = y.sum(axis=1, keepdims=True)
             g = (total + 2.0 * lam * lse) * (e / sumexp) - y

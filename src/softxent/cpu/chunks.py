@@ -82,7 +82,12 @@ def online_update(src, work, m, s, want_store, inplace):
     With ``want_store`` the chunk's e^{z_j − m_new} go to ``work`` (read from
     ``work`` itself when ``inplace``: the logits are being overwritten).
     """
-    new_m = chunk_max(src, m)
+    return fold_chunk(src, work, m, chunk_max(src, m), s, want_store, inplace)
+
+
+@njit(**EXACT_JIT)
+def fold_chunk(src, work, m, new_m, s, want_store, inplace):
+    """:func:`online_update` given the chunk's new running max ``new_m`` = max(m, max src)."""
     neg_inf = compute_neg_inf(work)
     if new_m > m:
         if m != neg_inf:
@@ -109,33 +114,22 @@ def chunk_softcap(src, work, cap):
 
 
 @njit(**LOOP_JIT)
-def chunk_sum(src):
-    """Σ_j src_j, in float64."""
-    s = 0.0
-    for j in range(src.size):
-        s += load(src[j])
-    return s
+def chunk_target_dots(src, q, w, ref, has_prob, has_weight, keep, uniform):
+    """(Σ_j y_j·(src_j − ref), Σ_j y_j) in float64, relative to the reference ``ref``.
 
-
-@njit(**LOOP_JIT)
-def chunk_dot(src, w):
-    """Σ_j w_j·src_j, in float64."""
-    s = 0.0
-    for j in range(src.size):
-        s += w[j] * load(src[j])
-    return s
-
-
-@njit(**LOOP_JIT)
-def chunk_prob_target_dots(src, q, w, has_weight, keep, uniform):
-    """(Σ_j y_j·src_j, Σ_j y_j) with y_j = w_j·(keep·q_j + uniform), in float64."""
+    y_j = w_j·(keep·q_j + uniform) for probability targets, y_j = w_j for the
+    label-smoothing term of class-index targets (w_j = 1 without weights).
+    Relative to ``ref`` (the running row max) the products keep the precision of
+    the logits' differences whatever their magnitude: Σ y_j z_j itself would be
+    rounded at the scale of |z| (1e8·C) and lose the O(1) loss.
+    """
     dot = 0.0
     total = 0.0
     for j in range(src.size):
-        y = keep * load(q[j]) + uniform
+        y = keep * load(q[j]) + uniform if has_prob else 1.0
         if has_weight:
             y *= w[j]
-        dot += y * load(src[j])
+        dot += y * (load(src[j]) - ref)
         total += y
     return dot, total
 

@@ -3,11 +3,12 @@ r"""Fused cross-entropy on the CPU: loss and gradient of every row in one pass (
 Per row z (C,) with the options of :mod:`softxent._reference`:
 
 1. one online pass over the row in chunks (:mod:`softxent.cpu.chunks`): running
-   max m, running Σ e^{z−m}, the dot products the loss needs (Σ w_k z_k for
+   max m, running Σ e^{z−m}, the dot products the loss needs relative to the running max (Σ w_k (z_k − m) for
    label smoothing, Σ y_k z_k and Σ y_k for probability targets), and — when
    the gradient is wanted — e^{z_j − m_c} written into the gradient row;
-2. lse = m + log s, the loss
-   ℓ = Σ_k y_k (lse − z_k) + λ·lse² = S·lse − Σ_k y_k z_k + λ·lse²;
+2. the loss relative to the row max m (precision independent of |z|):
+   ℓ = Σ_k y_k (log s − (z_k − m)) + λ·lse² = S·log s − Σ_k y_k (z_k − m) + λ·lse²,
+   lse = m + log s (only the z-loss needs lse itself);
 3. a final pass over the (cache-resident) row: g_j = scale·((S + 2λ·lse)·p_j − y_j)
    (× 1 − tanh²(z_j/s) with softcap); the class-index term −scale·(1−ε)·w_t is
    added to g_t afterwards.
@@ -29,32 +30,40 @@ from numba import njit, prange
 from .._options import CrossEntropyOptions
 from .chunks import (
     CHUNK,
-    chunk_dot,
     chunk_finish_general,
     chunk_finish_scaled,
-    chunk_prob_target_dots,
+    chunk_max,
     chunk_softcap,
-    chunk_sum,
+    chunk_target_dots,
     fill_zero,
-    online_update,
+    fold_chunk,
 )
-from .simd import EXACT_JIT, LOOP_JIT, compute_neg_inf, compute_zero, load, numba_view, scratch_row, store, work_row
+from .simd import EXACT_JIT, compute_neg_inf, compute_zero, load, numba_view, scratch_row, store, work_row
 
 
 @njit(**EXACT_JIT)
-def _target_dots(src, q, w, eps, num_classes, has_prob, has_weight):
-    """(Σ_j y_j·z_j, Σ_j y_j) over a chunk for probability targets, or (Σ_j w_j·z_j, 0)
-    for the label-smoothing term of class-index targets."""
-    if has_prob:
-        return chunk_prob_target_dots(src, q, w, has_weight, 1.0 - eps, eps / num_classes)
-    if has_weight:
-        return chunk_dot(src, w), 0.0
-    return chunk_sum(src), 0.0
+def _fold_target_dots(src, q, w, new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight):
+    """Add one chunk to (dot, Y) = (Σ_k y_k·(z_k − ref), Σ_k y_k), moving ``ref`` to the chunk's
+    running max ``new_m`` (when finite) first; returns the new (ref, dot, Y)."""
+    if new_m > -math.inf and new_m < math.inf:
+        new_ref = np.float64(new_m)
+        dot += y_total * (ref - new_ref)  # 0 while nothing was added: ref starts at 0
+        ref = new_ref
+    d, y = chunk_target_dots(src, q, w, ref, has_prob, has_weight, 1.0 - eps, eps / num_classes)
+    return ref, dot + d, y_total + y
 
 
-@njit(**LOOP_JIT)
+# EXACT_JIT: no 'reassoc' on the scalar arithmetic, which would let LLVM turn
+# log s − (z_t − m) back into (m + log s) − z_t; the loops it calls vectorize on their own.
+@njit(**EXACT_JIT)
 def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight):
     """Loss of one row (float64) and, if ``want_grad``, its gradient written into ``g``.
+
+    Everything is computed relative to the row max m (never as lse − z_t with
+    lse rounded at the scale of the logits), so the precision does not depend
+    on the logits' magnitude:
+
+        ℓ = Σ_k y_k (log s − (z_k − m)) + λ·lse²,   s = Σ_k e^{z_k − m},  lse = m + log s.
 
     Args:
         z: logits (C,) — float32/float64, or float16/bfloat16 bits.
@@ -65,7 +74,7 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         w: class weights (C,) in the compute type when ``has_weight``.
         eps, lam, cap: label smoothing ε, z-loss λ, softcap s (0 = none).
         scale: factor of this row's gradient.
-        weight_sum: W = Σ_k w_k (C without weights).
+        weight_sum: W = Σ_k w_k (C without weights); unused unless ε > 0.
     """
     num_classes = z.size
     num_chunks = (num_classes + CHUNK - 1) // CHUNK
@@ -73,6 +82,8 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
     m = neg_inf
     s = compute_zero(z)
     chunk_max_at = scratch_row(z, num_chunks)
+    want_dots = has_prob or eps > 0.0
+    ref = 0.0  # the dot products are relative to ref: the running max once it is finite
     dot = 0.0
     y_total = 0.0
     if want_grad:
@@ -81,7 +92,7 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         work = scratch_row(z, num_classes if cap > 0.0 else 0)
     z_target = 0.0
     if not has_prob:
-        z_target = load(z[t])  # read before the gradient may overwrite it
+        z_target = np.float64(load(z[t]))  # read before the gradient may overwrite it
         if cap > 0.0:
             z_target = cap * math.tanh(z_target / cap)
 
@@ -90,46 +101,56 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         hi = min(lo + CHUNK, num_classes)
         zc = z[lo:hi]
         wc = work[lo:hi]
-        if cap > 0.0:
-            chunk_softcap(zc, wc, cap)
-        # the dot products read the logits before the exponentials may overwrite them
-        if has_prob or eps > 0.0:
-            if cap > 0.0:
-                d, y = _target_dots(wc, q[lo:hi], w[lo:hi], eps, num_classes, has_prob, has_weight)
-            else:
-                d, y = _target_dots(zc, q[lo:hi], w[lo:hi], eps, num_classes, has_prob, has_weight)
-            dot += d
-            y_total += y
         if cap > 0.0:  # work keeps the capped logits; the final pass recomputes their exponentials
-            m, s = online_update(wc, wc, m, s, False, False)
+            chunk_softcap(zc, wc, cap)
+            new_m = chunk_max(wc, m)
+            if want_dots:
+                ref, dot, y_total = _fold_target_dots(
+                    wc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
+                )
+            m, s = fold_chunk(wc, wc, m, new_m, s, False, False)
         else:
-            m, s = online_update(zc, wc, m, s, want_grad, inplace)
+            new_m = chunk_max(zc, m)
+            # the dot products read the logits before the exponentials may overwrite them
+            if want_dots:
+                ref, dot, y_total = _fold_target_dots(
+                    zc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
+                )
+            m, s = fold_chunk(zc, wc, m, new_m, s, want_grad, inplace)
         chunk_max_at[c] = m
 
+    m64 = np.float64(m)
     # PyTorch: a row of only −inf has no normalizer (NaN)
-    lse = math.nan if m == neg_inf else float(m) + math.log(float(s))
+    log_s = math.nan if m == neg_inf else math.log(np.float64(s))
+    lse = m64 + log_s
+    dot_rel = dot + y_total * (ref - m64) if want_dots else 0.0  # Σ_k y_k (z_k − m)
+    uniform = eps / num_classes
     if has_prob:
         total = y_total
-        loss = total * lse - dot
+        loss = total * log_s - dot_rel
     else:
         w_t = w[t] if has_weight else 1.0
-        total = (1.0 - eps) * w_t + eps / num_classes * weight_sum
-        loss = (1.0 - eps) * w_t * (lse - z_target)
+        # ε = 0: the other classes' weights do not enter (an inf weight of an unused class stays out)
+        total = (1.0 - eps) * w_t + (uniform * weight_sum if eps > 0.0 else 0.0)
+        loss = (1.0 - eps) * w_t * (log_s - (z_target - m64))
         if eps > 0.0:
-            loss += eps / num_classes * (weight_sum * lse - dot)
+            smooth = weight_sum * log_s - dot_rel  # Σ_k w_k·(−log p_k)
+            if smooth != smooth and math.isinf(weight_sum) and log_s == log_s:
+                smooth = weight_sum  # inf − inf: an infinite weight times −log p_k > 0, as the direct sum gives
+            loss += uniform * smooth
     if lam > 0.0:
         loss += lam * lse * lse
     if not want_grad:
         return loss
 
-    base = scale * (total + 2.0 * lam * lse) / float(s)
-    uniform = eps / num_classes
-    simple = not has_prob and not has_weight and cap == 0.0
+    base = scale * (total + 2.0 * lam * lse) / np.float64(s)
+    finish_weight = has_weight and want_dots  # class weights only enter y_j (j ≠ t) through smoothing
+    simple = not has_prob and not finish_weight and cap == 0.0
     for c in range(num_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, num_classes)
         # exponentials of chunk c are relative to the running max m_c (none with softcap)
-        factor = base if cap > 0.0 else base * math.exp(float(chunk_max_at[c]) - float(m))
+        factor = base if cap > 0.0 else base * math.exp(np.float64(chunk_max_at[c]) - m64)
         if simple:
             chunk_finish_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform)
         else:
@@ -144,13 +165,13 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
                 uniform,
                 scale,
                 has_prob,
-                has_weight,
+                finish_weight,
                 cap,
             )
     if not has_prob:
         # the one-hot part of y: recompute g_t from scratch so it is rounded once
         w_t = w[t] if has_weight else 1.0
-        p_t = math.exp(z_target - lse)
+        p_t = math.exp((z_target - m64) - log_s)
         chain = 1.0 - (z_target / cap) ** 2 if cap > 0.0 else 1.0
         y_t = (1.0 - eps) * w_t + uniform * w_t
         store(g, t, scale * ((total + 2.0 * lam * lse) * p_t - y_t) * chain)

@@ -4,7 +4,8 @@ One online pass per row gives m = max z and s = Σ e^{z−m} (see
 :mod:`softxent.cpu.chunks`); a second pass over the cache-resident row writes
 
 * softmax:      p_j = e^{z_j − m_c} · e^{m_c − m} / s  (the stored exponentials rescaled),
-* log_softmax:  z_j − lse,  lse = m + log s.
+* log_softmax:  (z_j − m) − log s — never z_j − lse with lse rounded at the
+  scale of the logits, so the precision does not depend on their magnitude.
 
 Like PyTorch, a row holding +inf or only −inf gives NaN for softmax and
 log_softmax, while logsumexp returns +inf / −inf for them.
@@ -18,7 +19,18 @@ import numpy as np
 from numba import njit, prange
 
 from .chunks import CHUNK, chunk_finish_scaled, online_update
-from .simd import EXACT_JIT, LOOP_JIT, compute_neg_inf, compute_zero, load, numba_view, scratch_row, store, work_row
+from .simd import (
+    EXACT_JIT,
+    HELPER_JIT,
+    as_compute,
+    compute_neg_inf,
+    compute_zero,
+    load,
+    numba_view,
+    scratch_row,
+    store,
+    work_row,
+)
 
 
 @njit(**EXACT_JIT)
@@ -48,7 +60,7 @@ def logsumexp_kernel(z, out):
                 has_nan |= v != v
             out[i] = math.nan if has_nan else float(m)
         else:
-            out[i] = float(m) + math.log(float(s))
+            out[i] = np.float64(m) + math.log(np.float64(s))
 
 
 @njit(parallel=True, **EXACT_JIT)
@@ -65,14 +77,18 @@ def softmax_kernel(z, out):
         for c in range(chunk_max_at.size):
             lo = c * CHUNK
             hi = min(lo + CHUNK, row.size)
-            factor = math.exp(float(chunk_max_at[c]) - float(m)) / float(s)
+            factor = math.exp(np.float64(chunk_max_at[c]) - np.float64(m)) / np.float64(s)
             chunk_finish_scaled(work[lo:hi], dst[lo:hi], factor, 0.0)
 
 
-@njit(**LOOP_JIT)
-def _shift_row(src, dst, lse):
+@njit(**HELPER_JIT)
+def _shift_row(src, dst, m, log_s):
+    """dst_j = (src_j − m) − log s, in the compute type (as PyTorch's log_softmax).
+
+    No 'reassoc' here: it would let LLVM fold this back into src_j − (m + log s).
+    """
     for j in range(src.size):
-        store(dst, j, load(src[j]) - lse)
+        store(dst, j, (load(src[j]) - m) - log_s)
 
 
 @njit(parallel=True, **EXACT_JIT)
@@ -82,8 +98,8 @@ def log_softmax_kernel(z, out):
         row = z[i]
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
         m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False)
-        lse = math.nan if m == compute_neg_inf(row) else float(m) + math.log(float(s))
-        _shift_row(row, out[i], lse)
+        log_s = math.nan if m == compute_neg_inf(row) else math.log(np.float64(s))
+        _shift_row(row, out[i], m, as_compute(row, log_s))
 
 
 def logsumexp_rows(z: np.ndarray) -> np.ndarray:

@@ -41,11 +41,22 @@ def capped_logits(z: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor,
     return softcap * th, th
 
 
-def log_normalizer(z: torch.Tensor) -> torch.Tensor:
-    """lse = m + log Σ e^{z − m} of each row, (B, 1).  Like log_softmax, rows
-    holding +inf or only −inf give NaN (the max is not sanitized)."""
+def shifted_logits(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z − m, log s, m) of each row, with m the row max and s = Σ e^{z − m}; (B, C), (B, 1), (B, 1).
+
+    Everything that follows works relative to m — −log p = log s − (z − m) —
+    never as lse − z with lse = m + log s rounded at the scale of the logits.
+    Like log_softmax, rows holding +inf or only −inf give NaN (m is not sanitized).
+    """
     m = z.amax(dim=1, keepdim=True)
-    return m + torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))
+    shifted = z - m
+    return shifted, torch.log(torch.exp(shifted).sum(dim=1, keepdim=True)), m
+
+
+def neg_log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """−log p = log s − (z − m) of each row (B, C)."""
+    shifted, log_s, _ = shifted_logits(z)
+    return log_s - shifted
 
 
 def effective_target(z, target, weight, opts: CrossEntropyOptions, is_index: bool):
@@ -58,7 +69,10 @@ def effective_target(z, target, weight, opts: CrossEntropyOptions, is_index: boo
     valid = torch.ones_like(target, dtype=torch.bool) if opts.ignore_index is None else target != opts.ignore_index
     t = torch.where(valid, target, 0)
     w = torch.ones(num_classes, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
-    y = (eps / num_classes * w).expand_as(z).clone()
+    if eps > 0.0:
+        y = (eps / num_classes * w).expand_as(z).clone()
+    else:  # the other classes' weights do not enter: an inf weight of an unused class stays out
+        y = torch.zeros_like(z)
     y.scatter_add_(1, t[:, None], ((1.0 - eps) * w[t])[:, None])
     return y, valid
 
@@ -70,8 +84,9 @@ def loss_and_parts(z, target, weight, opts: CrossEntropyOptions, is_index: bool)
     exactly as PyTorch does, so that a −inf logit outside the target stays finite.
     """
     z, th = capped_logits(z, opts.softcap)
-    lse = log_normalizer(z)
-    nlp = lse - z
+    shifted, log_s, m = shifted_logits(z)
+    nlp = log_s - shifted
+    lse = m + log_s  # only the z-loss and its gradient need lse itself
     eps = opts.label_smoothing
     if is_index:
         valid = torch.ones_like(target, dtype=torch.bool) if opts.ignore_index is None else target != opts.ignore_index
@@ -86,7 +101,7 @@ def loss_and_parts(z, target, weight, opts: CrossEntropyOptions, is_index: bool)
         loss = (y * nlp).sum(dim=1)
     if opts.z_loss:
         loss = loss + opts.z_loss * lse[:, 0] ** 2
-    return torch.where(valid, loss, torch.zeros_like(loss)), z, th, lse
+    return torch.where(valid, loss, torch.zeros_like(loss)), z, th, lse, nlp
 
 
 def cross_entropy_rows(
@@ -105,12 +120,12 @@ def cross_entropy_rows(
     with torch.no_grad():
         for rows in _row_blocks(logits):
             t = target[rows]
-            loss[rows], zc, th, lse = loss_and_parts(logits[rows].to(acc), t, weight, opts, is_index)
+            loss[rows], zc, th, lse, nlp = loss_and_parts(logits[rows].to(acc), t, weight, opts, is_index)
             lse_out[rows] = lse[:, 0]
             if scale is None:
                 continue
             y, valid = effective_target(zc, t, weight, opts, is_index)
-            g = (y.sum(dim=1, keepdim=True) + 2.0 * opts.z_loss * lse) * torch.exp(zc - lse) - y
+            g = (y.sum(dim=1, keepdim=True) + 2.0 * opts.z_loss * lse) * torch.exp(-nlp) - y
             if th is not None:
                 g = g * (1.0 - th * th)
             row_scale = scale[rows] if isinstance(scale, torch.Tensor) and scale.dim() else scale

@@ -107,7 +107,7 @@ def _target_gradient_hook(dq: Tensor, weight: Tensor | None, opts: CrossEntropyO
 
     def hook(z: Tensor, rows) -> None:
         zc, _ = fallback.capped_logits(z.to(fallback.compute_dtype(z.dtype)), opts.softcap)
-        nlp = fallback.log_normalizer(zc) - zc
+        nlp = fallback.neg_log_softmax(zc)
         if weight is not None:
             nlp = nlp * weight.to(nlp.dtype)
         factor = scale[rows][:, None] if isinstance(scale, Tensor) else scale

@@ -169,7 +169,7 @@ def _probability_target_gradient(ctx, logits: Tensor, weight: Tensor | None, gra
     """∂loss/∂q = g·r·(1−ε)·w ⊙ (lse − z'), recomputed from the saved logits."""
     opts = _options(*ctx.options)
     z, _ = fallback.capped_logits(logits.to(fallback.compute_dtype(logits.dtype)), opts.softcap)
-    nlp = fallback.log_normalizer(z) - z
+    nlp = fallback.neg_log_softmax(z)
     if weight is not None:
         nlp = nlp * weight.to(nlp.dtype)
     scale = grad_loss.to(nlp.dtype)
