@@ -5,6 +5,8 @@ writes its output once.  The launchers here have the same contracts as the
 float64 reference in :mod:`softxent._reference`.
 """
 
+from .threading_layer import choose_threading_layer
 from .vector_width import prefer_full_width_vectors
 
 prefer_full_width_vectors()
+choose_threading_layer()

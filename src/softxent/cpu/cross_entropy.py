@@ -39,6 +39,7 @@ from .chunks import (
     fold_chunk,
 )
 from .simd import EXACT_JIT, compute_neg_inf, compute_zero, load, numba_view, scratch_row, store, work_row
+from .threading_layer import serialized
 
 
 @njit(**EXACT_JIT)
@@ -204,6 +205,7 @@ def cross_entropy_fwd_bwd_rows(
         )
 
 
+@serialized
 def cross_entropy_rows(
     z: np.ndarray,
     target: np.ndarray,

@@ -31,6 +31,7 @@ from .simd import (
     store,
     work_row,
 )
+from .threading_layer import serialized
 
 
 @njit(**EXACT_JIT)
@@ -102,6 +103,7 @@ def log_softmax_kernel(z, out):
         _shift_row(row, out[i], m, as_compute(row, log_s))
 
 
+@serialized
 def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     """lse of each row of ``z`` (M, C) → (M,) float64 (contract of the reference)."""
     z = np.ascontiguousarray(z)
@@ -113,6 +115,7 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     return out
 
 
+@serialized
 def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
@@ -120,6 +123,7 @@ def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+@serialized
 def log_softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """log_softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
