@@ -60,7 +60,7 @@ def make_options(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     z_loss = _real("z_loss", z_loss)
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+    if not 0.0 <= z_loss < math.inf:  # comparisons, not math.isfinite: torch.compile(dynamic=True) traces them
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None:
         softcap = _real("softcap", softcap)
