@@ -14,6 +14,11 @@ import numbers
 from dataclasses import dataclass
 
 REDUCTIONS = ("mean", "sum", "none")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: the softcaps whose s·tanh(z/s), 1/s and chain 1 − tanh² stay finite and exact in float32
+SOFTCAP_MIN, SOFTCAP_MAX = 1e-30, 1e30
+#: chunk sizes above this are one chunk anyway (it fits the ops' int64 arguments)
+MAX_CHUNK_SIZE = 2**62
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,8 @@ class CrossEntropyOptions:
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: ε in [0, 1]; the target becomes (1−ε)·y + ε/C.
         z_loss: λ ≥ 0; adds λ·lse² to every (non-ignored) sample.
-        softcap: s > 0 or ``None``; logits become s·tanh(z/s) first.
+        softcap: s in [1e-30, 1e30] or ``None`` (``inf`` means None); logits
+            become s·tanh(z/s) first.
     """
 
     ignore_index: int | None = -100
@@ -54,6 +60,10 @@ def make_options(
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__} {ignore_index!r}")
         ignore_index = int(ignore_index)
+        if not INT64_MIN <= ignore_index <= INT64_MAX:
+            raise ValueError(
+                f"ignore_index must fit in a signed 64-bit integer (class indices are int64), got {ignore_index}"
+            )
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     label_smoothing = _real("label_smoothing", label_smoothing)
@@ -64,8 +74,13 @@ def make_options(
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None:
         softcap = _real("softcap", softcap)
-        if not softcap > 0.0:
-            raise ValueError(f"softcap must be > 0 (or None to disable it), got {softcap!r}")
+        if softcap == math.inf:
+            softcap = None  # s·tanh(z/s) → z as s → ∞: an infinite cap is no cap
+        elif not SOFTCAP_MIN <= softcap <= SOFTCAP_MAX:
+            raise ValueError(
+                f"softcap must be in [{SOFTCAP_MIN:g}, {SOFTCAP_MAX:g}] (s·tanh(z/s) and its gradient in float32), "
+                f"or inf/None for no cap; got {softcap!r}"
+            )
     return CrossEntropyOptions(
         ignore_index=ignore_index,
         reduction=reduction,
@@ -82,7 +97,7 @@ def check_chunk_size(chunk_size) -> int:
         return 0
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
-    return int(chunk_size)
+    return min(int(chunk_size), MAX_CHUNK_SIZE)  # at least N tokens: one chunk
 
 
 def _real(name: str, value: object) -> float:

@@ -164,10 +164,11 @@ def cross_entropy_rows(
                 y = np.broadcast_to(eps / num_classes * w_all, zb.shape).copy() if eps > 0 else np.zeros(zb.shape)
                 y[np.arange(t.shape[0]), t_safe] += (1.0 - eps) * w_t
             total = y.sum(axis=1, keepdims=True)
-            g = (total + 2.0 * lam * lse) * (e / sumexp) - y
+            r = np.where(valid, scale_rows[rows], 0.0)[:, None]
+            # r·(A·p) − r·y: an infinite r (weights summing to 0) gives PyTorch's NaN/±inf pattern
+            g = r * ((total + 2.0 * lam * lse) * (e / sumexp)) - np.where(y == 0, 0.0, r * y)
             if th is not None:
                 g *= 1.0 - th * th
-            g *= np.where(valid, scale_rows[rows], 0.0)[:, None]
             g[~valid] = 0.0  # a zero row even where the logits are NaN
         grad_out[rows] = g
     return loss

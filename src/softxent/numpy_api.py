@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _backend
 from ._options import CrossEntropyOptions, make_options
-from ._reduction import mean_denominator, reduced_loss_scale
+from ._reduction import loss_scale as reduction_scale
 from ._validate import (
     check_ignore_index_for_probabilities,
     check_target_range,
@@ -25,13 +25,17 @@ from ._validate import (
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_grad"]
 
 
+#: the dtypes the kernels compute with (longdouble, float128 and the like are refused, not silently narrowed)
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
 def float_array(x, name: str) -> np.ndarray:
-    """``x`` as a NumPy array of a floating dtype, else a TypeError naming ``name``."""
+    """``x`` as a NumPy array of dtype float16/float32/float64, else a TypeError naming ``name``."""
     x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
+    if x.dtype not in FLOAT_DTYPES:
+        convert = "np.float64" if np.issubdtype(x.dtype, np.floating) else "np.float32"
         raise TypeError(
-            f"{name} must have a floating dtype (float16, float32 or float64), got {x.dtype}; "
-            f"convert with .astype(np.float32)"
+            f"{name} must have dtype float16, float32 or float64, got {x.dtype}; convert with .astype({convert})"
         )
     return x
 
@@ -142,8 +146,9 @@ class _CrossEntropyCall:
     dtype: np.dtype
 
     @property
-    def denominator(self) -> float:
-        return mean_denominator(self.target, self.weight, self.opts.ignore_index, self.is_index)
+    def loss_scale(self) -> float:
+        """1/D for mean (see :mod:`softxent._reduction`), 1 otherwise."""
+        return reduction_scale(self.opts.reduction, self.target, self.weight, self.opts.ignore_index, self.is_index)
 
 
 def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opts: CrossEntropyOptions):
@@ -169,10 +174,16 @@ def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opt
         check_weight_shape(weight.shape, num_classes)
         weight = weight.astype(np.float64)
     if is_index:
+        if target.dtype == np.uint64 and target.size and target.max() > np.iinfo(np.int64).max:
+            # int64 would wrap it (2**64 − 100 would become ignore_index −100)
+            raise ValueError(
+                f"target contains class index {int(target.max())}, outside [0, {num_classes}) "
+                f"(number of classes C={num_classes})"
+            )
         target_rows = target.reshape(-1).astype(np.int64)
         check_target_range(target_rows, num_classes, opts.ignore_index)
     else:
-        target_rows, _ = _rows(target, axis)
+        target_rows, _ = _rows(float_array(target, "target"), axis)
     return target_rows, weight, is_index
 
 
@@ -199,7 +210,8 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossE
 def _reduce(call: _CrossEntropyCall, loss_rows: np.ndarray, loss_scale: float):
     if call.opts.reduction == "none":
         return loss_rows.astype(call.dtype).reshape(call.loss_shape)
-    return call.dtype.type(loss_rows.sum() * loss_scale)
+    with np.errstate(invalid="ignore"):  # 0·inf: weights summing to 0 give NaN, as in PyTorch
+        return call.dtype.type(loss_rows.sum() * loss_scale)
 
 
 def cross_entropy(
@@ -261,7 +273,7 @@ def cross_entropy(
     )
     call = _prepare(logits, target, axis, weight, opts)
     loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts)
-    return _reduce(call, loss_rows, reduced_loss_scale(reduction, call.denominator))
+    return _reduce(call, loss_rows, call.loss_scale)
 
 
 def cross_entropy_grad(
@@ -309,7 +321,7 @@ def cross_entropy_grad(
         softcap=softcap,
     )
     call = _prepare(logits, target, axis, weight, opts)
-    loss_scale = reduced_loss_scale(reduction, call.denominator)
+    loss_scale = call.loss_scale
     scale = _row_scale(call, grad_output, loss_scale)
     grad_rows = np.empty(call.rows.shape, call.dtype)
     loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, scale, grad_rows)

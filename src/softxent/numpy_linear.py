@@ -9,6 +9,8 @@ buffer (:mod:`softxent._linear_chunks`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _backend
@@ -21,7 +23,7 @@ from ._linear_chunks import (
     linear_cross_entropy_rows,
 )
 from ._options import check_chunk_size, make_options
-from ._reduction import mean_denominator, reduced_loss_scale
+from ._reduction import loss_scale
 from ._validate import check_linear_shapes
 from .numpy_api import float_array, prepare_target, row_scale
 
@@ -74,13 +76,13 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
     )
     lead = hidden.shape[:-1]
     target_rows, weight, is_index = prepare_target(lead + (num_classes,), len(lead), target, weight, opts)
-    loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target_rows, weight, opts.ignore_index, is_index))
-    scale = row_scale(grad_output, lead, opts.reduction, loss_scale) if want_grad else None
+    scale_of_sum = loss_scale(opts.reduction, target_rows, weight, opts.ignore_index, is_index)
+    scale = row_scale(grad_output, lead, opts.reduction, scale_of_sum) if want_grad else None
 
     # float16 matmuls have no BLAS in NumPy: compute in float32 (float64 if any input is)
     dtypes = [hidden.dtype, linear_weight.dtype] + ([] if linear_bias is None else [linear_bias.dtype])
     compute = np.float64 if np.float64 in dtypes else np.float32
-    h = np.ascontiguousarray(hidden.reshape(-1, hidden.shape[-1]), dtype=compute)
+    h = np.ascontiguousarray(hidden.reshape(math.prod(lead), hidden.shape[-1]), dtype=compute)  # not -1: D may be 0
     w = np.ascontiguousarray(linear_weight, dtype=compute)
     b = None if linear_bias is None else np.ascontiguousarray(linear_bias, dtype=compute)
     num_tokens = h.shape[0]
@@ -115,7 +117,8 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
     if opts.reduction == "none":
         loss = loss_rows.astype(out_dtype).reshape(lead)
     else:
-        loss = out_dtype.type(loss_rows.sum() * loss_scale)
+        with np.errstate(invalid="ignore"):  # 0·inf: weights summing to 0 give NaN, as in PyTorch
+            loss = out_dtype.type(loss_rows.sum() * scale_of_sum)
     if not want_grad:
         return loss
     dbias = None if b is None else grads.bias.astype(linear_bias.dtype, copy=False)

@@ -153,7 +153,7 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         # exponentials of chunk c are relative to the running max m_c (none with softcap)
         factor = base if cap > 0.0 else base * math.exp(np.float64(chunk_max_at[c]) - m64)
         if simple:
-            chunk_finish_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform)
+            chunk_finish_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform if eps > 0.0 else 0.0)
         else:
             chunk_finish_general(
                 work[lo:hi],
@@ -175,7 +175,8 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         p_t = math.exp((z_target - m64) - log_s)
         chain = 1.0 - (z_target / cap) ** 2 if cap > 0.0 else 1.0
         y_t = (1.0 - eps) * w_t + uniform * w_t
-        store(g, t, scale * ((total + 2.0 * lam * lse) * p_t - y_t) * chain)
+        # scale·(A·p_t) − scale·y_t: an infinite scale (weights summing to 0) gives PyTorch's NaN here
+        store(g, t, (scale * ((total + 2.0 * lam * lse) * p_t) - scale * y_t) * chain)
     return loss
 
 

@@ -125,11 +125,14 @@ def cross_entropy_rows(
             if scale is None:
                 continue
             y, valid = effective_target(zc, t, weight, opts, is_index)
-            g = (y.sum(dim=1, keepdim=True) + 2.0 * opts.z_loss * lse) * torch.exp(-nlp) - y
+            row_scale = scale[rows] if isinstance(scale, torch.Tensor) and scale.dim() else scale
+            r = (torch.as_tensor(row_scale, dtype=acc, device=zc.device) * valid).reshape(-1, 1)
+            # r·(A·p) − r·y, not r·(A·p − y): an infinite r (weights summing to 0) then gives
+            # PyTorch's NaN/±inf pattern; for finite r the two differ by one rounding
+            a = y.sum(dim=1, keepdim=True) + 2.0 * opts.z_loss * lse
+            g = r * (a * torch.exp(-nlp)) - torch.where(y == 0, 0.0, r * y)
             if th is not None:
                 g = g * (1.0 - th * th)
-            row_scale = scale[rows] if isinstance(scale, torch.Tensor) and scale.dim() else scale
-            g = g * (torch.as_tensor(row_scale, dtype=acc, device=g.device) * valid).reshape(-1, 1)
             g[~valid] = 0.0  # a zero row even where the logits are NaN
             grad_out[rows] = g.to(grad_out.dtype)
     return loss, lse_out
@@ -141,8 +144,8 @@ def composite_cross_entropy(
     """The reduced loss from differentiable PyTorch ops only, for ``torch.func`` transforms
     (grad, vmap, jvp) and higher derivatives, which the fused custom op cannot serve.
 
-    The mean's denominator D is a tensor here (no host sync), and a zero D gives
-    0.0 without letting a NaN into the gradient.
+    The mean's denominator D is a tensor here (no host sync); a mean over no
+    counted sample gives 0.0 without letting a NaN into the gradient.
     """
     is_index = target.dim() == 1
     loss = loss_and_parts(rows.to(compute_dtype(rows.dtype)), target, weight, opts, is_index)[0]
@@ -158,7 +161,7 @@ def composite_cross_entropy(
         denominator = valid.sum().to(total.dtype)
     else:
         denominator = (weight.to(total.dtype)[torch.where(valid, target, 0)] * valid).sum()
-    empty = denominator == 0
+    empty = ~valid.any()  # no counted sample: 0.0; weights summing to 0 divide by 0, as in PyTorch
     return torch.where(
         empty, torch.zeros_like(total), total / torch.where(empty, torch.ones_like(denominator), denominator)
     )

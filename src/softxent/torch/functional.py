@@ -51,6 +51,22 @@ def _check_target(
     return is_index
 
 
+def class_indices(target: Tensor, num_classes: int) -> Tensor:
+    """``target`` as int64, refusing uint64 values ≥ 2⁶³ that the conversion would wrap
+    (2⁶⁴ − 100 would silently become ignore_index −100)."""
+    if target.dtype == torch.int64:
+        return target
+    if target.dtype == torch.uint64:
+        bits = target.view(torch.int64)
+        if bool((bits < 0).any()):
+            first = int(bits[bits < 0][0]) + 2**64
+            raise ValueError(
+                f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
+            )
+        return bits
+    return target.long()
+
+
 def _to_rows(x: Tensor, class_dim: int) -> Tensor:
     """(M, C) with the class dimension last; a view when it already is last."""
     return x.movedim(class_dim, -1).reshape(-1, x.shape[class_dim])
@@ -125,9 +141,7 @@ def cross_entropy(
 
     rows = input.reshape(1, num_classes) if input.dim() == 1 else _to_rows(input, class_dim)
     if is_index:
-        target_rows = target.reshape(-1)
-        if target_rows.dtype != torch.int64:
-            target_rows = target_rows.long()
+        target_rows = class_indices(target.reshape(-1), num_classes)
     else:
         target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, class_dim)
     compute_grad = torch.is_grad_enabled() and input.requires_grad

@@ -20,6 +20,7 @@ softmax statistics, the loss and the accumulation of ∂W and ∂b stay in float
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -35,10 +36,10 @@ from .._linear_chunks import (
     linear_cross_entropy_rows,
 )
 from .._options import CrossEntropyOptions, check_chunk_size, make_options
-from .._reduction import mean_denominator, reduced_loss_scale
+from .._reduction import loss_scale as reduced_loss_scale
 from .._validate import check_linear_shapes, check_target_range
 from . import cpu_bridge, cpu_buffers, fallback, ops
-from .functional import _autocast_enabled, _check_input, _check_target, cross_entropy
+from .functional import _autocast_enabled, _check_input, _check_target, class_indices, cross_entropy
 
 
 def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -134,7 +135,7 @@ def _run(
     num_classes = linear_weight.shape[0]
     if is_index:
         check_target_range(target, num_classes, opts.ignore_index)
-    loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target, weight, opts.ignore_index, is_index))
+    loss_scale = reduced_loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
     want_grad = any(wanted)
     scale = None
     if want_grad:
@@ -415,10 +416,11 @@ def linear_cross_entropy(
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
 
-    hidden = input.reshape(-1, input.shape[-1])
-    target_rows = target.reshape(-1) if is_index else target.reshape(-1, num_classes)
-    if is_index and target_rows.dtype != torch.int64:
-        target_rows = target_rows.long()
+    hidden = input.reshape(math.prod(lead), input.shape[-1])  # not -1: D may be 0
+    if is_index:
+        target_rows = class_indices(target.reshape(-1), num_classes)
+    else:
+        target_rows = target.reshape(-1, num_classes)
     matmul_dtype = _matmul_dtype(input, linear_weight)
     if torch._C._are_functorch_transforms_active():  # torch.func needs plain ops: materialize the logits
         logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)

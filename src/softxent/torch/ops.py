@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._options import CrossEntropyOptions
-from .._reduction import mean_denominator, reduced_loss_scale
+from .._reduction import loss_scale as reduced_loss_scale
 from .._validate import check_target_range
 from . import cpu_bridge, cpu_buffers, fallback
 
@@ -53,7 +53,7 @@ def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute
     is_index = target.dim() == 1
     if is_index:
         check_target_range(target, logits.shape[1], opts.ignore_index)
-    loss_scale = reduced_loss_scale(opts.reduction, mean_denominator(target, weight, opts.ignore_index, is_index))
+    loss_scale = reduced_loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
     if grad is None and not compute_grad:
         grad = logits.new_empty(0)
     elif grad is None and rows_fn is cpu_bridge.cross_entropy_rows:
