@@ -36,7 +36,8 @@ def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, ca
     "argv,message",
     [
         (["bench", "--n", "10"], "--n and --v go together"),
-        (["bench", "--shape", "10x10x10"], "takes shapes NxV"),
+        (["bench", "--shape", "10"], "takes shapes NxV"),
+        (["bench", "--suite", "lce", "--shape", "10x10"], "takes shapes NxDxV"),
         (["bench", "--suite", "lce", "--shape", "10x10"], "takes shapes NxDxV"),
         (["bench", "--reps", "0"], "--reps must be >= 1"),
     ],
@@ -60,3 +61,10 @@ def test_bench_lce_suite_compares_the_fused_versions_with_the_naive_one(tmp_path
     skipped = {s["contender"] for s in payload["skipped"]}
     assert "Liger-Kernel" in skipped
     assert "| softxent linear_cross_entropy | forward+backward |" in capsys.readouterr().out
+
+
+def test_bench_runs_segmentation_shapes_with_the_classes_on_dimension_1(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--shape", "2x3x8x8", "--reps", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2×3×8×8 float32 | softxent | forward+backward" in out
+    assert "2×3×8×8 float32 | torch eager F.cross_entropy | forward+backward" in out

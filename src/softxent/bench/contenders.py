@@ -87,19 +87,23 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def cross_entropy_problem(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
-    """Suite ``ce``: loss and gradient of (N, V) logits against class indices."""
+def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
+    """Suite ``ce``: loss and gradient of (N, V) logits — or (N, C, d1, …), classes on
+    dimension 1 as in segmentation — against class indices."""
+    shape = tuple(shape)
+    v = shape[1]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits = torch.randn(n, v, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    target = torch.randint(0, v, (n,), generator=gen).to(device)
+    logits = torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    target = torch.randint(0, v, shape[:1] + shape[2:], generator=gen).to(device)
     element = logits.element_size()
+    n = logits.numel() // v
     copy_dst = torch.empty_like(logits)
     ref_logits = logits.double().requires_grad_()
     ref_loss = F.cross_entropy(ref_logits, target)
     ref_loss.backward()
     problem = Problem(
         suite="ce",
-        label=f"{n}×{v} {str(dtype).removeprefix('torch.')}",
+        label=f"{'×'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}",
         device=device,
         forward_bytes=n * v * element,
         forward_backward_bytes=2 * n * v * element,
@@ -119,6 +123,9 @@ def cross_entropy_problem(n: int, v: int, dtype: torch.dtype, device: torch.devi
             gradient_bytes=grad_bytes,
         )
     )
+    if logits.dim() > 2:
+        problem.skipped.append(("softxent inplace_backward", "(N, C, d1, …) logits: the gradient gets its own buffer"))
+        return _peers(problem, logits, target, leaf, grad_bytes, device)
     scratch = logits.clone().requires_grad_()  # overwritten by its own gradient every call
 
     def inplace_loss(x, t):
@@ -132,6 +139,11 @@ def cross_entropy_problem(n: int, v: int, dtype: torch.dtype, device: torch.devi
             gradient_bytes=0,
         )
     )
+    return _peers(problem, logits, target, leaf, grad_bytes, device)
+
+
+def _peers(problem: Problem, logits, target, leaf, grad_bytes: int, device: torch.device) -> Problem:
+    """PyTorch eager, torch.compile and Liger-Kernel on the same problem."""
     problem.contenders.append(
         Contender(
             "torch eager F.cross_entropy",

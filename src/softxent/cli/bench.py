@@ -1,6 +1,7 @@
 """``softxent bench``: time softxent against PyTorch eager, torch.compile and the peers that are installed.
 
-Suite ``ce`` (cross-entropy on given N×V logits) reports median ms, GB/s and
+Suite ``ce`` (cross-entropy on given N×V logits, or N×C×d1×… with the classes
+on dimension 1 as in segmentation) reports median ms, GB/s and
 the fraction of a same-size memory copy (or read) timed alternately in the
 same run; suite ``lce`` (fused linear + cross-entropy, N tokens × D features ×
 V classes) reports ms, GFLOP/s and the speed-up over the naive F.linear +
@@ -16,7 +17,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"]}
-SHAPE_FORMS = {"ce": "NxV", "lce": "NxDxV"}
+#: segmentation's (N, C, H, W) logits with few classes: ``--shape 32x2x256x256`` etc.
+SEGMENTATION_SHAPES = ["32x2x256x256", "16x21x256x256", "8x150x128x128"]
+SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV"}
 DEFAULT_REPS = {"ce": 5, "lce": 3}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -45,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shape",
         type=_shape,
         action="append",
-        help="repeatable; NxV for ce (default 4096x32000 1024x128256), NxDxV for lce (default 4096x1024x32000)",
+        help="repeatable; NxV or NxCxHxW (class dimension 1, e.g. 32x2x256x256) for ce (default 4096x32000 "
+        "1024x128256), NxDxV for lce (default 4096x1024x32000)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -73,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
     shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
     form = SHAPE_FORMS[args.suite]
     for shape in shapes:
-        if len(shape) != len(form.split("x")):
+        ok = len(shape) >= 2 if args.suite == "ce" else len(shape) == len(form.split("x"))
+        if not ok:
             raise SystemExit(f"suite {args.suite} takes shapes {form}, got {'x'.join(map(str, shape))}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -85,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     rows, skipped = [], []
     for shape in shapes:
         if args.suite == "ce":
-            problem = contenders.cross_entropy_problem(*shape, dtype, device)
+            problem = contenders.cross_entropy_problem(shape, dtype, device)
         else:
             problem = linear_contenders.linear_cross_entropy_problem(*shape, dtype, device)
         rows.extend(runner.run_problem(problem, reps))

@@ -166,6 +166,59 @@ def _exp_le0_overload(d):
     return None
 
 
+# --- log ---------------------------------------------------------------------
+
+_SQRT_HALF = f32(0.70710678118654752)
+# Cephes logf: log(1 + r) = r − r²/2 + r³·P(r) on [√½ − 1, √2 − 1] (about 1 ulp)
+_L1 = f32(7.0376836292e-2)
+_L2 = f32(-1.1514610310e-1)
+_L3 = f32(1.1676998740e-1)
+_L4 = f32(-1.2420140846e-1)
+_L5 = f32(1.4249322787e-1)
+_L6 = f32(-1.6668057665e-1)
+_L7 = f32(2.0000714765e-1)
+_L8 = f32(-2.4999993993e-1)
+_L9 = f32(3.3333331174e-1)
+
+
+@njit(**HELPER_JIT)
+def _log_f32(x):
+    bits = _f32_bits(x)
+    k = ((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126)
+    f = _f32_from_bits((bits & np.int32(0x7FFFFF)) | np.int32(0x3F000000))  # x = f·2^k, f in [0.5, 1)
+    small = f < _SQRT_HALF
+    k = k - np.int32(1) if small else k
+    r = (f + f - f32(1.0)) if small else (f - f32(1.0))
+    z = r * r
+    p = _L1 * r + _L2
+    p = p * r + _L3
+    p = p * r + _L4
+    p = p * r + _L5
+    p = p * r + _L6
+    p = p * r + _L7
+    p = p * r + _L8
+    p = p * r + _L9
+    kf = f32(k)
+    y = p * r * z + kf * _LN2_LO - f32(0.5) * z
+    v = r + y + kf * _LN2_HI
+    return v if x == x else x  # NaN stays NaN
+
+
+def log_pos(x):
+    """log x for positive normal x (Numba only): a vectorizable float32 version
+    (Cephes' logf, about 1 ulp), libm's for float64.  NaN gives NaN."""
+    raise NotImplementedError("log_pos is only callable from Numba code")
+
+
+@overload(log_pos, jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"})
+def _log_pos_overload(x):
+    if x == types.float32:
+        return lambda x: _log_f32(x)
+    if x == types.float64:
+        return lambda x: math.log(x)
+    return None
+
+
 # --- tanh (softcap) ---------------------------------------------------------
 
 _TANH_SMALL = f32(0.625)

@@ -12,7 +12,9 @@ import torch
 
 from .._options import CrossEntropyOptions
 from ..cpu import cross_entropy as ce_kernel
+from ..cpu import cross_entropy_spatial as spatial_kernel
 from ..cpu import softmax as softmax_kernels
+from ..cpu import targets as target_kernels
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -45,6 +47,36 @@ def cross_entropy_rows(
         inplace=inplace,
     )
     return torch.from_numpy(loss)
+
+
+def cross_entropy_spatial(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CrossEntropyOptions,
+    scale: float | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Losses of contiguous class-major logits (N, C, S): one per position (N·S,) for
+    ``reduction="none"``, else partial sums whose total is Σℓ; the gradient goes to ``grad_out``."""
+    w = None if weight is None else weight.detach().to(torch.float64).numpy()
+    target_np = as_numpy(target.contiguous()) if target.dim() == 3 else target.detach().to(torch.int64).numpy()
+    loss = spatial_kernel.cross_entropy_spatial(
+        as_numpy(logits),
+        target_np,
+        w,
+        opts,
+        scale,
+        None if grad_out is None else as_numpy(grad_out),
+        per_position_loss=opts.reduction == "none",
+    )
+    return torch.from_numpy(loss)
+
+
+def index_target_stats(target: torch.Tensor, num_classes: int, opts: CrossEntropyOptions, weight):
+    """(out-of-range count, counted samples, their weight sum) of int64 class indices, in one pass."""
+    w = None if weight is None else weight.detach().to(torch.float64).numpy()
+    return target_kernels.index_target_stats(target.detach().numpy(), num_classes, opts.ignore_index, w)
 
 
 def softmax_rows(z: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_ignore_index_for_probabilities, check_target_shape, check_weight_shape, normalize_axis
+from ..cpu.cross_entropy_spatial import MAX_CLASSES
 from . import cpu_bridge, fallback, ops
 
 
@@ -70,6 +71,27 @@ def class_indices(target: Tensor, num_classes: int) -> Tensor:
 def _to_rows(x: Tensor, class_dim: int) -> Tensor:
     """(M, C) with the class dimension last; a view when it already is last."""
     return x.movedim(class_dim, -1).reshape(-1, x.shape[class_dim])
+
+
+def _op_logits(input: Tensor, num_classes: int) -> Tensor:
+    """The logits as the op takes them, without a transposed copy where one can be avoided:
+
+    * rows (M, C) when each sample's classes are contiguous — ``(N, C)``, and
+      ``(N, C, d1, …)`` in channels-last memory (a view: the gradient keeps that layout);
+    * class-major (N, C, S), S = d1·…·dK, for ``(N, C, d1, …)`` in the default layout
+      (a view of a contiguous input), computed in place by the spatial kernel;
+    * rows by a transposed copy only with more than ``MAX_CLASSES`` classes.
+    """
+    if input.dim() == 1:
+        return input.reshape(1, num_classes)
+    if input.dim() == 2:
+        return input
+    moved = input.movedim(1, -1)
+    if moved.is_contiguous():
+        return moved.reshape(-1, num_classes)
+    if num_classes <= MAX_CLASSES:
+        return input.reshape(input.shape[0], num_classes, -1)
+    return moved.reshape(-1, num_classes)
 
 
 def _from_rows(rows: Tensor, like: Tensor, class_dim: int) -> Tensor:
@@ -139,9 +161,15 @@ def cross_entropy(
     num_classes = input.shape[class_dim]
     is_index = _check_target(input, tuple(input.shape), class_dim, target, weight, opts)
 
-    rows = input.reshape(1, num_classes) if input.dim() == 1 else _to_rows(input, class_dim)
+    rows = _op_logits(input, num_classes)
+    if torch._C._are_functorch_transforms_active() and rows.dim() == 3:
+        rows = _to_rows(input, class_dim)  # the composite path below works on rows
     if is_index:
-        target_rows = class_indices(target.reshape(-1), num_classes)
+        target_rows = class_indices(
+            target.reshape(rows.shape[0], -1) if rows.dim() == 3 else target.reshape(-1), num_classes
+        )
+    elif rows.dim() == 3:
+        target_rows = target.reshape(rows.shape)
     else:
         target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, class_dim)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
@@ -159,9 +187,10 @@ def cross_entropy(
         and compute_grad
         and input.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and rows.dim() == 2
         and rows.data_ptr() == input.data_ptr()
         and rows.is_contiguous()
-        and not (target_rows.dim() == 2 and target_rows.requires_grad)
+        and not (not is_index and target_rows.requires_grad)
     )
     if torch._C._are_functorch_transforms_active():
         loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)  # torch.func needs plain ops

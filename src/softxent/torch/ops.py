@@ -15,11 +15,14 @@ to autograd) and raises a clear error.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .._options import CrossEntropyOptions
 from .._reduction import loss_scale as reduced_loss_scale
+from .._reduction import reduced_loss_scale as reduced_loss_scale_of
 from .._validate import check_target_range
 from . import cpu_bridge, cpu_buffers, fallback
 
@@ -48,22 +51,53 @@ def _reduced_loss(loss_rows: Tensor, reduction: str, loss_scale: float, dtype: t
     return (loss_rows.sum() * loss_scale).to(dtype)
 
 
-def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute_grad: bool, grad: Tensor | None):
-    """The device-independent part of the op: checks, mean denominator, reduction."""
-    is_index = target.dim() == 1
+def _loss_scale(rows_fn, logits: Tensor, target: Tensor, weight, opts: CrossEntropyOptions, is_index: bool) -> float:
+    """Check the class indices and return the factor of Σℓ (1/D for mean): one Numba pass
+    over the targets on CPU, PyTorch ops elsewhere."""
+    num_classes = logits.shape[1]
+    if is_index and _is_cpu_kernel(rows_fn):
+        bad, count, weight_sum = cpu_bridge.index_target_stats(target, num_classes, opts, weight)
+        if bad:
+            check_target_range(target.reshape(-1), num_classes, opts.ignore_index)  # raises, naming the index
+        return reduced_loss_scale_of(opts.reduction, (weight_sum, count))
     if is_index:
-        check_target_range(target, logits.shape[1], opts.ignore_index)
-    loss_scale = reduced_loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
+        check_target_range(target, num_classes, opts.ignore_index)
+    flat = target.reshape(-1) if is_index else target.movedim(1, -1).reshape(-1, num_classes)
+    return reduced_loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index)
+
+
+def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute_grad: bool, grad: Tensor | None):
+    """The device-independent part of the op: checks, mean denominator, reduction.
+
+    ``logits`` are rows (M, C), or class-major (N, C, S) with ``target`` (N, S) / (N, C, S)."""
+    is_index = target.dim() == logits.dim() - 1
+    loss_scale = _loss_scale(rows_fn, logits, target, weight, opts, is_index)
     if grad is None and not compute_grad:
         grad = logits.new_empty(0)
-    elif grad is None and rows_fn is cpu_bridge.cross_entropy_rows:
+    elif grad is None and _is_cpu_kernel(rows_fn):
         grad = cpu_buffers.empty(tuple(logits.shape), logits.dtype)
     elif grad is None:
         grad = torch.empty_like(logits)
+    if logits.dim() == 3 and rows_fn is cpu_bridge.cross_entropy_rows:
+        rows_fn = cpu_bridge.cross_entropy_spatial
+    elif logits.dim() == 3:
+        rows_fn = partial(_class_major_by_rows, rows_fn)
     loss_rows = rows_fn(
         logits, target, weight, opts, loss_scale if compute_grad else None, grad if compute_grad else None
     )
     return _reduced_loss(loss_rows, opts.reduction, loss_scale, fallback.compute_dtype(logits.dtype)), grad
+
+
+def _class_major_by_rows(rows_fn, logits, target, weight, opts, scale, grad_out):
+    """Class-major (N, C, S) through a rows implementation: transposed copies in and out."""
+    num_classes = logits.shape[1]
+    rows = logits.movedim(1, -1).reshape(-1, num_classes)
+    target_rows = target.reshape(-1) if target.dim() == 2 else target.movedim(1, -1).reshape(-1, num_classes)
+    grad_rows = None if grad_out is None else torch.empty_like(rows)
+    loss = rows_fn(rows, target_rows, weight, opts, scale, grad_rows)
+    if grad_out is not None:
+        grad_out.copy_(grad_rows.reshape(logits.shape[0], -1, num_classes).movedim(-1, 1))
+    return loss
 
 
 #: run the blocks-of-PyTorch-ops path on CPU too (tests use it to check that path)
@@ -72,6 +106,13 @@ FORCE_FALLBACK = False
 
 def _fallback_rows(*args):
     return fallback.cross_entropy_rows(*args)[0]
+
+
+_CPU_KERNELS = (cpu_bridge.cross_entropy_rows,)
+
+
+def _is_cpu_kernel(rows_fn) -> bool:
+    return getattr(rows_fn, "func", rows_fn) in _CPU_KERNELS
 
 
 def rows_backend(device: torch.device):
@@ -105,9 +146,14 @@ def _cross_entropy_fake(
     logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad
 ):
     acc = fallback.compute_dtype(logits.dtype)
-    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=acc)
+    loss = logits.new_empty((_num_samples(logits),) if reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, grad
+
+
+def _num_samples(logits: Tensor):
+    """M of rows (M, C), N·S of class-major logits (N, C, S)."""
+    return logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[2]
 
 
 def _setup_cross_entropy(ctx, inputs, output):
@@ -116,7 +162,7 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.options = (ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     # probability targets are differentiable in PyTorch: ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j)
-    ctx.target_grad = target.dim() == 2 and target.requires_grad
+    ctx.target_grad = target.dim() == logits.dim() and target.requires_grad
     ctx.save_for_backward(output[1], logits if ctx.target_grad else None, weight)
 
 
@@ -136,8 +182,8 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tens
     if torch.is_grad_enabled():
         raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name=name))
     factor = upstream.to(grad.dtype)
-    if ctx.reduction == "none":
-        factor = factor.reshape(-1, *([1] * (grad.dim() - 1)))
+    if ctx.reduction == "none":  # one factor per sample: per row (M, 1), per position (N, 1, S)
+        factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
     if not _plain_eager(grad, upstream):
         return grad * factor  # traced (torch.compile, make_fx, fake tensors): stay functional
     if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
@@ -170,13 +216,13 @@ def _probability_target_gradient(ctx, logits: Tensor, weight: Tensor | None, gra
     opts = _options(*ctx.options)
     z, _ = fallback.capped_logits(logits.to(fallback.compute_dtype(logits.dtype)), opts.softcap)
     nlp = fallback.neg_log_softmax(z)
-    if weight is not None:
-        nlp = nlp * weight.to(nlp.dtype)
+    if weight is not None:  # (C,) along the class dimension 1 of rows (M, C) or class-major (N, C, S)
+        nlp = nlp * weight.to(nlp.dtype).reshape(-1, *([1] * (logits.dim() - 2)))
     scale = grad_loss.to(nlp.dtype)
     if opts.reduction == "none":
-        scale = scale[:, None]
+        scale = scale.reshape(logits.shape[0], 1, -1) if logits.dim() == 3 else scale[:, None]
     elif opts.reduction == "mean":
-        scale = scale / max(logits.shape[0], 1)
+        scale = scale / max(_num_samples(logits), 1)
     return ((1.0 - opts.label_smoothing) * scale * nlp).to(logits.dtype)
 
 

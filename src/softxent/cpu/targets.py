@@ -1,0 +1,52 @@
+"""One pass over class-index targets: how many are out of range, how many count, their weight.
+
+The checks and the mean's denominator otherwise take several array passes
+(``t < 0``, ``t >= C``, ``t != ignore_index``, ``any``, ``sum``); with few
+classes per sample (segmentation: C = 2, N·S = millions) those passes cost as
+much as the fused loss itself.  This kernel reads the targets once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .simd import EXACT_JIT
+from .threading_layer import serialized
+
+
+@njit(parallel=True, **EXACT_JIT)
+def _index_target_stats(target, num_classes, ignore_index, has_ignore, w, has_weight):
+    bad = 0
+    count = 0
+    weight_sum = 0.0
+    for i in prange(target.size):
+        t = target[i]
+        if has_ignore and t == ignore_index:
+            continue
+        if t < 0 or t >= num_classes:
+            bad += 1
+            continue
+        count += 1
+        if has_weight:
+            weight_sum += w[t]
+    return bad, count, weight_sum
+
+
+@serialized
+def index_target_stats(
+    target: np.ndarray, num_classes: int, ignore_index: int | None, weight: np.ndarray | None
+) -> tuple[int, int, float]:
+    """(out-of-range count, counted samples n, Σ w[t] over them — n without weights) of
+    int64 class indices ``target`` (any shape); ``ignore_index`` None counts every sample."""
+    target = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
+    w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    bad, count, weight_sum = _index_target_stats(
+        target,
+        num_classes,
+        0 if ignore_index is None else ignore_index,
+        ignore_index is not None,
+        w,
+        weight is not None,
+    )
+    return int(bad), int(count), float(weight_sum) if weight is not None else float(count)
