@@ -13,6 +13,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from ._errors import InvalidArgumentError, InvalidTypeError
+
 REDUCTIONS = ("mean", "sum", "none")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: the softcaps whose s·tanh(z/s), 1/s and chain 1 − tanh² stay finite and exact in float32
@@ -58,26 +60,28 @@ def make_options(
     """
     if ignore_index is not None:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__} {ignore_index!r}")
+            raise InvalidTypeError(
+                f"ignore_index must be an int or None, got {type(ignore_index).__name__} {ignore_index!r}"
+            )
         ignore_index = int(ignore_index)
         if not INT64_MIN <= ignore_index <= INT64_MAX:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"ignore_index must fit in a signed 64-bit integer (class indices are int64), got {ignore_index}"
             )
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise InvalidArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     label_smoothing = _real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        raise InvalidArgumentError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     z_loss = _real("z_loss", z_loss)
     if not 0.0 <= z_loss < math.inf:  # comparisons, not math.isfinite: torch.compile(dynamic=True) traces them
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+        raise InvalidArgumentError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None:
         softcap = _real("softcap", softcap)
         if softcap == math.inf:
             softcap = None  # s·tanh(z/s) → z as s → ∞: an infinite cap is no cap
         elif not SOFTCAP_MIN <= softcap <= SOFTCAP_MAX:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"softcap must be in [{SOFTCAP_MIN:g}, {SOFTCAP_MAX:g}] (s·tanh(z/s) and its gradient in float32), "
                 f"or inf/None for no cap; got {softcap!r}"
             )
@@ -96,11 +100,11 @@ def check_chunk_size(chunk_size) -> int:
     if chunk_size is None:
         return 0
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+        raise InvalidArgumentError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
     return min(int(chunk_size), MAX_CHUNK_SIZE)  # at least N tokens: one chunk
 
 
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)

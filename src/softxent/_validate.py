@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
+
 
 def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     """Return ``axis`` in ``[0, ndim)``, accepting negative values like NumPy."""
@@ -17,9 +19,9 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
         try:
             axis = int(axis.__index__())  # numpy integers
         except AttributeError:
-            raise TypeError(f"{name} must be an int, got {type(axis).__name__}") from None
+            raise InvalidTypeError(f"{name} must be an int, got {type(axis).__name__}") from None
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}={axis} is out of range for logits with {ndim} dimension(s)")
+        raise InvalidArgumentError(f"{name}={axis} is out of range for logits with {ndim} dimension(s)")
     return axis % ndim
 
 
@@ -34,12 +36,12 @@ def check_target_shape(logits_shape: Sequence[int], axis: int, target_shape: Seq
             hint = ""
             if target_shape == logits_shape:
                 hint = " (probability targets must have a floating dtype)"
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"target of class indices must have shape {expected} (logits shape "
                 f"{logits_shape} without the class axis {axis}), got {target_shape}{hint}"
             )
     elif target_shape != logits_shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"target of class probabilities must have the logits' shape {logits_shape}, got "
             f"{target_shape} (class indices must have an integer dtype)"
         )
@@ -55,19 +57,23 @@ def check_target_range(target, num_classes: int, ignore_index: int | None) -> No
         allowed = f"[0, {num_classes})"
         if ignore_index is not None:
             allowed += f" or ignore_index={ignore_index}"
-        raise ValueError(f"target contains class index {first}, outside {allowed} (number of classes C={num_classes})")
+        raise TargetIndexError(
+            f"target contains class index {first}, outside {allowed} (number of classes C={num_classes})"
+        )
 
 
 def check_weight_shape(weight_shape: Sequence[int], num_classes: int) -> None:
     """A class weight is a vector with one entry per class."""
     if tuple(weight_shape) != (num_classes,):
-        raise ValueError(f"weight must have shape ({num_classes},), one entry per class, got {tuple(weight_shape)}")
+        raise InvalidArgumentError(
+            f"weight must have shape ({num_classes},), one entry per class, got {tuple(weight_shape)}"
+        )
 
 
 def check_ignore_index_for_probabilities(is_index: bool, ignore_index: int | None) -> None:
     """As in PyTorch, probability targets accept only the default ignore_index (or None)."""
     if not is_index and ignore_index not in (None, -100):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"ignore_index={ignore_index} is not supported for probability (floating point) targets; "
             "leave it at -100 or None"
         )
@@ -88,24 +94,24 @@ def check_linear_shapes(
     """
     hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
     if len(hidden_shape) == 0:
-        raise ValueError(f"{hidden_name} must have at least one dimension (the features D), got a scalar")
+        raise InvalidArgumentError(f"{hidden_name} must have at least one dimension (the features D), got a scalar")
     if len(weight_shape) < 2 or (len(weight_shape) > 2 and not k_dimensional):
         expected = "(V, D) or (V, d1, …, dK, D)" if k_dimensional else "(V, D)"
-        raise ValueError(f"linear_weight must have shape {expected} (classes × features), got {weight_shape}")
+        raise InvalidArgumentError(f"linear_weight must have shape {expected} (classes × features), got {weight_shape}")
     if weight_shape[-1] != hidden_shape[-1]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"linear_weight {weight_shape} must have D={hidden_shape[-1]} columns, the last dimension of "
             f"{hidden_name} {hidden_shape}"
         )
     if weight_shape[0] == 0:
-        raise ValueError(f"linear_weight must have at least one class (row), got shape {weight_shape}")
+        raise InvalidArgumentError(f"linear_weight must have at least one class (row), got shape {weight_shape}")
     if bias_shape is not None and tuple(bias_shape) != weight_shape[:-1]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"linear_bias must have shape {weight_shape[:-1]}, one entry per class (and per position of a "
             f"K-dimensional linear_weight), got {tuple(bias_shape)}"
         )
     if len(weight_shape) > 2 and len(hidden_shape) != 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"a K-dimensional linear_weight {weight_shape} needs batched {hidden_name} of shape "
             f"(N, {weight_shape[-1]}), got {hidden_shape}"
         )

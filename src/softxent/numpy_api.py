@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _backend
+from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from ._options import CrossEntropyOptions, make_options
 from ._reduction import loss_scale as reduction_scale
 from ._validate import (
@@ -34,7 +35,7 @@ def float_array(x, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype not in FLOAT_DTYPES:
         convert = "np.float64" if np.issubdtype(x.dtype, np.floating) else "np.float32"
-        raise TypeError(
+        raise InvalidTypeError(
             f"{name} must have dtype float16, float32 or float64, got {x.dtype}; convert with .astype({convert})"
         )
     return x
@@ -43,7 +44,7 @@ def float_array(x, name: str) -> np.ndarray:
 def _as_logits(z, name: str = "logits") -> np.ndarray:
     z = float_array(z, name)
     if z.ndim == 0:
-        raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
+        raise InvalidArgumentError(f"{name} must have at least one dimension (the class axis), got a scalar")
     return z
 
 
@@ -164,19 +165,21 @@ def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opt
     elif np.issubdtype(target.dtype, np.floating):
         is_index = False
     else:
-        raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
+        raise InvalidTypeError(
+            f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
+        )
     check_target_shape(logits_shape, axis, target.shape, is_index)
     check_ignore_index_for_probabilities(is_index, opts.ignore_index)
     if weight is not None:
         weight = np.asarray(weight)
         if not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):
-            raise TypeError(f"weight must be a real array, got {weight.dtype}")
+            raise InvalidTypeError(f"weight must be a real array, got {weight.dtype}")
         check_weight_shape(weight.shape, num_classes)
         weight = weight.astype(np.float64)
     if is_index:
         if target.dtype == np.uint64 and target.size and target.max() > np.iinfo(np.int64).max:
             # int64 would wrap it (2**64 − 100 would become ignore_index −100)
-            raise ValueError(
+            raise TargetIndexError(
                 f"target contains class index {int(target.max())}, outside [0, {num_classes}) "
                 f"(number of classes C={num_classes})"
             )
@@ -191,7 +194,7 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossE
     z = _as_logits(logits)
     axis = normalize_axis(axis, z.ndim)
     if z.shape[axis] == 0:
-        raise ValueError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
+        raise InvalidArgumentError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
     target_rows, weight, is_index = prepare_target(z.shape, axis, target, weight, opts)
     rows, moved_shape = _rows(z, axis)
     return _CrossEntropyCall(
@@ -339,10 +342,10 @@ def row_scale(grad_output, loss_shape: tuple[int, ...], reduction: str, loss_sca
         return loss_scale
     g = np.asarray(grad_output)
     if not (np.issubdtype(g.dtype, np.floating) or np.issubdtype(g.dtype, np.integer)):
-        raise TypeError(f"grad_output must be real, got {g.dtype}")
+        raise InvalidTypeError(f"grad_output must be real, got {g.dtype}")
     expected = loss_shape if reduction == "none" else ()
     if g.shape != expected:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"grad_output must have the loss's shape {expected} for reduction={reduction!r}, got {g.shape}"
         )
     g = g.astype(np.float64)

@@ -27,6 +27,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
 from .chunks import (
     CHUNK,
@@ -230,7 +231,7 @@ def cross_entropy_rows(
     want_grad = scale is not None
     if want_grad:
         if not (grad_out.flags.c_contiguous and grad_out.shape == z.shape):
-            raise ValueError("grad_out must be a C-contiguous array of the logits' shape")
+            raise InvalidArgumentError("grad_out must be a C-contiguous array of the logits' shape")
         g = grad_out
         scale_arr = np.atleast_1d(np.asarray(scale, np.float64)).ravel()
     else:

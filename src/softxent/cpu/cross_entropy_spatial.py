@@ -27,6 +27,7 @@ import math
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
 from .simd import (
     EXACT_JIT,
@@ -377,7 +378,7 @@ def cross_entropy_spatial(
         return loss if per_position_loss else np.zeros(1)
     if want_grad:
         if not (grad_out.flags.c_contiguous and grad_out.shape == z.shape):
-            raise ValueError("grad_out must be a C-contiguous array of the logits' shape")
+            raise InvalidArgumentError("grad_out must be a C-contiguous array of the logits' shape")
         g = grad_out
         scale_arr = np.atleast_1d(np.asarray(scale, np.float64)).ravel()
     else:

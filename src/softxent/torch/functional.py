@@ -12,18 +12,26 @@ from functools import partial
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
+from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from .._options import CrossEntropyOptions, make_options
-from .._validate import check_ignore_index_for_probabilities, check_target_shape, check_weight_shape, normalize_axis
+from .._validate import (
+    check_ignore_index_for_probabilities,
+    check_target_range,
+    check_target_shape,
+    check_weight_shape,
+    normalize_axis,
+)
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
 from . import cpu_bridge, fallback, ops
 
 
 def _check_input(input: Tensor, name: str = "input") -> None:
     if not isinstance(input, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+        raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(
+        raise InvalidTypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
         )
 
@@ -34,13 +42,15 @@ def _check_target(
     """Check ``target`` and ``weight`` against logits of ``logits_shape`` (classes
     along ``class_dim``) computed from ``input``; True for class indices."""
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+        raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point():
         is_index = False
     elif not target.is_complex() and target.dtype != torch.bool:
         is_index = True
     else:
-        raise TypeError(f"target must hold integer class indices or floating class probabilities, got {target.dtype}")
+        raise InvalidTypeError(
+            f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
+        )
     check_target_shape(logits_shape, class_dim, target.shape, is_index)
     check_ignore_index_for_probabilities(is_index, opts.ignore_index)
     if weight is not None:
@@ -48,7 +58,7 @@ def _check_target(
         check_weight_shape(weight.shape, logits_shape[class_dim])
     for name, t in (("target", target), ("weight", weight)):
         if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+            raise InvalidArgumentError(f"{name} is on {t.device} but input is on {input.device}")
     return is_index
 
 
@@ -61,7 +71,7 @@ def class_indices(target: Tensor, num_classes: int) -> Tensor:
         bits = target.view(torch.int64)
         if bool((bits < 0).any()):
             first = int(bits[bits < 0][0]) + 2**64
-            raise ValueError(
+            raise TargetIndexError(
                 f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
             )
         return bits
@@ -102,7 +112,9 @@ def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int | None = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -128,6 +140,8 @@ def cross_entropy(
         target: class indices ``()``, ``(N,)`` or ``(N, d1, …, dK)`` of an integer
             dtype, or class probabilities of ``input``'s shape and a float dtype.
         weight: class weights ``(C,)``.
+        size_average, reduce: deprecated, as in PyTorch (same positions, same
+            mapping to ``reduction``, same warning).
         ignore_index: target value whose samples give 0 loss and a zero
             gradient; ``None`` disables it.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (PyTorch semantics; a mean
@@ -147,6 +161,8 @@ def cross_entropy(
     write of the gradient); backward only scales it.  Double backward is not
     supported.
     """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)  # warns, as PyTorch
     opts = make_options(
         ignore_index=ignore_index,
         reduction=reduction,
@@ -156,14 +172,21 @@ def cross_entropy(
     )
     _check_input(input)
     if input.dim() == 0:
-        raise ValueError("input must have at least one dimension (the classes), got a scalar")
+        raise InvalidArgumentError("input must have at least one dimension (the classes), got a scalar")
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     is_index = _check_target(input, tuple(input.shape), class_dim, target, weight, opts)
+    if num_classes == 0:
+        return _no_class_loss(input, target, is_index, class_dim, opts)
+    if composite_needed(input, target, weight):  # torch.func transforms, forward-mode AD: plain ops
+        rows = _to_rows(input, class_dim) if input.dim() > 1 else input.reshape(1, num_classes)
+        target_rows = target.reshape(-1).long() if is_index else _to_rows(target.reshape(input.shape), class_dim)
+        if is_index:
+            check_target_range(target_rows, num_classes, opts.ignore_index)
+        loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)
+        return _shaped_loss(loss, input, target, is_index, class_dim, opts)
 
     rows = _op_logits(input, num_classes)
-    if torch._C._are_functorch_transforms_active() and rows.dim() == 3:
-        rows = _to_rows(input, class_dim)  # the composite path below works on rows
     if is_index:
         target_rows = class_indices(
             target.reshape(rows.shape[0], -1) if rows.dim() == 3 else target.reshape(-1), num_classes
@@ -192,17 +215,47 @@ def cross_entropy(
         and rows.is_contiguous()
         and not (not is_index and target_rows.requires_grad)
     )
-    if torch._C._are_functorch_transforms_active():
-        loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)  # torch.func needs plain ops
-    elif use_inplace:
+    if use_inplace:
         loss = _InplaceCrossEntropy.apply(rows, target_rows, *op_args)
     else:
         loss, _ = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad)
+    return _shaped_loss(loss, input, target, is_index, class_dim, opts)
+
+
+def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, is_index: bool, class_dim: int, opts) -> Tensor:
+    """The op's loss in PyTorch's shape (``reduction="none"``: the target's sample shape) and dtype."""
     if opts.reduction == "none":
         loss = loss.reshape(target.shape if is_index else target.shape[:class_dim] + target.shape[class_dim + 1 :])
     if _autocast_enabled(input.device.type):
         return loss  # float32 (float64 stays float64), as PyTorch's autocast policy for cross_entropy
     return loss.to(input.dtype)
+
+
+def composite_needed(*tensors) -> bool:
+    """True where the fused custom ops cannot serve: inside ``torch.func`` transforms (grad,
+    vmap, jvp) and for forward-mode AD dual tensors, which get plain differentiable PyTorch ops."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return False
+    return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _no_class_loss(input: Tensor, target: Tensor, is_index: bool, class_dim: int, opts) -> Tensor:
+    """C = 0, as PyTorch: every sample's loss is an empty sum (−0, its gradient empty); a
+    probability-target mean divides by numel/C = 0/0 (NaN); class indices must all be ignored
+    (then the empty mean is 0.0, softxent's rule)."""
+    if is_index:
+        check_target_range(target.reshape(-1), 0, opts.ignore_index)
+        per_sample = (input * 0).sum(class_dim)
+    else:
+        per_sample = -(input * target).sum(class_dim)
+    if opts.reduction == "none":
+        return per_sample
+    total = per_sample.sum()
+    if opts.reduction == "sum" or is_index:
+        return total
+    return total / 0.0
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -241,6 +294,10 @@ def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor
     if dtype is not None:
         input = input.to(dtype)
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
+    if input.dim() and input.shape[dim] == 0 or composite_needed(input):
+        # no classes (an empty result, as PyTorch), or forward-mode AD: PyTorch's own op
+        native = torch.softmax if op is ops.softmax_op else torch.log_softmax
+        return native(input, dim)
     if input.dim() == 0:
         return op(input.reshape(1, 1)).reshape(())
     return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim)
@@ -279,6 +336,8 @@ def logsumexp(input: Tensor, dim: int, keepdim: bool = False) -> Tensor:
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
     if input.dim() == 0:
         return input.clone()
+    if input.shape[dim] == 0 or composite_needed(input):  # −inf for no classes; forward-mode AD
+        return torch.logsumexp(input, dim, keepdim=keepdim)
     out = ops.logsumexp_op(_to_rows(input, dim).contiguous())
     out = out.reshape(input.movedim(dim, -1).shape[:-1])
     return out.unsqueeze(dim) if keepdim else out

@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .._errors import InvalidArgumentError
 from .._linear_chunks import (
     ArrayOps,
     Gradients,
@@ -35,11 +36,12 @@ from .._linear_chunks import (
     cpu_chunk_bytes,
     linear_cross_entropy_rows,
 )
-from .._options import CrossEntropyOptions, check_chunk_size, make_options
+from .._options import CrossEntropyOptions, make_options
 from .._reduction import loss_scale as reduced_loss_scale
 from .._validate import check_linear_shapes, check_target_range
 from . import cpu_bridge, cpu_buffers, fallback, ops
-from .functional import _autocast_enabled, _check_input, _check_target, class_indices, cross_entropy
+from .functional import _autocast_enabled, _check_input, _check_target, class_indices, composite_needed, cross_entropy
+from .linear_options import chunk_size_from_options
 
 
 def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -333,9 +335,9 @@ def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts:
         logits,
         target,
         weight,
-        opts.ignore_index,
-        opts.reduction,
-        opts.label_smoothing,
+        ignore_index=opts.ignore_index,
+        reduction=opts.reduction,
+        label_smoothing=opts.label_smoothing,
         z_loss=opts.z_loss,
         softcap=opts.softcap,
     )
@@ -354,6 +356,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    options=None,
 ) -> Tensor:
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N×V logits.
 
@@ -383,6 +386,10 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
             the device (1/25 of the logits on CPU, between 8 and 256 MiB; an eighth of the
             free memory on CUDA).
+        options: a ``torch.nn.LinearCrossEntropyOptions`` as PyTorch's takes
+            (see :mod:`softxent.torch.linear_options`): ``batch_chunk_size`` and
+            ``chunking_method`` choose the chunk, the other fields are accepted
+            where softxent honours them and refused with a clear error where not.
 
     Returns:
         the loss (a scalar, or ``input.shape[:-1]`` for ``reduction="none"``) in
@@ -404,17 +411,18 @@ def linear_cross_entropy(
     _check_input(linear_weight, "linear_weight")
     if linear_bias is not None:
         _check_input(linear_bias, "linear_bias")
-    chunk = check_chunk_size(chunk_size)
     num_classes = check_linear_shapes(
         input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input", True
     )
+    num_tokens = math.prod(input.shape[:-1])
+    chunk = chunk_size_from_options(options, chunk_size, num_tokens, num_classes, input.shape[-1], input.dtype)
     if linear_weight.dim() > 2:
         return _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts)
     lead = tuple(input.shape[:-1])
     is_index = _check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+            raise InvalidArgumentError(f"{name} is on {t.device} but input is on {input.device}")
 
     hidden = input.reshape(math.prod(lead), input.shape[-1])  # not -1: D may be 0
     if is_index:
@@ -422,7 +430,7 @@ def linear_cross_entropy(
     else:
         target_rows = target.reshape(-1, num_classes)
     matmul_dtype = _matmul_dtype(input, linear_weight)
-    if torch._C._are_functorch_transforms_active():  # torch.func needs plain ops: materialize the logits
+    if composite_needed(input, linear_weight, linear_bias, target):  # torch.func, forward AD: plain ops
         logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
         loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
     else:

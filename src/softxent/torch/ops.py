@@ -163,6 +163,7 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.options = (ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     # probability targets are differentiable in PyTorch: ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j)
     ctx.target_grad = target.dim() == logits.dim() and target.requires_grad
+    ctx.mark_non_differentiable(output[1])  # the gradient output is data, not a differentiable result
     ctx.save_for_backward(output[1], logits if ctx.target_grad else None, weight)
 
 
@@ -173,24 +174,39 @@ def _plain_eager(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor for t in tensors)
 
 
-def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tensor:
-    """grad · upstream (a scalar, or one factor per row for reduction="none").
+def _graph_is_kept() -> bool:
+    """True when the running backward keeps the graph (``retain_graph=True``, ``create_graph``),
+    so that this node may run again; also when the torch in use cannot tell (before 2.6)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return True
+    try:
+        return bool(keep_graph())
+    except RuntimeError:  # not inside a graph task
+        return True
 
-    Eager mode scales the saved gradient in place, and skips the multiplication
-    when the upstream gradient is exactly 1 on the CPU (reading it needs no device sync).
+
+def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tensor:
+    """grad · upstream (a scalar, or one factor per sample for reduction="none").
+
+    The gradient computed in the forward pass is handed to autograd without a
+    copy — as it is when the upstream gradient is exactly 1 (``loss.backward()``),
+    scaled in place otherwise — only on its last use: a backward that does not
+    keep the graph.  Where the graph is kept (``retain_graph=True``, several
+    ``autograd.grad`` calls) the result is a new tensor and the saved gradient
+    stays intact, because what autograd receives becomes ``.grad`` and may be
+    accumulated into or edited in place (``clip_grad_norm_``) before the next
+    backward reads the saved gradient again.
     """
     if torch.is_grad_enabled():
         raise RuntimeError(_NO_DOUBLE_BACKWARD.format(name=name))
     factor = upstream.to(grad.dtype)
     if ctx.reduction == "none":  # one factor per sample: per row (M, 1), per position (N, 1, S)
         factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
-    if not _plain_eager(grad, upstream):
-        return grad * factor  # traced (torch.compile, make_fx, fake tensors): stay functional
+    if not _plain_eager(grad, upstream) or _graph_is_kept():
+        return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
     if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
         return grad
-    # In place: a second backward through the same graph then fails autograd's
-    # saved-tensor version check ("modified by an inplace operation") instead of
-    # silently scaling twice.
     return grad.mul_(factor)
 
 

@@ -1,0 +1,25 @@
+"""softxent's input errors, catchable as what PyTorch raises for the same mistake.
+
+Code written for ``torch.nn.functional.cross_entropy`` catches ``RuntimeError``
+(and sometimes ``ValueError``/``IndexError``/``TypeError``); softxent raises
+classes that are all of those it could mean, with its own clear messages:
+
+* :class:`InvalidArgumentError` — a bad value or shape: ``ValueError`` and ``RuntimeError``;
+* :class:`TargetIndexError` — a class index outside [0, C): also an ``IndexError``
+  (PyTorch: "IndexError: Target 5 is out of bounds.");
+* :class:`InvalidTypeError` — a wrong type or dtype: ``TypeError`` and ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+
+class InvalidArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape (a ``ValueError`` and a ``RuntimeError``)."""
+
+
+class TargetIndexError(InvalidArgumentError, IndexError):
+    """A class index outside [0, C) that is not ``ignore_index`` (also an ``IndexError``)."""
+
+
+class InvalidTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype (a ``TypeError`` and a ``RuntimeError``)."""
