@@ -9,6 +9,7 @@ NumPy API (class axis ``axis=-1``)::
 PyTorch API: ``import softxent.torch as sxt`` (needs the ``torch`` extra).
 """
 
+from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from .numpy_api import cross_entropy, cross_entropy_grad, log_softmax, logsumexp, softmax
 from .numpy_linear import linear_cross_entropy, linear_cross_entropy_grad
 
@@ -22,5 +23,8 @@ __all__ = [
     "cross_entropy_grad",
     "linear_cross_entropy",
     "linear_cross_entropy_grad",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "TargetIndexError",
     "__version__",
 ]

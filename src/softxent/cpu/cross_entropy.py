@@ -207,6 +207,20 @@ def cross_entropy_fwd_bwd_rows(
         )
 
 
+def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple:
+    """The scalar arguments every cross-entropy kernel takes, in order: ε, λ, softcap s (0 =
+    none), W = Σ_k w_k (C without weights), ignore_index (a never-matching value when None)
+    and whether it applies."""
+    return (
+        opts.label_smoothing,
+        opts.z_loss,
+        0.0 if opts.softcap is None else opts.softcap,
+        float(num_classes) if weight is None else float(np.sum(weight, dtype=np.float64)),
+        -(2**62) if opts.ignore_index is None else opts.ignore_index,
+        opts.ignore_index is not None,
+    )
+
+
 @serialized
 def cross_entropy_rows(
     z: np.ndarray,
@@ -240,7 +254,6 @@ def cross_entropy_rows(
     q = np.ascontiguousarray(target) if has_prob else np.empty((num_rows, 0), z.dtype)
     idx = np.empty(0, np.int64) if has_prob else np.ascontiguousarray(target, dtype=np.int64)
     w = np.empty(0, compute) if weight is None else np.ascontiguousarray(weight, dtype=compute)
-    weight_sum = float(num_classes) if weight is None else float(np.sum(weight, dtype=np.float64))
     loss = np.empty(num_rows, np.float64)
     if num_rows == 0:
         return loss
@@ -251,12 +264,7 @@ def cross_entropy_rows(
         numba_view(q),
         w,
         scale_arr,
-        opts.label_smoothing,
-        opts.z_loss,
-        0.0 if opts.softcap is None else opts.softcap,
-        weight_sum,
-        -(2**62) if opts.ignore_index is None else opts.ignore_index,
-        opts.ignore_index is not None,
+        *kernel_scalars(opts, weight, num_classes),
         want_grad,
         # 16-bit rows keep their exponentials in a float32 scratch row, never in the logits
         inplace and z.dtype in (np.float32, np.float64),

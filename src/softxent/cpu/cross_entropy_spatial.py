@@ -29,6 +29,7 @@ from numba import get_num_threads, njit, prange
 
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
+from .cross_entropy import kernel_scalars
 from .simd import (
     EXACT_JIT,
     HELPER_JIT,
@@ -387,7 +388,6 @@ def cross_entropy_spatial(
     q = np.ascontiguousarray(target) if has_prob else np.empty((0, 0, 0), z.dtype)
     idx = np.empty((0, 0), np.int64) if has_prob else np.ascontiguousarray(target, dtype=np.int64)
     w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
-    weight_sum = float(num_classes) if weight is None else float(np.sum(w))
     cross_entropy_spatial_kernel(
         numba_view(z),
         numba_view(g),
@@ -395,12 +395,7 @@ def cross_entropy_spatial(
         numba_view(q),
         w,
         scale_arr,
-        opts.label_smoothing,
-        opts.z_loss,
-        0.0 if opts.softcap is None else opts.softcap,
-        weight_sum,
-        -(2**62) if opts.ignore_index is None else opts.ignore_index,
-        opts.ignore_index is not None,
+        *kernel_scalars(opts, weight, num_classes),
         want_grad,
         has_prob,
         loss,

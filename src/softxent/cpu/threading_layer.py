@@ -70,9 +70,10 @@ def _user_chose() -> bool:
 def choose_threading_layer() -> str:
     """Select TBB, else workqueue, unless the user chose; returns the layer that will be used
     (``"default"`` when it is left to Numba)."""
+    tbb_loads = _preload_tbb()  # also where the user chose a layer: theirs may be (or fall back to) TBB
     if _user_chose():
         return numba.config.THREADING_LAYER
-    layer = "tbb" if _preload_tbb() else "workqueue"
+    layer = "tbb" if tbb_loads else "workqueue"
     numba.config.THREADING_LAYER = layer
     return layer
 

@@ -25,6 +25,13 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _kernel_inputs(target: torch.Tensor, weight: torch.Tensor | None, is_index: bool, grad_out):
+    """NumPy views of the target (int64 indices, or probabilities), the weight (float64) and the gradient."""
+    w = None if weight is None else weight.detach().to(torch.float64).numpy()
+    target_np = target.detach().to(torch.int64).numpy() if is_index else as_numpy(target.contiguous())
+    return target_np, w, None if grad_out is None else as_numpy(grad_out)
+
+
 def cross_entropy_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -35,17 +42,8 @@ def cross_entropy_rows(
     inplace: bool = False,
 ) -> torch.Tensor:
     """Per-row losses (M,) float64 of contiguous rows (M, C); the gradient goes to ``grad_out``."""
-    w = None if weight is None else weight.detach().to(torch.float64).numpy()
-    target_np = as_numpy(target.contiguous()) if target.dim() == 2 else target.detach().to(torch.int64).numpy()
-    loss = ce_kernel.cross_entropy_rows(
-        as_numpy(logits),
-        target_np,
-        w,
-        opts,
-        scale,
-        None if grad_out is None else as_numpy(grad_out),
-        inplace=inplace,
-    )
+    target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 1, grad_out)
+    loss = ce_kernel.cross_entropy_rows(as_numpy(logits), target_np, w, opts, scale, grad_np, inplace=inplace)
     return torch.from_numpy(loss)
 
 
@@ -59,16 +57,9 @@ def cross_entropy_spatial(
 ) -> torch.Tensor:
     """Losses of contiguous class-major logits (N, C, S): one per position (N·S,) for
     ``reduction="none"``, else partial sums whose total is Σℓ; the gradient goes to ``grad_out``."""
-    w = None if weight is None else weight.detach().to(torch.float64).numpy()
-    target_np = as_numpy(target.contiguous()) if target.dim() == 3 else target.detach().to(torch.int64).numpy()
+    target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 2, grad_out)
     loss = spatial_kernel.cross_entropy_spatial(
-        as_numpy(logits),
-        target_np,
-        w,
-        opts,
-        scale,
-        None if grad_out is None else as_numpy(grad_out),
-        per_position_loss=opts.reduction == "none",
+        as_numpy(logits), target_np, w, opts, scale, grad_np, per_position_loss=opts.reduction == "none"
     )
     return torch.from_numpy(loss)
 

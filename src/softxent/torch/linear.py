@@ -384,7 +384,7 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
             :func:`softxent.torch.cross_entropy` (``ignore_index=None`` disables it).
         chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
-            the device (1/25 of the logits on CPU, between 8 and 256 MiB; an eighth of the
+            the device (1/14 of the logits on CPU, between 8 and 256 MiB; an eighth of the
             free memory on CUDA).
         options: a ``torch.nn.LinearCrossEntropyOptions`` as PyTorch's takes
             (see :mod:`softxent.torch.linear_options`): ``batch_chunk_size`` and
