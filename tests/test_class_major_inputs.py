@@ -161,3 +161,25 @@ def test_class_major_equals_rows_of_the_transposed_logits(n, c, s, eps, magnitud
     a.sum().backward()
     b.sum().backward()
     torch.testing.assert_close(x.grad.movedim(1, -1).reshape(-1, c), rows.grad, rtol=3e-6, atol=3e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_class_major_op_passes_opcheck(reduction):
+    from softxent.torch import ops
+
+    x = torch.randn(2, 5, 42, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (2, 42))
+    torch.library.opcheck(ops.cross_entropy_op, (x, t, None, -100, True, reduction, 0.1, 0.0, 0.0, True))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_segmentation_inputs_compile_without_graph_breaks(dynamic):
+    x = torch.randn(2, 5, 6, 7, requires_grad=True)
+    t = torch.randint(0, 5, (2, 6, 7), dtype=torch.uint8)  # masks are often uint8
+    step = torch.compile(
+        lambda x, t: sxt.cross_entropy(x, t, label_smoothing=0.1), fullgraph=True, dynamic=dynamic, backend="aot_eager"
+    )
+    step(x, t).backward()
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, t.long(), label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
