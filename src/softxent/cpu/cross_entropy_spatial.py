@@ -12,8 +12,9 @@ positions while it reduces over the classes (stride S):
    products relative to m_j, like the rows kernel);
 3. per position: the loss ℓ_j = Σ_c y_cj (log s_j − (z_cj − m_j)) + λ·lse_j²
    and the factor scale_j·(S_j + 2λ·lse_j)/s_j;
-4. ``g[n, c, s0 + j] = (factor_j·work[c, j] − scale_j·y_cj)·chain_cj``, then the
-   one-hot entry g[n, t_j, s0 + j] recomputed once, and ignored positions zeroed.
+4. ``g[n, c, s0 + j] = (factor_j·work[c, j] − scale_j·y_cj)·chain_cj``, the one-hot
+   part of y by a comparison c = t_j inside the same vector loop, and a select
+   that zeroes ignored positions (even where their logits are NaN).
 
 ``work`` (C×B, compute type) stays in L1/L2, so the logits are read from memory
 once and the gradient written once.  Semantics and precision are those of
