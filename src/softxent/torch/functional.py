@@ -325,11 +325,17 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
     return _rows_call(ops.log_softmax_op, input, dim, dtype)
 
 
-def logsumexp(input: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     r"""log Σ_k e^{z_k} along ``dim``, computed stably; drop-in for ``torch.logsumexp``.
 
+    ``dim`` is an int, or as in PyTorch a tuple/list of dims reduced together.
     Rows holding +inf give +inf, rows of only −inf give −inf.  Gradient: softmax(z)·g.
     """
+    if isinstance(dim, (tuple, list)):
+        if len(dim) != 1:  # several dims at once: PyTorch's own reduction (the fused kernel takes one axis)
+            _check_input(input)
+            return torch.logsumexp(input, dim, keepdim=keepdim)
+        dim = dim[0]
     if input.device.type != "cpu":
         return torch.logsumexp(input, dim, keepdim=keepdim)
     _check_input(input)
