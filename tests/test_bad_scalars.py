@@ -140,3 +140,9 @@ def test_longdouble_arrays_are_refused_with_the_arguments_name():
     ):
         with pytest.raises(TypeError, match=f"{name} must have dtype float16, float32 or float64, got float128"):
             call()
+
+
+def test_uint64_targets_past_int64_are_refused_under_torch_func_too():
+    target = torch.tensor([0, 2**63 + 5], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="target contains class index 9223372036854775813"):
+        torch.func.grad(lambda x: sxt.cross_entropy(x, target))(torch.zeros(2, 3))

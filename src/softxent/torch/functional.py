@@ -180,7 +180,7 @@ def cross_entropy(
         return _no_class_loss(input, target, is_index, class_dim, opts)
     if composite_needed(input, target, weight):  # torch.func transforms, forward-mode AD: plain ops
         rows = _to_rows(input, class_dim) if input.dim() > 1 else input.reshape(1, num_classes)
-        target_rows = target.reshape(-1).long() if is_index else _to_rows(target.reshape(input.shape), class_dim)
+        target_rows = class_indices(target.reshape(-1), num_classes) if is_index else _to_rows(target, class_dim)
         if is_index:
             check_target_range(target_rows, num_classes, opts.ignore_index)
         loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)

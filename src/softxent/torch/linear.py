@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .. import _reduction
 from .._errors import InvalidArgumentError
 from .._linear_chunks import (
     ArrayOps,
@@ -37,7 +38,6 @@ from .._linear_chunks import (
     linear_cross_entropy_rows,
 )
 from .._options import CrossEntropyOptions, make_options
-from .._reduction import loss_scale as reduced_loss_scale
 from .._validate import check_linear_shapes, check_target_range
 from . import cpu_bridge, cpu_buffers, fallback, ops
 from .functional import _autocast_enabled, _check_input, _check_target, class_indices, composite_needed, cross_entropy
@@ -137,7 +137,7 @@ def _run(
     num_classes = linear_weight.shape[0]
     if is_index:
         check_target_range(target, num_classes, opts.ignore_index)
-    loss_scale = reduced_loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
+    loss_scale = _reduction.loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
     want_grad = any(wanted)
     scale = None
     if want_grad:

@@ -20,9 +20,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .. import _reduction
 from .._options import CrossEntropyOptions
-from .._reduction import loss_scale as reduced_loss_scale
-from .._reduction import reduced_loss_scale as reduced_loss_scale_of
 from .._validate import check_target_range
 from . import cpu_bridge, cpu_buffers, fallback
 
@@ -59,11 +58,11 @@ def _loss_scale(rows_fn, logits: Tensor, target: Tensor, weight, opts: CrossEntr
         bad, count, weight_sum = cpu_bridge.index_target_stats(target, num_classes, opts, weight)
         if bad:
             check_target_range(target.reshape(-1), num_classes, opts.ignore_index)  # raises, naming the index
-        return reduced_loss_scale_of(opts.reduction, (weight_sum, count))
+        return _reduction.reduced_loss_scale(opts.reduction, (weight_sum, count))
     if is_index:
         check_target_range(target, num_classes, opts.ignore_index)
     flat = target.reshape(-1) if is_index else target.movedim(1, -1).reshape(-1, num_classes)
-    return reduced_loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index)
+    return _reduction.loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index)
 
 
 def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute_grad: bool, grad: Tensor | None):
