@@ -4,13 +4,28 @@ import sys
 # tests import their helpers (torch_reference, ...) as top-level modules
 sys.path.insert(0, os.path.dirname(__file__))
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be
+# chosen before softxent.gpu loads its kernels.
+if importlib.util.find_spec("triton") is not None:
+    import torch  # noqa: E402
 
-@pytest.fixture(params=["numba", "fallback"])
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=["numba", "fallback", "triton"])
 def backend(request, monkeypatch):
-    """Run a test on the fused CPU kernel and on the blocks-of-PyTorch-ops path of other devices."""
-    from softxent.torch import ops
+    """Run a test on the fused CPU kernel, on the blocks-of-PyTorch-ops path of other devices
+    and on the Triton kernels (under the interpreter, on CPU tensors)."""
+    from softxent import gpu
+    from softxent.torch import backends
 
-    monkeypatch.setattr(ops, "FORCE_FALLBACK", request.param == "fallback")
+    if request.param == "triton" and not gpu.runs_on("cpu"):
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 with triton installed")
+
+    monkeypatch.setattr(backends, "FORCE_BACKEND", None if request.param == "numba" else request.param)
     return request.param

@@ -15,12 +15,15 @@ def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, ca
     for name in ("softxent", "torch eager F.cross_entropy", "torch.compile F.cross_entropy"):
         assert (name, "forward") in names and (name, "forward+backward") in names
     assert ("softxent inplace_backward", "forward+backward") in names
+    assert ("softxent every option", "forward+backward") in names  # weights, smoothing, z-loss, softcap
     for r in rows:
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["fraction_of_baseline"] > 0 and r["gb_per_s"] > 0
         assert r["gflop_per_s"] is None
         expected_baseline = "read" if r["mode"] == "forward" else "copy"
         assert r["baseline"].startswith(expected_baseline)
-        if r["mode"] == "forward+backward" and "inplace" not in r["contender"]:
+        if r["contender"] == "softxent every option":  # another loss: no error against plain F.cross_entropy
+            assert r["loss_rel_error"] is None
+        elif r["mode"] == "forward+backward" and "inplace" not in r["contender"]:
             assert r["loss_rel_error"] < 1e-5 and r["grad_max_abs_error"] < 1e-6
     compiled = [r for r in rows if r["contender"].startswith("torch.compile")]
     assert all(r["compile_s"] > 0 for r in compiled)
@@ -53,6 +56,8 @@ def test_bench_lce_suite_compares_the_fused_versions_with_the_naive_one(tmp_path
     rows = {r["contender"]: r for r in payload["rows"]}
     for name in ("softxent linear_cross_entropy", "naive F.linear + F.cross_entropy", "torch.compile naive"):
         assert rows[name]["mode"] == "forward+backward"
+    floor = rows.pop("three GEMMs alone (floor)")  # the time floor: no loss to check
+    assert floor["ms"] > 0 and floor["loss_rel_error"] is None
     for r in rows.values():
         assert r["baseline"] == "naive F.linear + F.cross_entropy" and r["gb_per_s"] is None
         assert r["ms"] > 0 and r["gflop_per_s"] > 0 and r["fraction_of_baseline"] > 0

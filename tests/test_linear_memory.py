@@ -16,3 +16,17 @@ def test_first_full_size_step_peaks_under_a_tenth_of_the_logits():
     assert done.returncode == 0, done.stderr
     fraction = float(done.stdout.strip().splitlines()[-1])
     assert 0.0 < fraction <= 0.10, f"peak above inputs and gradients is {fraction:.1%} of the logits"
+
+
+def test_cuda_chunks_hold_four_percent_of_the_float32_logits():
+    """The CUDA chunk size (no GPU needed: a pure function of N, V, free memory and itemsize)."""
+    from softxent._linear_chunks import cuda_chunk_rows
+
+    free = 80 << 30
+    rows = cuda_chunk_rows(8192, 128256, free, 2)  # bf16 Llama-3 head
+    assert rows == 640 and rows * 128256 * 2 <= 0.05 * 8192 * 128256 * 4
+    rows = cuda_chunk_rows(4096, 32000, free, 4)  # fp32: 4 % is 163 rows, the floor is 256
+    assert rows == 256
+    assert cuda_chunk_rows(100, 32000, free, 4) == 100  # never more than N
+    assert cuda_chunk_rows(8192, 128256, 1 << 30, 2) == 512  # an eighth of 1 GiB free: 128 MiB of logits
+    assert cuda_chunk_rows(8192, 128256, 64 << 20, 2) == 256  # little free memory: the floor

@@ -50,6 +50,21 @@ MIN_CHUNK_ROWS = 64
 ROW_ALIGN = 16
 
 
+#: CUDA: a chunk of logits holds at most this fraction of the logits *in float32* (the
+#: bound on extra memory is 5 % of them; the rest is left to ∂H rows of skipped tokens)
+CUDA_CHUNK_FRACTION = 0.04
+#: CUDA: fewest rows per chunk, so that the three GEMMs of a chunk keep the tensor cores busy
+CUDA_MIN_CHUNK_ROWS = 256
+
+
+def cuda_chunk_rows(num_tokens: int, num_classes: int, free_bytes: int, itemsize: int) -> int:
+    """Tokens per CUDA chunk: logits of 4 % of the float32 N×V logits (never more than an
+    eighth of the free memory), rounded down to a multiple of 128, at least 256 (or N)."""
+    budget = min(int(num_tokens * num_classes * 4 * CUDA_CHUNK_FRACTION), free_bytes // 8)
+    rows = budget // max(1, num_classes * itemsize) // 128 * 128
+    return max(1, min(max(rows, CUDA_MIN_CHUNK_ROWS), num_tokens))
+
+
 def cpu_chunk_bytes(num_tokens: int, num_classes: int, itemsize: int) -> int:
     """Bytes of logits one CPU chunk may hold: 1/14 of all the logits,
     at least 8 MiB and at most 256 MiB."""
@@ -104,6 +119,8 @@ class ArrayOps:
         cross_entropy_rows: the fused kernel's contract (see
             :func:`softxent._reference.cross_entropy_rows`) writing the gradient over
             its logits argument; returns per-row losses.
+        logits_gemm_rows: rows per GEMM of a chunk's logits (CPU: below MKL's workspace
+            threshold; GPUs: the whole chunk in one GEMM).
     """
 
     empty: Callable[..., Any]
@@ -111,6 +128,7 @@ class ArrayOps:
     accumulate_matmul: Callable[[Any, Any, Any, bool], None]
     add_column_sums: Callable[[Any, Any, bool], None]
     cross_entropy_rows: Callable[..., Any]
+    logits_gemm_rows: int = LOGITS_GEMM_ROWS
 
 
 def active_tokens(target, opts: CrossEntropyOptions, nonzero):
@@ -194,8 +212,8 @@ def linear_cross_entropy_rows(
         z = buffer[: stop - start]
         # the logits GEMM by blocks of rows: a larger GEMM makes MKL allocate a workspace of
         # D×8192 floats that would count against the memory budget (∂H and ∂W GEMMs do not)
-        for r0 in range(0, stop - start, LOGITS_GEMM_ROWS):
-            r1 = min(r0 + LOGITS_GEMM_ROWS, stop - start)
+        for r0 in range(0, stop - start, ops.logits_gemm_rows):
+            r1 = min(r0 + ops.logits_gemm_rows, stop - start)
             ops.matmul_into(h[r0:r1], w_t, z[r0:r1])
         if linear_bias is not None:
             z += linear_bias

@@ -28,6 +28,8 @@ class Contender:
     compile_seconds: float | None = None
     #: bytes of the gradients it returns (subtracted from its peak to get its overhead)
     gradient_bytes: int = 0
+    #: False for a contender computing another loss (its error against the reference means nothing)
+    checked: bool = True
 
     def clear_gradients(self) -> None:
         """Drop the gradients a previous call left on the leaves (before measuring memory)."""
@@ -121,6 +123,20 @@ def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed:
             _no_grad(sxt.cross_entropy, logits, target),
             _backward_into_leaves(sxt.cross_entropy, [leaf], target),
             gradient_bytes=grad_bytes,
+        )
+    )
+    class_weight = torch.rand(v, generator=torch.Generator().manual_seed(seed + 1)).to(device) + 0.5
+
+    def every_option(x, t):
+        return sxt.cross_entropy(x, t, weight=class_weight, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+
+    problem.contenders.append(
+        Contender(
+            "softxent every option",
+            _no_grad(every_option, logits, target),
+            _backward_into_leaves(every_option, [leaf], target),
+            gradient_bytes=grad_bytes,
+            checked=False,  # another loss: weights, smoothing, z-loss and softcap
         )
     )
     if logits.dim() > 2:

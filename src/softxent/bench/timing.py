@@ -3,6 +3,8 @@
 Times are medians over repetitions.  A contender and its baseline (a same-size
 memory copy or read) are timed alternately, rep by rep, so that both see the
 same machine state; the reported fraction is the median of the per-rep ratios.
+On CUDA each rep is ``triton.testing.do_bench`` (CUDA events, L2 flushed between
+calls, median of its own runs) when Triton is installed.
 """
 
 from __future__ import annotations
@@ -36,14 +38,26 @@ class Timing:
     fraction_of_baseline: float  # median of baseline / contender over the reps
 
 
+def _do_bench(device: torch.device):
+    """``triton.testing.do_bench`` in seconds on CUDA, None where it does not apply."""
+    if device.type != "cuda":
+        return None
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+
+
 def time_against(fn: Callable[[], object], baseline: Callable[[], object], reps: int, device: torch.device) -> Timing:
     """Median times of ``fn`` and ``baseline`` measured alternately (one warm-up call each)."""
     fn()
     baseline()
+    bench = _do_bench(device) or (lambda f: time_once(f, device))
     pairs = []
     for _ in range(reps):
-        b = time_once(baseline, device)
-        t = time_once(fn, device)
+        b = bench(baseline)
+        t = bench(fn)
         pairs.append((t, b))
     return Timing(
         seconds=statistics.median(t for t, _ in pairs),

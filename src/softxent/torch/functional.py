@@ -24,7 +24,7 @@ from .._validate import (
     normalize_axis,
 )
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
-from . import cpu_bridge, fallback, ops
+from . import backends, cpu_bridge, fallback, ops
 
 
 def _check_input(input: Tensor, name: str = "input") -> None:
@@ -208,7 +208,7 @@ def cross_entropy(
     use_inplace = (
         inplace_backward
         and compute_grad
-        and input.device.type == "cpu"
+        and backends.writes_gradient_in_place(input.device)
         and not torch.compiler.is_compiling()
         and rows.dim() == 2
         and rows.data_ptr() == input.data_ptr()
@@ -266,7 +266,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 class _InplaceCrossEntropy(torch.autograd.Function):
-    """Eager CPU path of ``inplace_backward=True``: the kernel writes the gradient
+    """Eager path of ``inplace_backward=True`` (fused CPU and Triton kernels): the kernel writes the gradient
     over the logits' storage, so no N×C buffer is allocated."""
 
     @staticmethod
@@ -274,7 +274,9 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx, logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap
     ):
         opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
-        rows_fn = partial(cpu_bridge.cross_entropy_rows, inplace=True)
+        rows_fn = backends.cross_entropy_rows(logits.device)
+        if rows_fn is cpu_bridge.cross_entropy_rows:
+            rows_fn = partial(rows_fn, inplace=True)
         loss, grad = ops._forward(rows_fn, logits, target, weight, opts, True, logits)
         # autograd must know the logits changed: anything that saved them now fails loudly
         torch.autograd.graph.increment_version(logits)
@@ -308,9 +310,9 @@ def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
 
     Drop-in for ``torch.softmax`` / ``F.softmax``: same result shape and dtype
     (``dtype`` casts the input first).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
-    On CPU it runs a fused Numba kernel; elsewhere ``torch.softmax``.
+    On CPU it runs a fused Numba kernel, on CUDA a fused Triton kernel; elsewhere ``torch.softmax``.
     """
-    if input.device.type != "cpu":
+    if backends.name(input.device) == "fallback":
         return torch.softmax(input, dim, dtype=dtype)
     return _rows_call(ops.softmax_op, input, dim, dtype)
 
@@ -320,7 +322,7 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
 
     Drop-in for ``torch.log_softmax``.  Gradient: ``g − softmax(z)·Σ_k g_k``.
     """
-    if input.device.type != "cpu":
+    if backends.name(input.device) == "fallback":
         return torch.log_softmax(input, dim, dtype=dtype)
     return _rows_call(ops.log_softmax_op, input, dim, dtype)
 
@@ -336,7 +338,7 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
             _check_input(input)
             return torch.logsumexp(input, dim, keepdim=keepdim)
         dim = dim[0]
-    if input.device.type != "cpu":
+    if backends.name(input.device) == "fallback":
         return torch.logsumexp(input, dim, keepdim=keepdim)
     _check_input(input)
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")

@@ -29,17 +29,19 @@ from torch import Tensor
 from .. import _reduction
 from .._errors import InvalidArgumentError
 from .._linear_chunks import (
+    LOGITS_GEMM_ROWS,
     ArrayOps,
     Gradients,
     active_tokens,
     auto_chunk_rows,
     blocked_accumulate_matmul,
     cpu_chunk_bytes,
+    cuda_chunk_rows,
     linear_cross_entropy_rows,
 )
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_linear_shapes, check_target_range
-from . import cpu_bridge, cpu_buffers, fallback, ops
+from . import backends, cpu_bridge, cpu_buffers, fallback, ops
 from .functional import _autocast_enabled, _check_input, _check_target, class_indices, composite_needed, cross_entropy
 from .linear_options import chunk_size_from_options
 
@@ -75,14 +77,15 @@ def _add_column_sums(acc: Tensor, g: Tensor, overwrite: bool) -> None:
 
 
 def _uses_cpu_kernel(device: torch.device) -> bool:
-    return device.type == "cpu" and not ops.FORCE_FALLBACK
+    return backends.name(device) == "numba"
 
 
 def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None):
-    """Per-row losses: float64 from the fused CPU kernel, the compute dtype from the fallback."""
+    """Per-row losses: float64 from the fused CPU kernel, the compute dtype elsewhere; the fused
+    kernels write the gradient over the chunk's logits."""
     if _uses_cpu_kernel(device):
         return cpu_bridge.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
-    return fallback.cross_entropy_rows(z, target, weight, opts, scale, grad_out)[0]
+    return backends.cross_entropy_rows(device)(z, target, weight, opts, scale, grad_out)
 
 
 def _array_ops(device: torch.device) -> ArrayOps:
@@ -92,16 +95,26 @@ def _array_ops(device: torch.device) -> ArrayOps:
         accumulate_matmul=_accumulate_matmul,
         add_column_sums=_add_column_sums,
         cross_entropy_rows=partial(_cross_entropy_rows, device),
+        logits_gemm_rows=LOGITS_GEMM_ROWS if device.type == "cpu" else 1 << 62,
     )
 
 
-def chunk_budget_bytes(device: torch.device, num_tokens: int, num_classes: int, itemsize: int) -> int:
-    """Bytes of logits one chunk may hold: on CUDA an eighth of the free memory,
-    at most 1 GiB; elsewhere :func:`softxent._linear_chunks.cpu_chunk_bytes`."""
+def chunk_rows_for(device: torch.device, num_tokens: int, num_classes: int, itemsize: int) -> int:
+    """Tokens per chunk: on CUDA :func:`softxent._linear_chunks.cuda_chunk_rows` (4 % of the
+    float32 logits); elsewhere the CPU budget :func:`softxent._linear_chunks.cpu_chunk_bytes`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(min(free // 8, 1 << 30))
-    return cpu_chunk_bytes(num_tokens, num_classes, itemsize)
+        return cuda_chunk_rows(num_tokens, num_classes, free, itemsize)
+    return auto_chunk_rows(num_tokens, num_classes, itemsize, cpu_chunk_bytes(num_tokens, num_classes, itemsize))
+
+
+def accumulation_dtype(device: torch.device, matmul_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype:
+    """dtype in which ∂W and ∂b accumulate over the chunks: on CUDA the parameter's own
+    (cuBLAS adds each chunk's product in float32 and rounds once, so no float32 copy of ∂W
+    is held — 2 GB at V=128256, D=4096); elsewhere float32 at least."""
+    if device.type == "cuda":
+        return torch.promote_types(matmul_dtype, param_dtype)
+    return torch.promote_types(fallback.compute_dtype(matmul_dtype), param_dtype)
 
 
 def _target_gradient_hook(dq: Tensor, weight: Tensor | None, opts: CrossEntropyOptions, scale):
@@ -160,8 +173,12 @@ def _run(
         # no page faults for the N×D and V×D gradients in a training loop.
         grads = Gradients(
             hidden=_empty(h.shape, h) if wanted[0] else None,
-            weight=_empty(w.shape, w, torch.promote_types(acc, linear_weight.dtype)) if wanted[1] else None,
-            bias=_empty((num_classes,), w, torch.promote_types(acc, linear_bias.dtype)) if wanted[2] else None,
+            weight=_empty(w.shape, w, accumulation_dtype(w.device, matmul_dtype, linear_weight.dtype))
+            if wanted[1]
+            else None,
+            bias=_empty((num_classes,), w, accumulation_dtype(w.device, matmul_dtype, linear_bias.dtype))
+            if wanted[2]
+            else None,
         )
         if tokens is not None and grads.hidden is not None:
             grads.hidden.zero_()  # the rows of skipped tokens
@@ -169,9 +186,7 @@ def _run(
             d_target = torch.zeros_like(target)
             grads.before_gradient = _target_gradient_hook(d_target, weight, opts, scale)
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
-    chunk = chunk_size or auto_chunk_rows(
-        num_tokens, num_classes, itemsize, chunk_budget_bytes(hidden.device, num_tokens, num_classes, itemsize)
-    )
+    chunk = chunk_size or chunk_rows_for(hidden.device, num_tokens, num_classes, itemsize)
     linear_cross_entropy_rows(
         _array_ops(hidden.device),
         h,

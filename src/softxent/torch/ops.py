@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import _reduction
 from .._options import CrossEntropyOptions
 from .._validate import check_target_range
-from . import cpu_bridge, cpu_buffers, fallback
+from . import backends, cpu_bridge, cpu_buffers, fallback
 
 _NO_DOUBLE_BACKWARD = (
     "softxent.torch: double backward (create_graph=True) through {name} is not supported: "
@@ -52,17 +52,34 @@ def _reduced_loss(loss_rows: Tensor, reduction: str, loss_scale: float, dtype: t
 
 def _loss_scale(rows_fn, logits: Tensor, target: Tensor, weight, opts: CrossEntropyOptions, is_index: bool) -> float:
     """Check the class indices and return the factor of Σℓ (1/D for mean): one Numba pass
-    over the targets on CPU, PyTorch ops elsewhere."""
+    over the targets on CPU, one fused reduction and a single host sync elsewhere."""
     num_classes = logits.shape[1]
-    if is_index and _is_cpu_kernel(rows_fn):
-        bad, count, weight_sum = cpu_bridge.index_target_stats(target, num_classes, opts, weight)
+    if is_index:
+        if _is_cpu_kernel(rows_fn):
+            bad, count, weight_sum = cpu_bridge.index_target_stats(target, num_classes, opts, weight)
+        else:
+            bad, count, weight_sum = _device_target_stats(target, num_classes, opts, weight)
         if bad:
             check_target_range(target.reshape(-1), num_classes, opts.ignore_index)  # raises, naming the index
         return _reduction.reduced_loss_scale(opts.reduction, (weight_sum, count))
-    if is_index:
-        check_target_range(target, num_classes, opts.ignore_index)
-    flat = target.reshape(-1) if is_index else target.movedim(1, -1).reshape(-1, num_classes)
+    flat = target.movedim(1, -1).reshape(-1, num_classes)
     return _reduction.loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index)
+
+
+def _device_target_stats(target: Tensor, num_classes: int, opts: CrossEntropyOptions, weight):
+    """(out-of-range count, counted samples, their weight sum) of class indices on any device,
+    read back to the host in one transfer."""
+    t = target.reshape(-1)
+    valid = torch.ones_like(t, dtype=torch.bool) if opts.ignore_index is None else t != opts.ignore_index
+    bad = valid & ((t < 0) | (t >= num_classes))
+    counted = valid & ~bad
+    if weight is None:
+        weight_sum = counted.sum(dtype=torch.float64)
+    else:
+        weight_sum = torch.where(counted, weight.to(torch.float64)[torch.where(counted, t, 0)], 0.0).sum()
+    stats = torch.stack([bad.sum(dtype=torch.float64), counted.sum(dtype=torch.float64), weight_sum])
+    bad_count, count, total = stats.tolist()
+    return int(bad_count), int(count), total
 
 
 def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute_grad: bool, grad: Tensor | None):
@@ -99,14 +116,6 @@ def _class_major_by_rows(rows_fn, logits, target, weight, opts, scale, grad_out)
     return loss
 
 
-#: run the blocks-of-PyTorch-ops path on CPU too (tests use it to check that path)
-FORCE_FALLBACK = False
-
-
-def _fallback_rows(*args):
-    return fallback.cross_entropy_rows(*args)[0]
-
-
 _CPU_KERNELS = (cpu_bridge.cross_entropy_rows,)
 
 
@@ -115,11 +124,8 @@ def _is_cpu_kernel(rows_fn) -> bool:
 
 
 def rows_backend(device: torch.device):
-    """The per-row implementation for ``device``: the fused Numba kernel on CPU,
-    blocks of PyTorch ops anywhere else."""
-    if device.type == "cpu" and not FORCE_FALLBACK:
-        return cpu_bridge.cross_entropy_rows
-    return _fallback_rows
+    """The per-row implementation for ``device`` (:func:`softxent.torch.backends.cross_entropy_rows`)."""
+    return backends.cross_entropy_rows(device)
 
 
 @torch.library.custom_op("softxent::cross_entropy", mutates_args=())
@@ -253,9 +259,30 @@ def softmax_op(z: Tensor) -> Tensor:
     return torch.softmax(z, dim=1)
 
 
-@softmax_op.register_kernel("cpu")
-def _softmax_cpu(z):
-    return cpu_bridge.softmax_rows(z.contiguous())
+def _rows_kernel(numba_fn, triton_name: str, **kwargs):
+    """The op's kernel for a device: Numba on CPU, Triton on CUDA (and on CPU when a test forces
+    it), PyTorch's own op where neither serves (``None``)."""
+
+    def kernel(z: Tensor) -> Tensor:
+        backend = backends.name(z.device)
+        if backend == "numba":
+            return numba_fn(z.contiguous())
+        if backend == "triton":
+            return getattr(backends.triton_module("softmax"), triton_name)(z.contiguous(), **kwargs)
+        return None
+
+    return kernel
+
+
+_softmax_kernel = _rows_kernel(cpu_bridge.softmax_rows, "softmax_rows")
+_log_softmax_kernel = _rows_kernel(cpu_bridge.log_softmax_rows, "softmax_rows", log=True)
+_logsumexp_kernel = _rows_kernel(cpu_bridge.logsumexp_rows, "logsumexp_rows")
+
+
+@softmax_op.register_kernel(("cpu", "cuda"))
+def _softmax_device(z):
+    out = _softmax_kernel(z)
+    return torch.softmax(z, dim=1) if out is None else out
 
 
 @torch.library.custom_op("softxent::log_softmax", mutates_args=())
@@ -264,9 +291,10 @@ def log_softmax_op(z: Tensor) -> Tensor:
     return torch.log_softmax(z, dim=1)
 
 
-@log_softmax_op.register_kernel("cpu")
-def _log_softmax_cpu(z):
-    return cpu_bridge.log_softmax_rows(z.contiguous())
+@log_softmax_op.register_kernel(("cpu", "cuda"))
+def _log_softmax_device(z):
+    out = _log_softmax_kernel(z)
+    return torch.log_softmax(z, dim=1) if out is None else out
 
 
 @torch.library.custom_op("softxent::logsumexp", mutates_args=())
@@ -275,9 +303,10 @@ def logsumexp_op(z: Tensor) -> Tensor:
     return torch.logsumexp(z, dim=1)
 
 
-@logsumexp_op.register_kernel("cpu")
-def _logsumexp_cpu(z):
-    return cpu_bridge.logsumexp_rows(z.contiguous())
+@logsumexp_op.register_kernel(("cpu", "cuda"))
+def _logsumexp_device(z):
+    out = _logsumexp_kernel(z)
+    return torch.logsumexp(z, dim=1) if out is None else out
 
 
 @softmax_op.register_fake
@@ -299,21 +328,61 @@ def _save_input_and_output(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output)
 
 
-# Backward formulas in differentiable PyTorch ops on the saved output, so that
-# higher derivatives work: they differentiate back into these ops.
+def _softmax_backward_formula(y: Tensor, g: Tensor, log: bool) -> Tensor:
+    """∂z of softmax (p ⊙ (g − ⟨g, p⟩)) or log_softmax (g − e^{log p}·Σg) in differentiable PyTorch ops."""
+    if log:
+        return g - torch.exp(y) * g.sum(dim=1, keepdim=True)
+    return y * (g - (g * y).sum(dim=1, keepdim=True))
+
+
+@torch.library.custom_op("softxent::softmax_backward", mutates_args=())
+def softmax_backward_op(y: Tensor, g: Tensor, log: bool) -> Tensor:
+    """∂z of softmax (``log``: log_softmax) of rows (M, C) from the forward output ``y`` and ``g``."""
+    if backends.name(y.device) == "triton":
+        return backends.triton_module("softmax").softmax_backward_rows(y.contiguous(), g, log)
+    return _softmax_backward_formula(y, g, log)
+
+
+@torch.library.custom_op("softxent::logsumexp_backward", mutates_args=())
+def logsumexp_backward_op(z: Tensor, lse: Tensor, g: Tensor) -> Tensor:
+    """∂z_j = g·e^{z_j − lse} of rows ``z`` (M, C)."""
+    if backends.name(z.device) == "triton":
+        return backends.triton_module("softmax").logsumexp_backward_rows(z.contiguous(), lse, g)
+    return g[:, None] * torch.exp(z - lse[:, None])
+
+
+@softmax_backward_op.register_fake
+def _softmax_backward_fake(y, g, log):
+    return torch.empty_like(y)
+
+
+@logsumexp_backward_op.register_fake
+def _logsumexp_backward_fake(z, lse, g):
+    return torch.empty_like(z)
+
+
+# Backward formulas: the fused backward kernels in a plain backward; differentiable PyTorch
+# ops on the saved output when a graph of the backward is built (create_graph), so that
+# higher derivatives differentiate back into these ops.
 def _softmax_backward(ctx, g):
     (p,) = ctx.saved_tensors
-    return p * (g - (g * p).sum(dim=1, keepdim=True))
+    if torch.is_grad_enabled():
+        return _softmax_backward_formula(p, g, False)
+    return softmax_backward_op(p, g, False)
 
 
 def _log_softmax_backward(ctx, g):
     (log_p,) = ctx.saved_tensors
-    return g - torch.exp(log_p) * g.sum(dim=1, keepdim=True)
+    if torch.is_grad_enabled():
+        return _softmax_backward_formula(log_p, g, True)
+    return softmax_backward_op(log_p, g, True)
 
 
 def _logsumexp_backward(ctx, g):
     z, lse = ctx.saved_tensors
-    return g[:, None] * torch.exp(z - lse[:, None])
+    if torch.is_grad_enabled():
+        return g[:, None] * torch.exp(z - lse[:, None])
+    return logsumexp_backward_op(z, lse, g)
 
 
 softmax_op.register_autograd(_softmax_backward, setup_context=_save_output)

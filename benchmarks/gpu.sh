@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One prepared GPU run: the CUDA tests and the benchmarks of both suites against torch eager,
+# torch.compile, Liger-Kernel and Cut Cross-Entropy, in one process per suite.
+#
+#   bash benchmarks/gpu.sh OUT_DIR
+#
+# Works on a machine with torch, Triton, NumPy and Numba but neither softxent nor the peers
+# installed: softxent runs from this tree (PYTHONPATH=src); the peers' wheels are taken from
+# $WHEELS, else .wheels/, else ../shared/wheels/, and installed into a temporary folder.
+# Writes OUT_DIR/{versions.txt, pytest-gpu.txt, ce-*.{json,md}, lce-*.{json,md}, summary.md}.
+# About 4 minutes on one H100.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+site=$(mktemp -d)
+for dir in "${WHEELS:-}" .wheels ../shared/wheels; do
+  if [ -n "$dir" ] && ls "$dir"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target "$site" "$dir"/*.whl && break
+  fi
+done
+export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+python3 - > "$out/versions.txt" 2>&1 <<'PY'
+import importlib, torch
+print("gpu:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+print("torch:", torch.__version__, "cuda:", torch.version.cuda)
+for m in ("triton", "numpy", "numba", "liger_kernel", "cut_cross_entropy"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m}:", getattr(mod, "__version__", "installed"))
+    except Exception as e:
+        print(f"{m}: missing ({type(e).__name__})")
+PY
+cat "$out/versions.txt"
+
+# correctness first: the kernels on CUDA (their CPU-interpreter twins run in CI)
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tail -15 \
+  | tee "$out/pytest-gpu.txt"
+
+bench() {  # name, then bench arguments
+  local name=$1; shift
+  timeout 240 python3 -m softxent bench --device cuda --out "$out/$name" --json "$out/$name.json" "$@" \
+    > "$out/$name.md" 2> "$out/$name.log" || echo "bench $name failed: see $name.log" | tee -a "$out/summary.md"
+}
+bench ce-bf16 --suite ce --dtype bfloat16 --shape 8192x128256 --shape 8192x256000 --reps 3
+bench ce-fp32 --suite ce --dtype float32 --shape 4096x32000 --reps 3
+bench lce-bf16 --suite lce --dtype bfloat16 --shape 8192x4096x128256 --reps 3
+bench lce-fp32 --suite lce --dtype float32 --shape 4096x1024x32000 --reps 3
+{
+  echo "# softxent GPU run"; echo; echo '```'; cat "$out/versions.txt"; echo '```'
+  for f in ce-bf16 ce-fp32 lce-bf16 lce-fp32; do echo; echo "## $f"; echo; cat "$out/$f.md"; done
+} >> "$out/summary.md"
+echo "wrote $out/summary.md"

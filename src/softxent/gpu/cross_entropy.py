@@ -1,0 +1,261 @@
+r"""Fused cross-entropy on the GPU (Triton): loss and gradient of every row in one launch.
+
+Per row z (C,) — one program per row, or per several short rows — with the options of :mod:`softxent._reference`
+(weights w, label smoothing ε, z-loss λ, softcap s, class index t or probabilities q):
+
+1. sweep over the row in tiles (``evict_last``): running max m, s = Σ e^{z−m}, and —
+   for smoothing or probability targets — Y = Σ y_k and Σ y_k (z_k − ref) relative to
+   the running max ``ref`` (rescaled when it grows), so no product is formed at the
+   scale of |z|;
+2. the loss relative to the row max (never lse − z_t in the input precision):
+
+   ℓ = (1−ε)·w_t·(log s − (z_t − m)) + (ε/C)·(W·log s − Σ_k w_k (z_k − m)) + λ·lse²   (class index)
+   ℓ = Y·log s − Σ_k y_k (z_k − m) + λ·lse²,  y_k = w_k·((1−ε)·q_k + ε/C)            (probabilities)
+
+3. sweep again (``evict_first``; the row is in L2): g_j = r·(A·p_j) − r·y_j with
+   A = Σ_k y_k + 2λ·lse, p_j = e^{z_j − m}/s, × (1 − tanh²(z_j/s)) with softcap,
+   r the row's scale (1/D for a mean, per row for ``reduction="none"`` upstream).
+
+The gradient may overwrite the logits (``grad_out`` is ``logits``): each tile is
+read before it is written.  Ignored rows get ℓ = 0 and a zero gradient row; a
+class index outside [0, C) that is not ignored gives a NaN loss and a NaN
+gradient row — the host check before the launch raises first, so this only
+shows where no host check runs (inside a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._options import CrossEntropyOptions
+from .launch import compute_type, row_config
+from .row_math import load_tile, normalizer, online_step, tanh
+
+
+@triton.jit
+def _target_tile(ptrs_q, ptrs_w, mask, keep, uniform, ACC: tl.constexpr, HAS_PROB, HAS_WEIGHT, EVICT: tl.constexpr):
+    """y of a tile: w·(keep·q + uniform) for probabilities, w (1 without weights) for the
+    smoothing term of class indices; 0 where ``mask`` is False."""
+    if HAS_PROB:
+        y = keep * tl.load(ptrs_q, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC) + uniform
+    else:
+        y = tl.full(mask.shape, 1.0, ACC)
+    if HAS_WEIGHT:
+        y = y * tl.load(ptrs_w, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, y, 0.0)
+
+
+@triton.jit
+def cross_entropy_kernel(
+    z_ptr,
+    z_stride,
+    g_ptr,
+    g_stride,
+    t_ptr,
+    q_ptr,
+    q_stride,
+    w_ptr,
+    scale_ptr,
+    loss_ptr,
+    params_ptr,
+    num_rows,
+    num_classes,
+    ignore_index,
+    HAS_PROB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Loss (and gradient) of rows ``ROWS·program_id(0) …`` (a tile of ROWS × BLOCK at a
+    time); see the module docstring."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    cols = tl.arange(0, BLOCK)
+    # the float options travel in a tensor of the compute type (a float argument would be float32)
+    scale_value = tl.load(params_ptr + 0)
+    eps = tl.load(params_ptr + 1)
+    lam = tl.load(params_ptr + 2)
+    cap = tl.load(params_ptr + 3)
+    weight_sum = tl.load(params_ptr + 4)
+    keep = 1.0 - eps
+    uniform = eps / num_classes
+    if HAS_PROB:
+        t = tl.zeros([ROWS], tl.int64)
+        active = row_ok
+        bad = rows < 0
+    else:
+        # without ignore_index the host passes a value no valid index has
+        t = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
+        active = row_ok & (t != ignore_index)
+        bad = active & ((t < 0) | (t >= num_classes))
+    safe_t = tl.where(active & ~bad, t, 0)
+    fetch = active & ~bad  # rows whose logits are read (ignored and bad rows are not)
+    z_rows = z_ptr + rows[:, None] * z_stride
+    g_rows = g_ptr + rows[:, None] * g_stride
+    q_rows = q_ptr + rows[:, None] * q_stride
+    # a tile of only skipped rows reads nothing: its sweeps have no iterations
+    sweep_end = tl.where(tl.max(fetch.to(tl.int32), axis=0) > 0, num_classes, 0)
+
+    w_t = tl.full([ROWS], 1.0, ACC)
+    z_t = tl.zeros([ROWS], ACC)
+    if not HAS_PROB:
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + safe_t, mask=fetch, other=1.0).to(ACC)
+        # read before the gradient sweep may overwrite it
+        z_t = tl.load(z_ptr + rows * z_stride + safe_t, mask=fetch, other=0.0).to(ACC)
+        if HAS_CAP:
+            z_t = cap * tanh(z_t / cap)
+    m = tl.full([ROWS], float("-inf"), ACC)
+    s = tl.zeros([ROWS], ACC)
+    ref = tl.zeros([ROWS], ACC)  # the dot products are relative to ref: the running max once finite
+    dot = tl.zeros([ROWS], ACC)
+    y_total = tl.zeros([ROWS], ACC)
+    for start in range(0, sweep_end, BLOCK):
+        c = start + cols
+        mask = fetch[:, None] & (c < num_classes)[None, :]
+        z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
+        m, s, m_safe = online_step(z, m, s)
+        if HAS_PROB or HAS_SMOOTH:
+            y = _target_tile(
+                q_rows + c[None, :], w_ptr + c[None, :], mask, keep, uniform, ACC, HAS_PROB, HAS_WEIGHT, "evict_last"
+            )
+            new_ref = tl.where((m > float("-inf")) & (m < float("inf")), m, ref)
+            dot = dot + y_total * (ref - new_ref)
+            ref = new_ref
+            dot = dot + tl.sum(tl.where(mask, y * (z - ref[:, None]), 0.0), axis=1)
+            y_total = y_total + tl.sum(y, axis=1)
+    log_s = normalizer(m, s)
+    lse = m + log_s
+    dot_rel = dot + y_total * (ref - m)  # Σ_k y_k (z_k − m)
+    if HAS_PROB:
+        total = y_total
+        loss = y_total * log_s - dot_rel
+    else:
+        total = keep * w_t
+        loss = keep * w_t * (log_s - (z_t - m))
+        if HAS_SMOOTH:
+            total = total + uniform * weight_sum
+            smooth = weight_sum * log_s - dot_rel  # Σ_k w_k·(−log p_k)
+            # inf − inf: an infinite weight times −log p_k > 0, as the direct sum gives
+            w_sum = tl.zeros([ROWS], ACC) + weight_sum
+            smooth = tl.where((smooth != smooth) & (w_sum == float("inf")) & (log_s == log_s), w_sum, smooth)
+            loss = loss + uniform * smooth
+    if HAS_ZLOSS:
+        loss = loss + lam * lse * lse
+    loss = tl.where(bad, float("nan"), tl.where(active, loss, 0.0))
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
+    if WANT_GRAD:
+        if ROW_SCALE:
+            r = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        else:
+            r = tl.full([ROWS], 1.0, ACC) * scale_value
+        base = r * (total + 2.0 * lam * lse) / s
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for start in range(0, num_classes, BLOCK):
+            c = start + cols
+            in_row = (c < num_classes)[None, :]
+            mask = fetch[:, None] & in_row
+            z, th = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_first")
+            g = base[:, None] * tl.exp(z - m_safe[:, None])
+            if HAS_PROB or HAS_SMOOTH:
+                y = _target_tile(
+                    q_rows + c[None, :],
+                    w_ptr + c[None, :],
+                    mask,
+                    keep,
+                    uniform,
+                    ACC,
+                    HAS_PROB,
+                    HAS_WEIGHT,
+                    "evict_first",
+                )
+                if not HAS_PROB:
+                    y = uniform * y
+            else:
+                y = tl.zeros([ROWS, BLOCK], ACC)
+            if not HAS_PROB:
+                y = y + tl.where(c[None, :] == t[:, None], (keep * w_t)[:, None], 0.0)
+            # r·(A·p) − r·y, not r·(A·p − y): an infinite r (weights summing to 0) gives PyTorch's NaN/inf
+            g = g - tl.where(y == 0.0, 0.0, r[:, None] * y)
+            if HAS_CAP:
+                g = g * (1.0 - th * th)
+            g = tl.where(bad[:, None], float("nan"), tl.where(active[:, None], g, 0.0))
+            tl.store(g_rows + c[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & in_row)
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CrossEntropyOptions,
+    scale: float | torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row losses (M,) — float32, float64 for float64 logits — of rows ``logits`` (M, C)
+    (copied first unless their last dimension is contiguous); with ``scale`` (a number, or one per row) the gradient
+    scale_i·∂ℓ_i/∂z_i goes to ``grad_out`` (M, C), which may be ``logits`` itself (in place).
+
+    ``target``: class indices (M,) int64, or probabilities (M, C).  The caller has
+    checked the indices (out-of-range rows get NaN here, never a stray memory access).
+    """
+    if grad_out is not None and grad_out.stride(-1) != 1 and grad_out.shape[-1] > 1:
+        grad_rows = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+        loss = cross_entropy_rows(logits, target, weight, opts, scale, grad_rows)
+        grad_out.copy_(grad_rows)
+        return loss
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        logits = logits.contiguous()
+    num_rows, num_classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(num_rows, dtype=acc, device=logits.device)
+    if num_rows == 0:
+        return loss
+    has_prob = target.dim() == 2
+    want_grad = scale is not None
+    row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0 and scale.numel() > 1
+    scale_t = scale.to(device=logits.device, dtype=acc).reshape(-1).contiguous() if row_scale else loss
+    scale_value = float(scale) if want_grad and not row_scale else 0.0
+    weight_sum = float(num_classes) if weight is None else float(weight.to(torch.float64).sum())
+    cap = 0.0 if opts.softcap is None else opts.softcap
+    params = torch.tensor([scale_value, opts.label_smoothing, opts.z_loss, cap, weight_sum], dtype=acc)
+    q = target.contiguous() if has_prob and target.stride(-1) != 1 else target
+    idx = logits if has_prob else target.to(torch.int64).contiguous()
+    w = logits if weight is None else weight.to(device=logits.device, dtype=acc).contiguous()
+    g = grad_out if want_grad else logits
+    rows_per_program, block, num_warps = row_config(num_classes, logits.element_size())
+    cross_entropy_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+        logits,
+        logits.stride(0),
+        g,
+        g.stride(0),
+        idx,
+        q,
+        q.stride(0) if has_prob else 0,
+        w,
+        scale_t,
+        loss,
+        params.to(logits.device),
+        num_rows,
+        num_classes,
+        -(2**62) if opts.ignore_index is None else opts.ignore_index,
+        HAS_PROB=has_prob,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTH=opts.label_smoothing > 0.0,
+        HAS_ZLOSS=opts.z_loss > 0.0,
+        HAS_CAP=opts.softcap is not None,
+        WANT_GRAD=want_grad,
+        ROW_SCALE=row_scale,
+        ACC=compute_type(logits.dtype),
+        ROWS=rows_per_program,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return loss

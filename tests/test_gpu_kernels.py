@@ -1,0 +1,258 @@
+"""The Triton kernels of softxent.gpu against the float64 reference.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets
+``TRITON_INTERPRET=1``), small shapes; on a machine with CUDA the same tests run
+on the GPU, and ``pytest -m gpu`` adds larger shapes.  Every option, fp32 /
+fp16 / bf16 / fp64, C = 1, 2, odd, C not a multiple of the tile (several tiles
+per row), N = 1, all-ignored, out-of-range targets (NaN rows), per-row scales,
+in-place gradients.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from softxent import _reference, gpu
+from softxent._options import CrossEntropyOptions
+from softxent.gpu.launch import MAX_BLOCK
+
+triton_ce = pytest.importorskip("softxent.gpu.cross_entropy", reason="triton is not installed")
+triton_softmax = pytest.importorskip("softxent.gpu.softmax")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not gpu.runs_on(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
+
+#: tolerance of loss and gradient against float64, by dtype (relative to the values' scale)
+TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(TOL)
+#: one row longer than a float32 tile: several tiles per row, the last one partial
+LONG = MAX_BLOCK[4] + 37
+
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 2.5},
+    "ignore": {"ignore_index": 1},
+    "everything": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0, "ignore_index": 0},
+}
+
+
+def _problem(num_rows, num_classes, dtype, probabilities, options, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z64 = torch.randn(num_rows, num_classes, generator=gen, dtype=torch.float64) * 3
+    z = z64.to(dtype)
+    kw = dict(options)
+    weight = torch.rand(num_classes, generator=gen, dtype=torch.float64) + 0.5 if kw.pop("weight", False) else None
+    if probabilities:
+        kw.pop("ignore_index", None)
+        target = torch.softmax(torch.randn(num_rows, num_classes, generator=gen, dtype=torch.float64), 1).to(dtype)
+    else:
+        target = torch.randint(0, num_classes, (num_rows,), generator=gen)
+        if "ignore_index" in kw and num_rows > 1:
+            target[::3] = kw["ignore_index"]
+    opts = CrossEntropyOptions(ignore_index=kw.pop("ignore_index", None), **kw)
+    return z, target, weight, opts
+
+
+def _reference_rows(z, target, weight, opts, scale):
+    """float64 loss and gradient of the rows as stored (after rounding to their dtype)."""
+    z64 = z.double().numpy()
+    t = target.numpy() if target.dim() == 1 else target.double().numpy()
+    w = None if weight is None else weight.numpy()
+    grad = np.empty_like(z64)
+    scale_np = scale.double().numpy() if isinstance(scale, torch.Tensor) else scale
+    loss = _reference.cross_entropy_rows(z64, t, w, opts, scale_np, grad)
+    return loss, grad
+
+
+def _close(ours, want, dtype):
+    ours = np.asarray(ours, np.float64)
+    scale = max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
+    np.testing.assert_allclose(ours, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_classes", [1, 2, 37, LONG])
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
+def test_cross_entropy_kernel_matches_float64_reference(dtype, num_classes, name, probabilities):
+    num_rows = 2 if num_classes == LONG else 5
+    options = OPTIONS[name]
+    z, target, weight, opts = _problem(num_rows, num_classes, dtype, probabilities, options)
+    want_loss, want_grad = _reference_rows(z, target, weight, opts, 0.7)
+    dev = [x if x is None else x.to(DEVICE) for x in (z, target, weight)]
+    grad = torch.empty_like(dev[0])
+    loss = triton_ce.cross_entropy_rows(*dev, opts, 0.7, grad)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _close(loss.cpu(), want_loss, dtype)
+    _close(grad.cpu().double(), want_grad, dtype)
+    # the loss alone (no gradient sweep) is the same loss
+    _close(triton_ce.cross_entropy_rows(*dev, opts).cpu(), want_loss, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_in_place_gradient_and_per_row_scale(dtype):
+    z, target, weight, opts = _problem(7, 300, dtype, False, OPTIONS["everything"], seed=3)
+    scale = torch.rand(7, dtype=torch.float64) + 0.25
+    want_loss, want_grad = _reference_rows(z, target, weight, opts, scale)
+    zd = z.to(DEVICE)
+    loss = triton_ce.cross_entropy_rows(zd, target.to(DEVICE), weight.to(DEVICE), opts, scale.to(DEVICE), zd)
+    _close(loss.cpu(), want_loss, dtype)
+    _close(zd.cpu().double(), want_grad, dtype)
+
+
+def test_one_row_and_every_row_ignored():
+    z, target, _, opts = _problem(1, 50, torch.float32, False, {})
+    want_loss, want_grad = _reference_rows(z, target, None, opts, 1.0)
+    grad = torch.empty_like(z, device=DEVICE)
+    loss = triton_ce.cross_entropy_rows(z.to(DEVICE), target.to(DEVICE), None, opts, 1.0, grad)
+    _close(loss.cpu(), want_loss, z.dtype)
+    _close(grad.cpu().double(), want_grad, z.dtype)
+
+    opts = CrossEntropyOptions(ignore_index=-100)
+    z = torch.randn(9, 50, device=DEVICE)
+    grad = torch.full_like(z, 5.0)
+    loss = triton_ce.cross_entropy_rows(z, torch.full((9,), -100, device=DEVICE), None, opts, 1.0, grad)
+    assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(grad) == 0
+
+
+def test_no_rows_launch_nothing():
+    loss = triton_ce.cross_entropy_rows(
+        torch.empty(0, 5, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE), None, CrossEntropyOptions()
+    )
+    assert loss.shape == (0,)
+
+
+def test_out_of_range_targets_give_nan_rows_and_never_touch_other_memory():
+    """What a CUDA graph sees, where no host check runs: NaN for the bad rows only."""
+    z = torch.randn(4, 10, device=DEVICE)
+    target = torch.tensor([1, 10, -5, 2], device=DEVICE)
+    grad = torch.zeros_like(z)
+    loss = triton_ce.cross_entropy_rows(z, target, None, CrossEntropyOptions(), 1.0, grad)
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert torch.isnan(grad[1:3]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e4, 1e8, 3e38])
+def test_precision_does_not_depend_on_the_logits_magnitude(magnitude):
+    """Relative to the row max: [M, M] is log 2 and a row of −3e38 is log C."""
+    z = torch.tensor([[magnitude, magnitude], [-magnitude, -magnitude]], device=DEVICE)
+    loss = triton_ce.cross_entropy_rows(z, torch.tensor([0, 1], device=DEVICE), None, CrossEntropyOptions())
+    torch.testing.assert_close(loss.cpu(), torch.full((2,), float(np.log(2.0))), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_classes", [1, 2, 37, LONG])
+def test_softmax_family_forward_and_backward(dtype, num_classes):
+    gen = torch.Generator().manual_seed(num_classes)
+    z = (torch.randn(3, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    g = torch.randn(3, num_classes, generator=gen, dtype=torch.float64).to(dtype)
+    z64, g64 = z.double(), g.double()
+    p64, lp64, lse64 = torch.softmax(z64, 1), torch.log_softmax(z64, 1), torch.logsumexp(z64, 1)
+    zd, gd = z.to(DEVICE), g.to(DEVICE)
+    p, lp, lse = triton_softmax.softmax_rows(zd), triton_softmax.softmax_rows(zd, log=True), None
+    lse = triton_softmax.logsumexp_rows(zd)
+    tol = dict(rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    torch.testing.assert_close(p.cpu().double(), p64, **tol)
+    torch.testing.assert_close(lp.cpu().double(), lp64, **tol)
+    torch.testing.assert_close(lse.cpu().double(), lse64, **tol)
+    # backward from the stored (rounded) forward outputs, against float64 formulas on them
+    p_s, lp_s, lse_s = p.cpu().double(), lp.cpu().double(), lse.cpu().double()
+    want_softmax = p_s * (g64 - (g64 * p_s).sum(1, keepdim=True))
+    want_log = g64 - torch.exp(lp_s) * g64.sum(1, keepdim=True)
+    gl = g64[:, 0]
+    want_lse = gl[:, None] * torch.exp(z64 - lse_s[:, None])
+    torch.testing.assert_close(triton_softmax.softmax_backward_rows(p, gd).cpu().double(), want_softmax, **tol)
+    torch.testing.assert_close(triton_softmax.softmax_backward_rows(lp, gd, log=True).cpu().double(), want_log, **tol)
+    got_lse = triton_softmax.logsumexp_backward_rows(zd, lse, gd[:, 0].contiguous())
+    torch.testing.assert_close(got_lse.cpu().double(), want_lse, **tol)
+
+
+def test_softmax_family_special_rows_follow_pytorch():
+    inf = float("inf")
+    z = torch.tensor([[-inf, -inf, -inf], [inf, 0.0, 1.0], [1e30, 1e30, -1e30], [0.0, float("nan"), 1.0]])
+    zd = z.to(DEVICE)
+    for ours, theirs in (
+        (triton_softmax.softmax_rows(zd), torch.softmax(z, 1)),
+        (triton_softmax.softmax_rows(zd, log=True), torch.log_softmax(z, 1)),
+        (triton_softmax.logsumexp_rows(zd), torch.logsumexp(z, 1)),
+    ):
+        torch.testing.assert_close(ours.cpu(), theirs, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="larger shapes run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 32000), (512, 128256), (65536, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_large_shapes_on_cuda(dtype, shape):
+    z, target, weight, opts = _problem(*shape, dtype, False, OPTIONS["everything"], seed=5)
+    want_loss, want_grad = _reference_rows(z, target, weight, opts, 1.0 / shape[0])
+    zd = z.cuda()
+    grad = torch.empty_like(zd)
+    loss = triton_ce.cross_entropy_rows(zd, target.cuda(), weight.cuda(), opts, 1.0 / shape[0], grad)
+    _close(loss.cpu(), want_loss, dtype)
+    _close(grad.cpu().double(), want_grad, dtype)
+
+
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax", "logsumexp"])
+def test_public_softmax_family_runs_the_triton_kernels_with_every_autograd_use(fn, monkeypatch):
+    """Through softxent.torch on the Triton backend: values, first and second derivatives."""
+    import softxent.torch as sxt
+    from softxent.torch import backends
+
+    monkeypatch.setattr(backends, "FORCE_BACKEND", None if DEVICE == "cuda" else "triton")
+    calls = []
+    kernel = getattr(triton_softmax, "logsumexp_backward_rows" if fn == "logsumexp" else "softmax_backward_rows")
+    monkeypatch.setattr(triton_softmax, kernel.__name__, lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    x = torch.randn(4, 3, 19, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ours = getattr(sxt, fn)(x, 1)
+    theirs = getattr(torch, fn)(x, 1)
+    torch.testing.assert_close(ours, theirs)
+    up = torch.randn_like(theirs)
+    (g_ours,) = torch.autograd.grad(ours, x, up, retain_graph=True)
+    (g_theirs,) = torch.autograd.grad(theirs, x, up, retain_graph=True)
+    torch.testing.assert_close(g_ours, g_theirs)
+    assert calls, "the backward did not run the Triton kernel"
+    (gg_ours,) = torch.autograd.grad(ours, x, up, create_graph=True)
+    (gg_theirs,) = torch.autograd.grad(theirs, x, up, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(gg_ours.sum(), x)[0], torch.autograd.grad(gg_theirs.sum(), x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_public_cross_entropy_and_linear_cross_entropy_on_the_triton_backend(dtype, monkeypatch):
+    """softxent.torch on the Triton backend (CUDA, or CPU under the interpreter) against PyTorch."""
+    import torch.nn.functional as F
+
+    import softxent.torch as sxt
+    from softxent.torch import backends
+
+    monkeypatch.setattr(backends, "FORCE_BACKEND", None if DEVICE == "cuda" else "triton")
+    gen = torch.Generator().manual_seed(11)
+    n, d, v = 48, 32, 1000
+    hidden = torch.randn(n, d, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(v, d, generator=gen) / d**0.5).to(DEVICE, dtype)
+    target = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    target[::7] = -100
+    kw = dict(label_smoothing=0.1)
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+
+    logits = (hidden.float() @ weight.float().T).requires_grad_()
+    ref = F.cross_entropy(logits, target, **kw)
+    ref.backward()
+    x = logits.detach().to(dtype).requires_grad_()
+    ours = sxt.cross_entropy(x, target, **kw)
+    ours.backward()
+    torch.testing.assert_close(ours.float(), ref, **tol)
+    torch.testing.assert_close(x.grad.float(), logits.grad, **tol)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = sxt.linear_cross_entropy(h, w, target, chunk_size=16, **kw)
+    loss.backward()
+    h_ref, w_ref = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    F.cross_entropy(h_ref @ w_ref.T, target, **kw).backward()
+    torch.testing.assert_close(loss.float(), ref, **tol)
+    torch.testing.assert_close(h.grad.float(), h_ref.grad, **tol)
+    torch.testing.assert_close(w.grad.float(), w_ref.grad, **tol)
