@@ -1,0 +1,176 @@
+"""Vocabulary-parallel cross-entropy on 2 and 3 gloo processes equals the single-process loss.
+
+One spawn per world size runs every case (loopback address, bounded timeouts: a
+hang fails the test instead of stalling CI); each rank saves its loss, its
+shard's gradient and the number of collectives it issued, and the tests
+compare them with ``softxent.torch.cross_entropy`` of the whole logits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import softxent.torch as sxt
+from softxent.torch.distributed import shard_start, vocab_parallel_cross_entropy
+
+N, V = 13, 23
+#: shard sizes per world size: uneven, and one empty shard
+SHARDS = {2: [9, 14], 3: [10, 0, 13]}
+
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.15},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.1},
+    "z_loss+softcap": {"z_loss": 1e-2, "softcap": 2.5},
+    "everything": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "ignore_index": 4},
+}
+CASES = [
+    (name, kind, reduction)
+    for name in OPTIONS
+    for kind in ("index", "prob")
+    for reduction in ("mean", "sum", "none")
+    if not (kind == "prob" and "ignore_index" in OPTIONS[name])
+] + [("all_ignored", "index", "mean"), ("vocab_start", "index", "mean"), ("leading_dims", "index", "none")]
+
+
+def make_case(name: str, kind: str, reduction: str):
+    """Full logits (N, V) float64, target, class weights, options and the upstream gradient."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}-{kind}-{reduction}".encode()))
+    logits = torch.randn(N, V, generator=gen, dtype=torch.float64) * 3
+    options = dict(OPTIONS.get(name, {}))
+    weight = torch.rand(V, generator=gen, dtype=torch.float64) + 0.5 if options.pop("weight", False) else None
+    if kind == "index":
+        target = torch.randint(0, V, (N,), generator=gen)
+        target[::4] = options.get("ignore_index", -100)
+        if name == "all_ignored":
+            target[:] = -100
+    else:
+        target = torch.softmax(torch.randn(N, V, generator=gen, dtype=torch.float64), 1)
+    upstream = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.3)
+    return logits, target, weight, dict(options, reduction=reduction), upstream
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    sizes = SHARDS[world]
+    start = sum(sizes[:rank])
+    shard = slice(start, start + sizes[rank])
+    collectives = []
+    real_all_gather = dist.all_gather
+
+    def counting_all_gather(*args, **kwargs):
+        collectives.append("all_gather")
+        return real_all_gather(*args, **kwargs)
+
+    dist.all_gather = counting_all_gather
+    # the shard offsets: one all_gather of the sizes per group, cached for every later step
+    assert shard_start(sizes[rank]) == start and collectives == ["all_gather"]
+    assert shard_start(sizes[rank]) == start and len(collectives) == 1
+    results = {}
+    for case in CASES:
+        name, kind, reduction = case
+        logits, target, weight, options, upstream = make_case(*case)
+        local = logits[:, shard].clone().requires_grad_()
+        local_target = target if kind == "index" else target[:, shard]
+        kw = dict(options, weight=None if weight is None else weight[shard])
+        if name == "vocab_start":
+            kw["vocab_start"] = start
+        x, t = local, local_target
+        if name == "leading_dims":
+            x, t = local.reshape(1, N, -1), local_target.reshape(1, N)
+        collectives.clear()
+        loss = vocab_parallel_cross_entropy(x, t, **kw)
+        used = len(collectives)
+        loss.backward(upstream.reshape(loss.shape))
+        results[case] = (loss.detach(), local.grad.clone(), used)
+    # errors: every rank raises the same, nobody hangs
+    errors = {}
+    logits, target, _, _, _ = make_case("plain", "index", "mean")
+    for label, kw, tgt in (
+        ("bad_start", {"vocab_start": start + 1}, target),
+        ("bad_target", {}, torch.full((N,), V)),
+    ):
+        try:
+            vocab_parallel_cross_entropy(logits[:, shard], tgt, **kw)
+            errors[label] = None
+        except ValueError as e:
+            errors[label] = str(e)
+    torch.save({"results": results, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, out_dir: str, deadline_s: float = 240.0) -> list[dict]:
+    context = mp.start_processes(
+        _worker, args=(world, _free_port(), out_dir), nprocs=world, join=False, start_method="spawn"
+    )
+    end = time.monotonic() + deadline_s
+    while not context.join(timeout=5):
+        if time.monotonic() > end:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{world} gloo processes did not finish within {deadline_s} s")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def ranks(request, tmp_path_factory):
+    world = request.param
+    return world, _spawn(world, str(tmp_path_factory.mktemp(f"vp{world}")))
+
+
+def _single_process(case):
+    name, kind, reduction = case
+    logits, target, weight, options, upstream = make_case(*case)
+    x = logits.clone().requires_grad_()
+    loss = sxt.cross_entropy(x, target, weight=weight, **options)
+    loss.backward(upstream.reshape(loss.shape))
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_equals_the_single_process_loss_and_gradient(ranks, case):
+    world, outputs = ranks
+    want_loss, want_grad = _single_process(case)
+    grads = []
+    for rank in range(world):
+        loss, grad, collectives = outputs[rank]["results"][case]
+        torch.testing.assert_close(loss.reshape(want_loss.shape), want_loss, rtol=1e-12, atol=1e-13)
+        assert collectives == 1, "the forward must use exactly one collective"
+        grads.append(grad)
+    torch.testing.assert_close(torch.cat(grads, dim=1), want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_inconsistent_shards_and_bad_targets_raise_the_same_error_on_every_rank(ranks):
+    world, outputs = ranks
+    for label, fragment in (("bad_start", "do not tile the vocabulary"), ("bad_target", f"class index {V}")):
+        messages = {outputs[r]["errors"][label] for r in range(world)}
+        assert len(messages) == 1 and fragment in messages.pop()
+
+
+def test_without_an_initialized_group_the_error_says_so():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
