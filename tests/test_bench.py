@@ -73,3 +73,33 @@ def test_bench_runs_segmentation_shapes_with_the_classes_on_dimension_1(tmp_path
     out = capsys.readouterr().out
     assert "2×3×8×8 float32 | softxent | forward+backward" in out
     assert "2×3×8×8 float32 | torch eager F.cross_entropy | forward+backward" in out
+
+
+def test_bench_dist_suite_times_every_contender_on_gloo_processes(tmp_path, capsys):
+    argv = ["bench", "--suite", "dist", "--n", "64", "--v", "120", "--world", "1,2", "--reps", "2"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = payload["rows"]
+    assert {(r["world"], r["contender"]) for r in rows} == {
+        (w, name)
+        for w in (1, 2)
+        for name in (
+            "softxent vocab_parallel_cross_entropy",
+            "Megatron-style 3 all-reduces",
+            "loss_parallel() + F.cross_entropy",
+            "all_gather logits + F.cross_entropy",
+        )
+    }
+    for r in rows:
+        assert r["ms"] > 0 and r["loss_rel_error"] < 1e-5
+    by_name = {(r["world"], r["contender"]): r for r in rows}
+    # one all_gather of (N + 1) × 6 floats against three all-reduces of N floats and the N × V/2 logits
+    assert by_name[(2, "softxent vocab_parallel_cross_entropy")]["bytes_per_rank"] == 65 * 6 * 4
+    assert by_name[(2, "Megatron-style 3 all-reduces")]["bytes_per_rank"] == 3 * 64 * 4
+    assert by_name[(2, "all_gather logits + F.cross_entropy")]["bytes_per_rank"] == 64 * 60 * 4
+    assert "| 2 ranks | softxent vocab_parallel_cross_entropy |" in capsys.readouterr().out
+
+
+def test_bench_dist_suite_rejects_uneven_splits(tmp_path):
+    with pytest.raises(SystemExit, match="does not split evenly"):
+        main(["bench", "--suite", "dist", "--n", "8", "--v", "7", "--world", "2", "--out", str(tmp_path)])

@@ -20,7 +20,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import softxent.torch as sxt
-from softxent.torch.distributed import shard_start, vocab_parallel_cross_entropy
+from softxent.torch.distributed import (
+    shard_start,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 
 N, V = 13, 23
 #: shard sizes per world size: uneven, and one empty shard
@@ -41,6 +45,26 @@ CASES = [
     for reduction in ("mean", "sum", "none")
     if not (kind == "prob" and "ignore_index" in OPTIONS[name])
 ] + [("all_ignored", "index", "mean"), ("vocab_start", "index", "mean"), ("leading_dims", "index", "none")]
+D = 5
+DTENSOR_CASES = [("everything", "index", "mean"), ("smoothing", "prob", "none"), ("weight", "index", "sum")]
+#: linear cases: (options, target kind, reduction, bias, chunk_size)
+LINEAR_CASES = [
+    ("plain", "index", "mean", True, None),
+    ("everything", "index", "none", False, 4),
+    ("weight+smoothing", "index", "sum", True, 5),
+    ("smoothing", "prob", "mean", True, 3),
+    ("z_loss+softcap", "prob", "none", False, None),
+    ("all_ignored", "index", "mean", True, 4),
+]
+
+
+def make_linear_case(name, kind, reduction, bias, chunk_size):
+    logits, target, weight, options, upstream = make_case(name, kind, reduction)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"linear-{name}-{kind}-{reduction}".encode()))
+    hidden = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    linear_weight = torch.randn(V, D, generator=gen, dtype=torch.float64)
+    linear_bias = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
+    return hidden, linear_weight, linear_bias, target, weight, options, upstream
 
 
 def make_case(name: str, kind: str, reduction: str):
@@ -72,13 +96,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     start = sum(sizes[:rank])
     shard = slice(start, start + sizes[rank])
     collectives = []
-    real_all_gather = dist.all_gather
+    real_all_gather, real_all_reduce = dist.all_gather, dist.all_reduce
 
     def counting_all_gather(*args, **kwargs):
         collectives.append("all_gather")
         return real_all_gather(*args, **kwargs)
 
-    dist.all_gather = counting_all_gather
+    def counting_all_reduce(*args, **kwargs):
+        collectives.append("all_reduce")
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_gather, dist.all_reduce = counting_all_gather, counting_all_reduce
     # the shard offsets: one all_gather of the sizes per group, cached for every later step
     assert shard_start(sizes[rank]) == start and collectives == ["all_gather"]
     assert shard_start(sizes[rank]) == start and len(collectives) == 1
@@ -99,6 +127,52 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         used = len(collectives)
         loss.backward(upstream.reshape(loss.shape))
         results[case] = (loss.detach(), local.grad.clone(), used)
+    for case in LINEAR_CASES:
+        hidden, linear_weight, linear_bias, target, weight, options, upstream = make_linear_case(*case)
+        h = hidden.clone().requires_grad_()
+        w = linear_weight[shard].clone().requires_grad_()
+        b = None if linear_bias is None else linear_bias[shard].clone().requires_grad_()
+        local_target = target if case[1] == "index" else target[:, shard]
+        kw = dict(options, weight=None if weight is None else weight[shard], linear_bias=b, chunk_size=case[4])
+        collectives.clear()
+        loss = vocab_parallel_linear_cross_entropy(h, w, local_target, **kw)
+        forward_collectives = list(collectives)
+        loss.backward(upstream.reshape(loss.shape))
+        grads = (h.grad, w.grad, None if b is None else b.grad)
+        results[("linear",) + case] = (
+            loss.detach(),
+            grads,
+            forward_collectives,
+            collectives[len(forward_collectives) :],
+        )
+    # DTensors sharded on the classes go through softxent.torch's own entry points
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    for case in DTENSOR_CASES:
+        logits, target, weight, options, upstream = make_case(*case)
+        x = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+        loss = sxt.cross_entropy(x, target, weight=weight, **options)
+        loss.backward(upstream.reshape(loss.shape))
+        results[("dtensor",) + case] = (loss.detach(), x.grad.full_tensor())
+    hidden, linear_weight, linear_bias, target, weight, options, upstream = make_linear_case(*LINEAR_CASES[0])
+    h = hidden.clone().requires_grad_()
+    w = distribute_tensor(linear_weight, mesh, [Shard(0)]).requires_grad_()
+    b = distribute_tensor(linear_bias, mesh, [Shard(0)]).requires_grad_()
+    loss = sxt.linear_cross_entropy(h, w, distribute_tensor(target, mesh, [Replicate()]), linear_bias=b, **options)
+    loss.backward()
+    results["dtensor-linear"] = (loss.detach(), h.grad, w.grad.full_tensor(), b.grad.full_tensor())
+    # under torch.compile: a graph break around the op, the same numbers
+    logits, target, weight, options, upstream = make_case("everything", "index", "mean")
+    local = logits[:, shard].clone().requires_grad_()
+
+    def step(x):
+        return vocab_parallel_cross_entropy(x * 1.0, target, weight=weight[shard], **options) * 2.0
+
+    loss = torch.compile(step, backend="aot_eager")(local)
+    loss.backward()
+    results["compiled"] = (loss.detach() / 2.0, local.grad / 2.0)
     # errors: every rank raises the same, nobody hangs
     errors = {}
     logits, target, _, _, _ = make_case("plain", "index", "mean")
@@ -160,6 +234,66 @@ def test_equals_the_single_process_loss_and_gradient(ranks, case):
         assert collectives == 1, "the forward must use exactly one collective"
         grads.append(grad)
     torch.testing.assert_close(torch.cat(grads, dim=1), want_grad, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_linear_version_equals_the_single_process_loss_and_gradients(ranks, case):
+    world, outputs = ranks
+    hidden, linear_weight, linear_bias, target, weight, options, upstream = make_linear_case(*case)
+    h = hidden.clone().requires_grad_()
+    w = linear_weight.clone().requires_grad_()
+    b = None if linear_bias is None else linear_bias.clone().requires_grad_()
+    logits = h @ w.T + (0 if b is None else b)
+    want = sxt.cross_entropy(logits, target, weight=weight, **options)
+    want.backward(upstream.reshape(want.shape))
+    tol = dict(rtol=1e-11, atol=1e-12)
+    weight_grads, bias_grads = [], []
+    for rank in range(world):
+        loss, (d_hidden, d_weight, d_bias), forward_collectives, backward_collectives = outputs[rank]["results"][
+            ("linear",) + case
+        ]
+        torch.testing.assert_close(loss.reshape(want.shape), want.detach(), **tol)
+        torch.testing.assert_close(d_hidden, h.grad, **tol)  # the all-reduced ∂input, the same on every rank
+        assert forward_collectives == ["all_gather"] and backward_collectives == ["all_reduce"]
+        weight_grads.append(d_weight)
+        bias_grads.append(d_bias)
+    torch.testing.assert_close(torch.cat(weight_grads), w.grad, **tol)
+    if b is not None:
+        torch.testing.assert_close(torch.cat(bias_grads), b.grad, **tol)
+
+
+@pytest.mark.parametrize("case", DTENSOR_CASES, ids=lambda c: "-".join(c))
+def test_dtensor_logits_sharded_on_the_classes_dispatch_to_the_vocab_parallel_op(ranks, case):
+    world, outputs = ranks
+    want_loss, want_grad = _single_process(case)
+    for rank in range(world):
+        loss, grad = outputs[rank]["results"][("dtensor",) + case]
+        torch.testing.assert_close(loss.reshape(want_loss.shape), want_loss, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_dtensor_linear_weight_sharded_on_the_vocabulary(ranks):
+    world, outputs = ranks
+    hidden, linear_weight, linear_bias, target, weight, options, _ = make_linear_case(*LINEAR_CASES[0])
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, linear_weight, linear_bias))
+    want = sxt.cross_entropy(h @ w.T + b, target, **options)
+    want.backward()
+    for rank in range(world):
+        loss, d_hidden, d_weight, d_bias = outputs[rank]["results"]["dtensor-linear"]
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-11, atol=1e-12)
+        for got, ref in ((d_hidden, h.grad), (d_weight, w.grad), (d_bias, b.grad)):
+            torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-12)
+
+
+def test_under_torch_compile_the_op_is_a_graph_break_with_the_same_numbers(ranks):
+    world, outputs = ranks
+    case = ("everything", "index", "mean")
+    for rank in range(world):
+        loss, grad = outputs[rank]["results"]["compiled"]
+        want_loss, want_grad = outputs[rank]["results"][case][:2]
+        upstream = make_case(*case)[-1]  # the eager case's backward was scaled by it
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grad, want_grad / upstream, rtol=1e-12, atol=1e-13)
 
 
 def test_inconsistent_shards_and_bad_targets_raise_the_same_error_on_every_rank(ranks):

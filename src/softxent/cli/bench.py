@@ -7,7 +7,11 @@ same run; suite ``lce`` (fused linear + cross-entropy, N tokens × D features ×
 V classes) reports ms, GFLOP/s and the speed-up over the naive F.linear +
 F.cross_entropy timed alternately.  Both report peak memory above the inputs
 and the gradients, and the error against float64; they write ``bench.json``,
-``bench.md`` and ``bench.png`` to ``--out``.
+``bench.md`` and ``bench.png`` to ``--out``.  Suite ``dist`` (vocabulary-parallel
+cross-entropy, N×V logits split evenly over 1, 2, 4 gloo processes on this
+machine) reports ms per step and bytes handed to collectives for softxent, a
+Megatron-style three-all-reduce baseline, ``loss_parallel()`` and gathering the
+logits (:mod:`softxent.bench.distributed`); it writes ``bench.json`` and ``bench.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"
 #: segmentation's (N, C, H, W) logits with few classes: ``--shape 32x2x256x256`` etc.
 SEGMENTATION_SHAPES = ["32x2x256x256", "16x21x256x256", "8x150x128x128"]
 SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV"}
-DEFAULT_REPS = {"ce": 5, "lce": 3}
+DEFAULT_REPS = {"ce": 5, "lce": 3, "dist": 10}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -37,9 +41,13 @@ def _shape(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
-        choices=("ce", "lce"),
+        choices=("ce", "lce", "dist"),
         default="ce",
-        help="ce: cross-entropy on given logits; lce: fused linear + cross-entropy",
+        help="ce: cross-entropy on given logits; lce: fused linear + cross-entropy; "
+        "dist: vocabulary-parallel cross-entropy over gloo processes",
+    )
+    parser.add_argument(
+        "--world", default="1,2,4", help="suite dist: comma-separated world sizes (processes), default 1,2,4"
     )
     parser.add_argument("--n", type=int, help="rows (tokens); with --v (and --d for lce) replaces the default shapes")
     parser.add_argument("--d", type=int, default=1024, help="features of the hidden states (suite lce, default 1024)")
@@ -61,6 +69,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="path of the PNG chart (default OUT/bench.png)")
 
 
+def _distributed(args: argparse.Namespace, reps: int) -> int:
+    """Suite dist: vocabulary-parallel cross-entropy over gloo processes on this machine."""
+    import json
+
+    from softxent.bench import distributed, report
+
+    try:
+        worlds = [int(w) for w in args.world.split(",")]
+    except ValueError:
+        raise SystemExit(f"--world takes comma-separated integers, got {args.world!r}") from None
+    if not worlds or min(worlds) < 1:
+        raise SystemExit("--world sizes must be >= 1")
+    n, v = (args.n, args.v) if args.n else (4096, 32000)
+    rows = distributed.run(n, v, worlds, reps)
+    table = distributed.markdown_table(rows, n, v)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out / "bench.json"
+    import torch
+
+    payload = {
+        "machine": report.machine_description(torch.device("cpu")),
+        "config": {"suite": "dist", "n": n, "v": v, "worlds": worlds, "reps": reps, "dtype": "float32"},
+        "rows": rows,
+    }
+    json_path.write_text(json.dumps(payload, indent=2))
+    (out / "bench.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {json_path}, {out / 'bench.md'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -73,6 +113,8 @@ def main(args: argparse.Namespace) -> int:
     reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
     if reps < 1:
         raise SystemExit("--reps must be >= 1")
+    if args.suite == "dist":
+        return _distributed(args, reps)
     given = [(args.n, args.v) if args.suite == "ce" else (args.n, args.d, args.v)] if args.n else None
     shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
     form = SHAPE_FORMS[args.suite]

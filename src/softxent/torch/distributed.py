@@ -24,14 +24,18 @@ p_j = e^{z_j − M − log s} (× 1 − tanh² with softcap), in the forward pas
 backward multiplies it by the upstream gradient and needs no communication.
 
 The shard offsets come from one ``all_gather`` of the shard sizes, cached per
-group and local size, unless ``vocab_start`` is given; either way the packed
-statistics carry each rank's (start, size), so every rank checks that the
-shards tile [0, V) and raises the same error if not (no rank hangs).
+group and local size, unless ``vocab_start`` is given (a DTensor's come from its
+layout); either way the packed statistics carry each rank's (start, size), so
+every rank checks that the shards tile [0, V) and raises the same error if not.
+The cache assumes a group's shard sizes do not change: where they do, pass
+``vocab_start`` (a rank whose size did not change would skip the sizes'
+collective while the others wait for it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,6 +46,7 @@ from .._errors import InvalidArgumentError, InvalidTypeError
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_target_range
 from . import fallback, ops
+from .linear import chunk_rows_for
 
 #: columns of the packed per-token statistics; one extra last row holds the shard (start, size)
 _M, _S, _ZT, _WT, _DOT, _Y = range(6)
@@ -72,38 +77,59 @@ def shard_start(local_size: int, group=None, device=None) -> int:
 
 
 def _local_statistics(z: Tensor, target: Tensor, weight: Tensor | None, opts, is_index: bool, start: int):
-    """The packed (N + 1, 6) statistics of this rank's shard z (N, V_r), already softcapped.
+    """(stats (N, 6), e (N, V_r)) of this rank's shard z (N, V_r), already softcapped.
 
     Per token: m_r, s_r and — class indices — z_t − m_r and w_t where this rank owns t (0
     elsewhere), Σ_k w_k (z_k − m_r) and W_r = Σ_k w_k for smoothing; probabilities —
     Σ w q (z − m_r), Σ w (z − m_r), Σ w q and W_r, the ε-free parts of Σ y (z − m_r) and Σ y
-    (ε/V needs the global V).  The last row holds (start, V_r)."""
+    (ε/V needs the global V).  ``e = e^{z − m_r}`` is a new tensor, which
+    :func:`_shard_gradient` turns into the gradient in place."""
     n, size = z.shape
-    stats = torch.zeros(n + 1, _COLUMNS, dtype=z.dtype, device=z.device)
+    stats = torch.zeros(n, _COLUMNS, dtype=z.dtype, device=z.device)
     m = z.amax(dim=1) if size else torch.full((n,), float("-inf"), dtype=z.dtype, device=z.device)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    shifted = z - m_safe[:, None]
-    stats[:n, _M] = m
-    stats[:n, _S] = torch.exp(shifted).sum(dim=1)
+    stats[:, _M] = m
+    e = z - _finite_or_zero(m)[:, None]  # z − m_r, then e^{z − m_r} in place
     w = torch.ones(size, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
     if is_index:
         owned, idx = _owned(target, start, size)
         if size:
-            zt = shifted.gather(1, idx[:, None])[:, 0]
-            stats[:n, _ZT] = torch.where(owned, zt, torch.zeros_like(zt))
-            stats[:n, _WT] = torch.where(owned, w[idx], torch.zeros_like(zt))
+            zt = e.gather(1, idx[:, None])[:, 0]
+            stats[:, _ZT] = torch.where(owned, zt, torch.zeros_like(zt))
+            stats[:, _WT] = torch.where(owned, w[idx], torch.zeros_like(zt))
         if opts.label_smoothing > 0.0:
-            stats[:n, _DOT] = (shifted * w).sum(dim=1)
-            stats[:n, _Y] = w.sum()
+            stats[:, _DOT] = e @ w
+            stats[:, _Y] = w.sum()
     else:
         wq = target.to(z.dtype) * w
-        stats[:n, _DOT] = (shifted * wq).sum(dim=1)
-        stats[:n, _ZT] = (shifted * w).sum(dim=1)
-        stats[:n, _Y] = wq.sum(dim=1)
-        stats[:n, _WT] = w.sum()
-    stats[n, _START] = start
-    stats[n, _SIZE] = size
-    return stats
+        stats[:, _DOT] = (e * wq).sum(dim=1)
+        stats[:, _ZT] = e @ w
+        stats[:, _Y] = wq.sum(dim=1)
+        stats[:, _WT] = w.sum()
+    e.exp_()
+    stats[:, _S] = e.sum(dim=1)
+    return stats, e
+
+
+def _finite_or_zero(m: Tensor) -> Tensor:
+    """m where finite, else 0 (a row of only −inf, or an empty shard): no −inf − (−inf)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _with_shard_row(stats: Tensor, start: int, size: int) -> Tensor:
+    """``stats`` (N, 6) with one last row holding this shard's (start, V_r)."""
+    header = stats.new_zeros(1, _COLUMNS)
+    header[0, _START] = start
+    header[0, _SIZE] = size
+    return torch.cat([stats, header])
+
+
+def _gather_statistics(stats: Tensor, group) -> Tensor:
+    """Every rank's (N + 1, 6) statistics, (R, N + 1, 6): the one collective of a forward."""
+    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, stats.contiguous(), group=group)
+    gathered = torch.stack(gathered)
+    _check_shards(gathered)
+    return gathered
 
 
 def _owned(target: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
@@ -162,43 +188,71 @@ def _check_shards(gathered: Tensor) -> None:
         expected += int(size)
 
 
+@dataclass
+class _GlobalRows:
+    """What the combined statistics give every rank, per token: the loss and what the
+    gradient of any shard needs (the global max M, log s, lse, Σy), the vocabulary size V,
+    the reduction's factor 1/D and which tokens count (None: all)."""
+
+    loss: Tensor
+    big_m: Tensor
+    log_s: Tensor
+    lse: Tensor
+    total: Tensor
+    vocab: Tensor
+    scale: float
+    valid: Tensor | None
+
+    def take(self, rows) -> _GlobalRows:
+        """The same for the tokens ``rows`` only."""
+        pick = [None if x is None else x[rows] for x in (self.loss, self.big_m, self.log_s, self.lse, self.total)]
+        return _GlobalRows(*pick, self.vocab, self.scale, None if self.valid is None else self.valid[rows])
+
+    def gradient(self, e, m_local, th, target, weight, opts, is_index: bool, start: int, row_scale) -> Tensor:
+        """∂/∂z of Σ_i row_scale_i·ℓ_i for this shard's tokens, written over e = e^{z − m_r}."""
+        return _shard_gradient(e, m_local, th, target, weight, opts, is_index, start, self, row_scale)
+
+
+def _global_rows(stats: Tensor, size: int, target: Tensor, weight, opts, is_index: bool, start: int, group):
+    """Gather every rank's statistics (this shard's ``stats`` (N, 6)), check the targets
+    against the whole vocabulary and combine: a :class:`_GlobalRows`."""
+    gathered = _gather_statistics(_with_shard_row(stats, start, size), group)
+    if is_index:
+        check_target_range(target, int(gathered[:, -1, _SIZE].sum()), opts.ignore_index)
+    loss, big_m, log_s, lse, total, vocab = _combine(gathered, opts, is_index)
+    valid = None
+    if is_index and opts.ignore_index is not None:
+        valid = target != opts.ignore_index
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if is_index:
+        w_t = None if weight is None else gathered[:, :-1, _WT].sum(dim=0)  # each token's global weight
+        scale = _mean_scale(opts, target, valid, w_t)
+    elif opts.reduction == "mean":
+        scale = 1.0 / target.shape[0] if target.shape[0] else 0.0
+    else:
+        scale = 1.0
+    return _GlobalRows(loss, big_m, log_s, lse, total, vocab, scale, valid)
+
+
+def _reduce(rows: _GlobalRows, reduction: str) -> Tensor:
+    return rows.loss if reduction == "none" else rows.loss.sum() * rows.scale
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, group, start, opts: CrossEntropyOptions, is_index: bool):
-        acc = fallback.compute_dtype(logits.dtype)
-        z, th = fallback.capped_logits(logits.detach().to(acc), opts.softcap)
-        stats = _local_statistics(z, target, weight, opts, is_index, start)
-        gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, stats.contiguous(), group=group)  # the one collective
-        gathered = torch.stack(gathered)
-        _check_shards(gathered)
-        if is_index:
-            check_target_range(target, int(gathered[:, -1, _SIZE].sum()), opts.ignore_index)
-        loss, big_m, log_s, lse, total, vocab_t = _combine(gathered, opts, is_index)
-        valid = None
-        if is_index and opts.ignore_index is not None:
-            valid = target != opts.ignore_index
-            loss = torch.where(valid, loss, torch.zeros_like(loss))
-        if is_index:
-            w_t = None if weight is None else gathered[:, :-1, _WT].sum(dim=0)  # each token's global weight
-            scale = _mean_scale(opts, target, valid, w_t)
-        else:
-            scale = 1.0 / target.shape[0] if opts.reduction == "mean" and target.shape[0] else 1.0
-            if opts.reduction == "mean" and target.shape[0] == 0:
-                scale = 0.0
+        z, th = fallback.capped_logits(logits.detach().to(fallback.compute_dtype(logits.dtype)), opts.softcap)
+        stats, e = _local_statistics(z, target, weight, opts, is_index, start)
+        rows = _global_rows(stats, z.shape[1], target, weight, opts, is_index, start, group)
         ctx.reduction = opts.reduction
         ctx.set_materialize_grads(False)
+        grad = None
         if logits.requires_grad:
-            grad = _shard_gradient(z, th, target, weight, opts, is_index, start, big_m, log_s, lse, total, vocab_t)
-            grad = grad * scale if opts.reduction != "none" else grad
-            if valid is not None:
-                grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-            ctx.save_for_backward(grad.to(logits.dtype))
-        else:
-            ctx.save_for_backward(None)
-        if opts.reduction == "none":
-            return loss
-        return loss.sum() * scale
+            row_scale = 1.0 if opts.reduction == "none" else rows.scale  # "none": upstream per row in backward
+            grad = rows.gradient(e, stats[:, _M], th, target, weight, opts, is_index, start, row_scale)
+            grad = grad.to(logits.dtype)
+        ctx.save_for_backward(grad)
+        return _reduce(rows, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -218,27 +272,34 @@ def _mean_scale(opts, target: Tensor, valid: Tensor | None, w_t: Tensor | None) 
     return _reduction.reduced_loss_scale("mean", (total, count))
 
 
-def _shard_gradient(z, th, target, weight, opts, is_index, start, big_m, log_s, lse, total, vocab):
-    """∂ℓ_i/∂z_ij of this rank's shard: (Σy + 2λ·lse)·p_j − y_j (× 1 − tanh²(z_j/s))."""
+def _shard_gradient(e, m_local, th, target, weight, opts, is_index, start, rows: _GlobalRows, row_scale):
+    """r_i·∂ℓ_i/∂z_ij of this rank's shard, written over e = e^{z − m_r} (from
+    :func:`_local_statistics`): r·(Σy + 2λ·lse)·p_j − r·y_j (× 1 − tanh²(z_j/s)), with
+    p_j = e_j·e^{m_r − M − log s}."""
     eps = opts.label_smoothing
-    p = torch.exp((z - torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))[:, None]) - log_s[:, None])
-    a = total + 2.0 * opts.z_loss * lse
-    grad = a[:, None] * p
-    w = torch.ones(z.shape[1], dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
+    num_rows, size = e.shape
+    r = torch.as_tensor(row_scale, dtype=e.dtype, device=e.device).reshape(-1).expand(num_rows)
+    a = rows.total + 2.0 * opts.z_loss * rows.lse
+    factor = r * a * torch.exp(_finite_or_zero(m_local) - _finite_or_zero(rows.big_m) - rows.log_s)
+    e.mul_(factor[:, None])
+    w = torch.ones(size, dtype=e.dtype, device=e.device) if weight is None else weight.to(e.dtype)
     if is_index:
         if eps > 0.0:
-            grad = grad - eps / vocab * w
-        if z.shape[1]:
-            owned, idx = _owned(target, start, z.shape[1])
-            hit = torch.where(owned, (1.0 - eps) * w[idx], torch.zeros_like(grad[:, 0]))
-            grad = grad.scatter_add(1, idx[:, None], -hit[:, None])
+            e.sub_((eps / rows.vocab) * r[:, None] * w)
+        if size:
+            owned, idx = _owned(target, start, size)
+            hit = torch.where(owned, (1.0 - eps) * w[idx] * r, torch.zeros_like(r))
+            e.scatter_add_(1, idx[:, None], -hit[:, None])
     else:
-        grad = grad - ((1.0 - eps) * target.to(z.dtype) + eps / vocab) * w
+        e.sub_(r[:, None] * ((1.0 - eps) * target.to(e.dtype) + eps / rows.vocab) * w)
     if th is not None:
-        grad = grad * (1.0 - th * th)
-    return grad
+        e.mul_(1.0 - th * th)
+    if rows.valid is not None and not bool(rows.valid.all()):
+        e[~rows.valid] = 0.0
+    return e
 
 
+@torch.compiler.disable  # collectives and host-side checks: a graph break under torch.compile
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,
@@ -266,41 +327,16 @@ def vocab_parallel_cross_entropy(
     Returns:
         The same loss on every rank, equal to ``cross_entropy`` of the concatenated logits; the
         gradient of each rank's shard is computed in the forward pass (one ``all_gather`` of
-        8 numbers per token) and the backward needs no communication.
+        6 numbers per token) and the backward needs no communication.
+
+    Under ``torch.compile`` the call is a graph break (``fullgraph=True`` refuses it): the
+    collective and the host-side checks run eagerly.
     """
-    group = _check_group(group)
-    if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point():
-        raise InvalidTypeError("local_logits must be a floating-point torch.Tensor")
-    if not isinstance(target, Tensor):
-        raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if local_logits.dim() < 1:
-        raise InvalidArgumentError("local_logits must have a class dimension (the last one)")
-    opts = make_options(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
+    group, opts, is_index, vocab_start = _prepare(
+        local_logits, target, group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
     )
-    is_index = not target.is_floating_point()
     size = local_logits.shape[-1]
     lead = local_logits.shape[:-1]
-    if is_index and tuple(target.shape) != tuple(lead):
-        raise InvalidArgumentError(
-            f"target must have shape {tuple(lead)} (local_logits without its class dimension), got "
-            f"{tuple(target.shape)}"
-        )
-    if not is_index and tuple(target.shape) != tuple(local_logits.shape):
-        raise InvalidArgumentError(
-            f"probability targets must have the shape of local_logits {tuple(local_logits.shape)}, got "
-            f"{tuple(target.shape)}"
-        )
-    if weight is not None and tuple(weight.shape) != (size,):
-        raise InvalidArgumentError(f"weight must be this rank's shard of the class weights, shape ({size},)")
-    if vocab_start is None:
-        vocab_start = shard_start(size, group, local_logits.device)
-    elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise InvalidArgumentError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
     num_rows = math.prod(lead)
     rows = local_logits.reshape(num_rows, size)
     target_rows = target.reshape(num_rows).to(torch.int64) if is_index else target.reshape(num_rows, size)
@@ -308,3 +344,254 @@ def vocab_parallel_cross_entropy(
     if opts.reduction == "none":
         loss = loss.reshape(lead)
     return loss.to(local_logits.dtype)
+
+
+def _prepare(local_logits, target, group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss,
+             softcap, name: str = "local_logits", size: int | None = None):  # fmt: skip
+    """Check the arguments of the vocab-parallel ops: (group, options, is_index, vocab_start).
+
+    ``local_logits`` is the logits shard (..., V_r), or for the linear op the input (..., D) with
+    ``size`` = V_r, the rows of this rank's weight shard."""
+    group = _check_group(group)
+    if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point():
+        raise InvalidTypeError(f"{name} must be a floating-point torch.Tensor")
+    if not isinstance(target, Tensor):
+        raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if local_logits.dim() < 1:
+        raise InvalidArgumentError(f"{name} must have a feature/class dimension (the last one)")
+    opts = make_options(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+    is_index = not target.is_floating_point()
+    size = local_logits.shape[-1] if size is None else size
+    lead = tuple(local_logits.shape[:-1])
+    if is_index and tuple(target.shape) != lead:
+        raise InvalidArgumentError(f"target must have shape {lead} ({name} without its last dimension), got "
+                                   f"{tuple(target.shape)}")  # fmt: skip
+    if not is_index and tuple(target.shape) != lead + (size,):
+        raise InvalidArgumentError(
+            f"probability targets must be this rank's shard, shape {lead + (size,)}, got {tuple(target.shape)}"
+        )
+    if not is_index and target.requires_grad:
+        raise InvalidArgumentError(
+            "the vocab-parallel ops do not differentiate probability targets: pass target.detach()"
+        )
+    if weight is not None and tuple(weight.shape) != (size,):
+        raise InvalidArgumentError(f"weight must be this rank's shard of the class weights, shape ({size},)")
+    if vocab_start is None:
+        vocab_start = shard_start(size, group, local_logits.device)
+    elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise InvalidArgumentError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    return group, opts, is_index, vocab_start
+
+
+def _chunk_logits(hidden: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, rows: slice, opts):
+    """(z', tanh) of the tokens ``rows``: their logits H Wᵀ + b in the compute dtype, soft-capped."""
+    z = (hidden[rows] @ linear_weight.T).to(fallback.compute_dtype(hidden.dtype))
+    if linear_bias is not None:
+        z = z + linear_bias.to(z.dtype)
+    return fallback.capped_logits(z, opts.softcap)
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Forward: one logits GEMM per chunk of tokens for the statistics, one ``all_gather``.
+    Backward: the chunks again (logits, then ∂H = G W, ∂W = Gᵀ H, ∂b = Σ G) and one
+    ``all_reduce`` of ∂H (N × D) — what any vocab-parallel output layer needs."""
+
+    @staticmethod
+    def forward(ctx, hidden, linear_weight, linear_bias, target, weight, group, start, opts, is_index, chunk):
+        num_tokens, size = hidden.shape[0], linear_weight.shape[0]
+        stats = hidden.new_empty(num_tokens, _COLUMNS, dtype=fallback.compute_dtype(hidden.dtype))
+        with torch.no_grad():
+            for lo in range(0, num_tokens, chunk):
+                rows = slice(lo, min(lo + chunk, num_tokens))
+                z, _ = _chunk_logits(hidden, linear_weight, linear_bias, rows, opts)
+                stats[rows] = _local_statistics(z, target[rows], weight, opts, is_index, start)[0]
+        global_rows = _global_rows(stats, size, target, weight, opts, is_index, start, group)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, linear_weight, linear_bias, target, weight)
+        ctx.global_rows, ctx.group, ctx.start, ctx.opts, ctx.is_index, ctx.chunk = (
+            global_rows, group, start, opts, is_index, chunk
+        )  # fmt: skip
+        return _reduce(global_rows, opts.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        none = (None,) * 10
+        if grad_loss is None:
+            return none
+        if torch.is_grad_enabled():
+            raise RuntimeError(ops._NO_DOUBLE_BACKWARD.format(name="vocab_parallel_linear_cross_entropy"))
+        hidden, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+        g_rows, opts, chunk = ctx.global_rows, ctx.opts, ctx.chunk
+        acc = fallback.compute_dtype(hidden.dtype)
+        row_scale = grad_loss.to(acc) * (1.0 if opts.reduction == "none" else g_rows.scale)
+        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+        d_weight = torch.zeros(linear_weight.shape, dtype=acc, device=hidden.device)
+        d_bias = None if linear_bias is None else torch.zeros(linear_bias.shape, dtype=acc, device=hidden.device)
+        for lo in range(0, hidden.shape[0], chunk):
+            rows = slice(lo, min(lo + chunk, hidden.shape[0]))
+            z, th = _chunk_logits(hidden, linear_weight, linear_bias, rows, opts)
+            stats, e = _local_statistics(z, target[rows], weight, opts, ctx.is_index, ctx.start)
+            scale = row_scale[rows] if row_scale.dim() else row_scale
+            g = g_rows.take(rows).gradient(
+                e, stats[:, _M], th, target[rows], weight, opts, ctx.is_index, ctx.start, scale
+            )
+            d_hidden[rows] = g @ linear_weight.to(acc)
+            d_weight += g.T @ hidden[rows].to(acc)
+            if d_bias is not None:
+                d_bias += g.sum(dim=0)
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(d_hidden, group=ctx.group)  # every shard's share of ∂H
+        return (
+            d_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
+            d_weight.to(linear_weight.dtype) if ctx.needs_input_grad[1] else None,
+            None if d_bias is None or not ctx.needs_input_grad[2] else d_bias.to(linear_bias.dtype),
+        ) + (None,) * 7
+
+
+@torch.compiler.disable  # collectives and host-side checks: a graph break under torch.compile
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    local_linear_weight: Tensor,
+    target: Tensor,
+    group=None,
+    *,
+    linear_bias: Tensor | None = None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Linear + cross-entropy with the output layer split over the ranks by vocabulary.
+
+    ``cross_entropy(input @ W.T + b, target)`` where each rank holds the rows
+    ``local_linear_weight`` (V_r, D) (and ``linear_bias`` (V_r,)) of its vocabulary shard;
+    ``input`` (..., D) and ``target`` (...) are the same on every rank.  The logits are
+    computed ``chunk_size`` tokens at a time and never held whole, not even the shard's.
+    Forward: one ``all_gather`` of 6 numbers per token.  Backward: the chunks' logits again,
+    ∂W and ∂b of this shard, and one ``all_reduce`` of ∂input.  Options as
+    :func:`vocab_parallel_cross_entropy`; probability targets are this rank's shard (..., V_r).
+    """
+    if not isinstance(local_linear_weight, Tensor) or local_linear_weight.dim() != 2:
+        raise InvalidArgumentError("local_linear_weight must be a 2-D tensor (V_r, D): this rank's rows of W")
+    size, features = local_linear_weight.shape
+    group, opts, is_index, vocab_start = _prepare(
+        input, target, group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        name="input", size=size,
+    )  # fmt: skip
+    if input.shape[-1] != features:
+        raise InvalidArgumentError(f"input has {input.shape[-1]} features but local_linear_weight has {features}")
+    if linear_bias is not None and tuple(linear_bias.shape) != (size,):
+        raise InvalidArgumentError(f"linear_bias must be this rank's shard, shape ({size},)")
+    lead = input.shape[:-1]
+    num_tokens = math.prod(lead)
+    if chunk_size is None:
+        chunk = chunk_rows_for(input.device, num_tokens, max(size, 1), input.element_size())
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InvalidArgumentError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk = chunk_size
+    hidden = input.reshape(num_tokens, features)
+    target_rows = target.reshape(num_tokens).to(torch.int64) if is_index else target.reshape(num_tokens, size)
+    loss = _VocabParallelLinearCrossEntropy.apply(
+        hidden, local_linear_weight, linear_bias, target_rows, weight, group, vocab_start, opts, is_index,
+        max(1, chunk),
+    )  # fmt: skip
+    if opts.reduction == "none":
+        loss = loss.reshape(lead)
+    return loss.to(input.dtype)
+
+
+# --- DTensor inputs: what torch.distributed.tensor.parallel.loss_parallel() does, dispatched here ---
+
+
+def is_dtensor(x) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (without importing it where unused)."""
+    return type(x).__name__ == "DTensor" and hasattr(x, "device_mesh")
+
+
+def _shard_of(x: Tensor, name: str, dim: int):
+    """(local shard, process group, first index of the shard along ``dim``) of a DTensor sharded
+    on ``dim`` over a 1-D mesh; the offset comes from the DTensor's layout (no communication)."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(x.placements)
+    sharded = len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim % x.dim() == dim
+    if x.device_mesh.ndim != 1 or not sharded:
+        raise InvalidArgumentError(
+            f"{name}: a DTensor must be sharded on dimension {dim} (Shard({dim})) of a 1-D device mesh, got "
+            f"placements {placements} on a {x.device_mesh.ndim}-D mesh"
+        )
+    local = x.to_local()
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        start = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)[1][dim]
+    except (ImportError, TypeError):  # another torch: the offsets from the shard sizes
+        start = shard_start(local.shape[dim], x.device_mesh.get_group(0), local.device)
+    return local, x.device_mesh.get_group(0), int(start)
+
+
+def _replicated(x, name: str):
+    """A plain tensor holding all of ``x`` (a DTensor is gathered; a tensor is returned as is)."""
+    if x is None or not is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Replicate
+
+    if all(isinstance(p, Replicate) for p in x.placements):
+        return x.to_local()
+    return x.full_tensor()
+
+
+def _local_slice(x, start: int, size: int, dim: int = -1):
+    return None if x is None else x.narrow(dim, start, size)
+
+
+def cross_entropy_of_dtensor(input, target, weight, **options) -> Tensor:
+    """``softxent.torch.cross_entropy`` of a DTensor ``input`` (N, C) or (C,) sharded on the class
+    dimension: :func:`vocab_parallel_cross_entropy` of its local shard (class weights and
+    probability targets given whole are cut to the shard)."""
+    if input.dim() > 2:
+        raise InvalidArgumentError(
+            "cross_entropy of a DTensor takes (N, C) or (C,) logits sharded on the classes; move the class "
+            "dimension last and flatten the others first"
+        )
+    local, group, start = _shard_of(input, "input", input.dim() - 1)
+    size = local.shape[-1]
+    if target.is_floating_point():
+        target = _shard_of(target, "target", target.dim() - 1)[0] if is_dtensor(target) else target
+        if target.shape[-1] != size:
+            target = _local_slice(target, start, size)
+    else:
+        target = _replicated(target, "target")
+    weight = _local_slice(_replicated(weight, "weight"), start, size, 0)
+    return vocab_parallel_cross_entropy(local, target, group, vocab_start=start, weight=weight, **options)
+
+
+def linear_cross_entropy_of_dtensor(input, linear_weight, target, linear_bias, weight, **options) -> Tensor:
+    """``softxent.torch.linear_cross_entropy`` with a DTensor ``linear_weight`` (V, D) sharded on the
+    vocabulary rows (``Shard(0)``): :func:`vocab_parallel_linear_cross_entropy` of the local rows;
+    the bias and class weights are cut to the shard, ``input`` and ``target`` are used whole."""
+    local_weight, group, start = _shard_of(linear_weight, "linear_weight", 0)
+    size = local_weight.shape[0]
+    bias = linear_bias
+    if bias is not None:
+        bias = _shard_of(bias, "linear_bias", 0)[0] if is_dtensor(bias) else _local_slice(bias, start, size, 0)
+    target = _replicated(target, "target")
+    if target.is_floating_point() and target.shape[-1] != size:
+        target = _local_slice(target, start, size)
+    return vocab_parallel_linear_cross_entropy(
+        _replicated(input, "input"),
+        local_weight,
+        target,
+        group,
+        linear_bias=bias,
+        vocab_start=start,
+        weight=_local_slice(_replicated(weight, "weight"), start, size, 0),
+        **options,
+    )

@@ -159,10 +159,21 @@ def cross_entropy(
 
     The gradient is computed in the forward pass (one read of the logits, one
     write of the gradient); backward only scales it.  Double backward is not
-    supported.
+    supported.  A DTensor ``input`` sharded on the classes (``Shard(1)`` of a 1-D
+    mesh, as under ``loss_parallel()``) runs
+    :func:`softxent.torch.distributed.vocab_parallel_cross_entropy` on its shard.
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)  # warns, as PyTorch
+    if type(input).__name__ == "DTensor":  # logits sharded on the classes, as under loss_parallel()
+        from . import distributed
+
+        if inplace_backward:
+            raise InvalidArgumentError("inplace_backward is not supported for DTensor inputs")
+        return distributed.cross_entropy_of_dtensor(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap,
+        )  # fmt: skip
     opts = make_options(
         ignore_index=ignore_index,
         reduction=reduction,

@@ -414,7 +414,19 @@ def linear_cross_entropy(
     The gradients of ``input``, ``linear_weight`` and ``linear_bias`` (and of
     probability targets) are computed during the forward pass for ``mean``/``sum``;
     backward only scales them.  Double backward is not supported.
+
+    A DTensor ``linear_weight`` sharded on the vocabulary rows (``Shard(0)`` of a 1-D mesh)
+    runs :func:`softxent.torch.distributed.vocab_parallel_linear_cross_entropy` on its shard.
     """
+    if type(linear_weight).__name__ == "DTensor":
+        from . import distributed
+
+        if options is not None:
+            raise InvalidArgumentError("options= is not supported with a DTensor linear_weight; pass chunk_size")
+        return distributed.linear_cross_entropy_of_dtensor(
+            input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+        )  # fmt: skip
     opts = make_options(
         ignore_index=ignore_index,
         reduction=reduction,
