@@ -256,3 +256,40 @@ def test_public_cross_entropy_and_linear_cross_entropy_on_the_triton_backend(dty
     torch.testing.assert_close(loss.float(), ref, **tol)
     torch.testing.assert_close(h.grad.float(), h_ref.grad, **tol)
     torch.testing.assert_close(w.grad.float(), w_ref.grad, **tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_capture_safe_path_needs_no_host_sync_and_gives_nan_rows_for_bad_targets(reduction, monkeypatch):
+    """What runs inside CUDA-graph capture: no host check and no host read-back (1/D stays on the
+    device), the same numbers as the eager path, and NaN rows instead of an error for class
+    indices outside [0, C) — forced here on the Triton backend."""
+    import softxent.torch as sxt
+    from softxent.torch import backends, ops
+
+    monkeypatch.setattr(backends, "FORCE_BACKEND", None if DEVICE == "cuda" else "triton")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 13, generator=gen, dtype=torch.float64).to(DEVICE)
+    t = torch.randint(0, 13, (9,), generator=gen).to(DEVICE)
+    t[::4] = -100
+    w = (torch.rand(13, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+    a = x.clone().requires_grad_()
+    want = sxt.cross_entropy(a, t, **kw)
+    want.sum().backward()
+
+    def no_host_sync(*args, **kwargs):
+        raise AssertionError("the capture-safe path read the targets back to the host")
+
+    monkeypatch.setattr(ops, "FORCE_NO_HOST_SYNC", True)
+    monkeypatch.setattr(ops, "_loss_scale", no_host_sync)
+    b = x.clone().requires_grad_()
+    got = sxt.cross_entropy(b, t, **kw)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-13)
+
+    bad = t.clone()
+    bad[1] = 13  # no host check can run: that row's loss (and so a reduced loss) is NaN
+    loss = sxt.cross_entropy(x, bad, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+    assert torch.isnan(sxt.cross_entropy(x, bad))

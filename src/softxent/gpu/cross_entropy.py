@@ -191,6 +191,31 @@ def cross_entropy_kernel(
             tl.store(g_rows + c[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & in_row)
 
 
+def _float_parameters(device, acc, scale, opts: CrossEntropyOptions, weight, num_classes: int) -> torch.Tensor:
+    """[scale, ε, λ, softcap, W] in the compute dtype on ``device`` (W = Σ w, C without weights).
+
+    Numbers known on the host travel in one copy; a scale or a weight that lives on the device
+    is written there by device ops, with no host sync — so the launch can be captured in a
+    CUDA graph."""
+    cap = 0.0 if opts.softcap is None else opts.softcap
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    on_device = capturing or isinstance(scale, torch.Tensor) or (weight is not None and weight.device.type != "cpu")
+    if not on_device:
+        weight_sum = float(num_classes) if weight is None else float(weight.to(torch.float64).sum())
+        return torch.tensor([float(scale), opts.label_smoothing, opts.z_loss, cap, weight_sum], dtype=acc).to(device)
+    params = torch.empty(5, dtype=acc, device=device)
+    for i, value in enumerate((scale, opts.label_smoothing, opts.z_loss, cap)):
+        if isinstance(value, torch.Tensor):
+            params[i].copy_(value.reshape(()))
+        else:
+            params[i].fill_(value)
+    if weight is None:
+        params[4].fill_(float(num_classes))
+    else:
+        params[4].copy_(weight.to(torch.float64).sum())
+    return params
+
+
 def cross_entropy_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -205,6 +230,7 @@ def cross_entropy_rows(
 
     ``target``: class indices (M,) int64, or probabilities (M, C).  The caller has
     checked the indices (out-of-range rows get NaN here, never a stray memory access).
+    A 0-d tensor ``scale`` and a CUDA ``weight`` stay on the device (no host sync).
     """
     if grad_out is not None and grad_out.stride(-1) != 1 and grad_out.shape[-1] > 1:
         grad_rows = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
@@ -222,10 +248,8 @@ def cross_entropy_rows(
     want_grad = scale is not None
     row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0 and scale.numel() > 1
     scale_t = scale.to(device=logits.device, dtype=acc).reshape(-1).contiguous() if row_scale else loss
-    scale_value = float(scale) if want_grad and not row_scale else 0.0
-    weight_sum = float(num_classes) if weight is None else float(weight.to(torch.float64).sum())
-    cap = 0.0 if opts.softcap is None else opts.softcap
-    params = torch.tensor([scale_value, opts.label_smoothing, opts.z_loss, cap, weight_sum], dtype=acc)
+    scalar_scale = scale if want_grad and not row_scale else 0.0
+    params = _float_parameters(logits.device, acc, scalar_scale, opts, weight, num_classes)
     q = target.contiguous() if has_prob and target.stride(-1) != 1 else target
     idx = logits if has_prob else target.to(torch.int64).contiguous()
     w = logits if weight is None else weight.to(device=logits.device, dtype=acc).contiguous()
@@ -242,7 +266,7 @@ def cross_entropy_rows(
         w,
         scale_t,
         loss,
-        params.to(logits.device),
+        params,
         num_rows,
         num_classes,
         -(2**62) if opts.ignore_index is None else opts.ignore_index,

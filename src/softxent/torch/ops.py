@@ -44,7 +44,7 @@ def _options(
     )
 
 
-def _reduced_loss(loss_rows: Tensor, reduction: str, loss_scale: float, dtype: torch.dtype) -> Tensor:
+def _reduced_loss(loss_rows: Tensor, reduction: str, loss_scale, dtype: torch.dtype) -> Tensor:
     if reduction == "none":
         return loss_rows.to(dtype)
     return (loss_rows.sum() * loss_scale).to(dtype)
@@ -64,6 +64,37 @@ def _loss_scale(rows_fn, logits: Tensor, target: Tensor, weight, opts: CrossEntr
         return _reduction.reduced_loss_scale(opts.reduction, (weight_sum, count))
     flat = target.movedim(1, -1).reshape(-1, num_classes)
     return _reduction.loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index)
+
+
+#: tests force the capture-safe path (no host sync) on devices that cannot capture graphs
+FORCE_NO_HOST_SYNC = False
+
+
+def host_sync_allowed(device: torch.device) -> bool:
+    """False while a CUDA graph is being captured on the current stream (a host sync would fail)."""
+    if FORCE_NO_HOST_SYNC:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _device_loss_scale(logits: Tensor, target: Tensor, weight, opts: CrossEntropyOptions, is_index: bool):
+    """The factor of Σℓ as a 0-d device tensor (1/D for mean; 0 when nothing counts), from device
+    ops only: what a CUDA graph can replay.  "sum"/"none": 1.0."""
+    if opts.reduction != "mean":
+        return 1.0
+    acc = fallback.compute_dtype(logits.dtype)
+    if not is_index:
+        num = _num_samples(logits)
+        return torch.full((), 1.0 / num if num else 0.0, dtype=acc, device=logits.device)
+    t = target.reshape(-1)
+    counted = torch.ones_like(t, dtype=torch.bool) if opts.ignore_index is None else t != opts.ignore_index
+    counted = counted & (t >= 0) & (t < logits.shape[1])
+    if weight is None:
+        denominator = counted.sum().to(acc)
+    else:
+        w = weight.to(acc)[torch.where(counted, t, 0)]
+        denominator = torch.where(counted, w, torch.zeros_like(w)).sum()
+    return torch.where(counted.any(), 1.0 / denominator, torch.zeros_like(denominator))
 
 
 def _device_target_stats(target: Tensor, num_classes: int, opts: CrossEntropyOptions, weight):
@@ -87,7 +118,10 @@ def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute
 
     ``logits`` are rows (M, C), or class-major (N, C, S) with ``target`` (N, S) / (N, C, S)."""
     is_index = target.dim() == logits.dim() - 1
-    loss_scale = _loss_scale(rows_fn, logits, target, weight, opts, is_index)
+    if host_sync_allowed(logits.device) or _is_cpu_kernel(rows_fn):
+        loss_scale = _loss_scale(rows_fn, logits, target, weight, opts, is_index)
+    else:  # inside CUDA-graph capture: no host check (bad indices give NaN rows), 1/D stays on the device
+        loss_scale = _device_loss_scale(logits, target, weight, opts, is_index)
     if grad is None and not compute_grad:
         grad = logits.new_empty(0)
     elif grad is None and _is_cpu_kernel(rows_fn):
