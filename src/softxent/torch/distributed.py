@@ -145,7 +145,7 @@ def _combine(gathered: Tensor, opts: CrossEntropyOptions, is_index: bool):
     gathered = gathered[:, :-1]
     m_r = gathered[:, :, _M]
     big_m = m_r.amax(dim=0)
-    m_safe = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+    m_safe = _finite_or_zero(big_m)
     unset = m_r == float("-inf")  # an empty shard, or only −inf: contributes nothing
     rescale = torch.where(unset, torch.zeros_like(m_r), torch.exp(m_r - m_safe))
     s = (gathered[:, :, _S] * rescale).sum(dim=0)
@@ -537,7 +537,7 @@ def _shard_of(x: Tensor, name: str, dim: int):
     return local, x.device_mesh.get_group(0), int(start)
 
 
-def _replicated(x, name: str):
+def _replicated(x):
     """A plain tensor holding all of ``x`` (a DTensor is gathered; a tensor is returned as is)."""
     if x is None or not is_dtensor(x):
         return x
@@ -568,8 +568,8 @@ def cross_entropy_of_dtensor(input, target, weight, **options) -> Tensor:
         if target.shape[-1] != size:
             target = _local_slice(target, start, size)
     else:
-        target = _replicated(target, "target")
-    weight = _local_slice(_replicated(weight, "weight"), start, size, 0)
+        target = _replicated(target)
+    weight = _local_slice(_replicated(weight), start, size, 0)
     return vocab_parallel_cross_entropy(local, target, group, vocab_start=start, weight=weight, **options)
 
 
@@ -582,16 +582,16 @@ def linear_cross_entropy_of_dtensor(input, linear_weight, target, linear_bias, w
     bias = linear_bias
     if bias is not None:
         bias = _shard_of(bias, "linear_bias", 0)[0] if is_dtensor(bias) else _local_slice(bias, start, size, 0)
-    target = _replicated(target, "target")
+    target = _replicated(target)
     if target.is_floating_point() and target.shape[-1] != size:
         target = _local_slice(target, start, size)
     return vocab_parallel_linear_cross_entropy(
-        _replicated(input, "input"),
+        _replicated(input),
         local_weight,
         target,
         group,
         linear_bias=bias,
         vocab_start=start,
-        weight=_local_slice(_replicated(weight, "weight"), start, size, 0),
+        weight=_local_slice(_replicated(weight), start, size, 0),
         **options,
     )

@@ -35,7 +35,6 @@ from .._linear_chunks import (
     active_tokens,
     auto_chunk_rows,
     blocked_accumulate_matmul,
-    cpu_chunk_bytes,
     cuda_chunk_rows,
     linear_cross_entropy_rows,
 )
@@ -105,7 +104,7 @@ def chunk_rows_for(device: torch.device, num_tokens: int, num_classes: int, item
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return cuda_chunk_rows(num_tokens, num_classes, free, itemsize)
-    return auto_chunk_rows(num_tokens, num_classes, itemsize, cpu_chunk_bytes(num_tokens, num_classes, itemsize))
+    return auto_chunk_rows(num_tokens, num_classes, itemsize)
 
 
 def accumulation_dtype(device: torch.device, matmul_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype:

@@ -86,30 +86,28 @@ def _device_loss_scale(logits: Tensor, target: Tensor, weight, opts: CrossEntrop
     if not is_index:
         num = _num_samples(logits)
         return torch.full((), 1.0 / num if num else 0.0, dtype=acc, device=logits.device)
-    t = target.reshape(-1)
-    counted = torch.ones_like(t, dtype=torch.bool) if opts.ignore_index is None else t != opts.ignore_index
-    counted = counted & (t >= 0) & (t < logits.shape[1])
-    if weight is None:
-        denominator = counted.sum().to(acc)
-    else:
-        w = weight.to(acc)[torch.where(counted, t, 0)]
-        denominator = torch.where(counted, w, torch.zeros_like(w)).sum()
-    return torch.where(counted.any(), 1.0 / denominator, torch.zeros_like(denominator))
+    _, count, weight_sum = _device_target_counts(target, logits.shape[1], opts, weight, acc)
+    return torch.where(count > 0, 1.0 / weight_sum, torch.zeros_like(weight_sum))
 
 
-def _device_target_stats(target: Tensor, num_classes: int, opts: CrossEntropyOptions, weight):
-    """(out-of-range count, counted samples, their weight sum) of class indices on any device,
-    read back to the host in one transfer."""
+def _device_target_counts(target: Tensor, num_classes: int, opts: CrossEntropyOptions, weight, dtype: torch.dtype):
+    """(out-of-range count, counted samples, their weight sum) of class indices as 0-d device
+    tensors of ``dtype`` (the weight sum is the count without weights)."""
     t = target.reshape(-1)
     valid = torch.ones_like(t, dtype=torch.bool) if opts.ignore_index is None else t != opts.ignore_index
     bad = valid & ((t < 0) | (t >= num_classes))
     counted = valid & ~bad
+    count = counted.sum(dtype=dtype)
     if weight is None:
-        weight_sum = counted.sum(dtype=torch.float64)
-    else:
-        weight_sum = torch.where(counted, weight.to(torch.float64)[torch.where(counted, t, 0)], 0.0).sum()
-    stats = torch.stack([bad.sum(dtype=torch.float64), counted.sum(dtype=torch.float64), weight_sum])
-    bad_count, count, total = stats.tolist()
+        return bad.sum(dtype=dtype), count, count
+    weight_sum = torch.where(counted, weight.to(dtype)[torch.where(counted, t, 0)], 0.0).sum()
+    return bad.sum(dtype=dtype), count, weight_sum
+
+
+def _device_target_stats(target: Tensor, num_classes: int, opts: CrossEntropyOptions, weight):
+    """:func:`_device_target_counts` read back to the host in one transfer."""
+    counts = _device_target_counts(target, num_classes, opts, weight, torch.float64)
+    bad_count, count, total = torch.stack(counts).tolist()
     return int(bad_count), int(count), total
 
 
