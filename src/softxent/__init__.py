@@ -10,12 +10,14 @@ PyTorch API: ``import softxent.torch as sxt`` (needs the ``torch`` extra).
 """
 
 from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
+from ._training import CrossEntropyStats
 from .numpy_api import cross_entropy, cross_entropy_grad, log_softmax, logsumexp, softmax
 from .numpy_linear import linear_cross_entropy, linear_cross_entropy_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossEntropyStats",
     "softmax",
     "log_softmax",
     "logsumexp",

@@ -173,6 +173,7 @@ def linear_cross_entropy_rows(
     tokens=None,
     scale=None,
     grads: Gradients | None = None,
+    stats=None,
 ):
     """Per-token losses of ``hidden (N, D) @ linear_weight (V, D).T + linear_bias``,
     and (with ``scale``) the gradients, chunk by chunk.
@@ -191,6 +192,8 @@ def linear_cross_entropy_rows(
         scale: None for the loss only; else the factor of each token's gradient —
             a float, or an (N,) array (upstream gradient × 1/D for ``mean``).
         grads: destinations of dH (N, D), dW (V, D), db (V,).
+        stats: None, or (lse (N,), argmax (N,)) receiving each computed token's lse and
+            first argmax from the kernel's pass (skipped tokens' entries are left untouched).
     """
     num_tokens = hidden.shape[0] if tokens is None else tokens.shape[0]
     if num_tokens == 0:
@@ -217,13 +220,22 @@ def linear_cross_entropy_rows(
             ops.matmul_into(h[r0:r1], w_t, z[r0:r1])
         if linear_bias is not None:
             z += linear_bias
+        chunk_stats = {}
+        if stats is not None:
+            chunk_stats["stats"] = tuple(ops.empty((stop - start,), out) for out in stats)
         if not want_grad:
-            loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts)
+            loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts, **chunk_stats)
+        else:
+            if grads.before_gradient is not None:
+                grads.before_gradient(z, rows)
+            row_scale = scale[rows] if per_row_scale else scale
+            # z := G_r
+            loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts, row_scale, z, **chunk_stats)
+        if stats is not None:
+            for out, values in zip(stats, chunk_stats["stats"], strict=True):
+                out[rows] = values
+        if not want_grad:
             continue
-        if grads.before_gradient is not None:
-            grads.before_gradient(z, rows)
-        row_scale = scale[rows] if per_row_scale else scale
-        loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts, row_scale, z)  # z := G_r
         if grads.hidden is not None:
             if tokens is None:
                 ops.matmul_into(z, linear_weight, grads.hidden[rows])

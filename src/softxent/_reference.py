@@ -107,6 +107,7 @@ def cross_entropy_rows(
     grad_out: np.ndarray | None = None,
     *,
     inplace: bool = False,
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Per-sample loss ℓ_i (M,) float64 and, if ``scale`` is given, the gradient.
 
@@ -120,6 +121,10 @@ def cross_entropy_rows(
         grad_out: (M, C) array receiving ``scale_i · ∂ℓ_i/∂z_i`` (cast to its dtype).
         inplace: accepted for the kernels' signature; ``grad_out`` may always be
             ``z`` itself here (each block is read before it is written).
+        stats: ``(lse (M,) float64, argmax (M,) int64)`` receiving each row's
+            logsumexp (of the capped logits; ±inf where the max is ±inf, as
+            ``torch.logsumexp``) and first argmax (the first NaN if any, as
+            ``torch.argmax``); ignored rows get 0 and −1.
     """
     num_rows, num_classes = z.shape
     is_index = target.ndim == 1
@@ -155,6 +160,13 @@ def cross_entropy_rows(
             if lam:
                 lb = lb + lam * lse[:, 0] ** 2
             loss[rows] = np.where(valid, lb, 0.0)
+            if stats is not None:
+                stats[0][rows] = np.where(valid, np.where(np.isinf(m[:, 0]), m[:, 0], lse[:, 0]), 0.0)
+                first_nan = np.isnan(zb).argmax(axis=1)
+                argmax = np.where(
+                    np.isnan(zb).any(axis=1), first_nan, np.nanargmax(np.where(np.isnan(zb), -np.inf, zb), axis=1)
+                )
+                stats[1][rows] = np.where(valid, argmax, -1)
             if scale_rows is None:
                 continue
             # y_eff and S = Σ y_eff, so that ∂ℓ/∂z = (S + 2λ·lse)·p − y_eff.

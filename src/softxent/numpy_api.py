@@ -15,6 +15,7 @@ from . import _backend
 from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from ._options import CrossEntropyOptions, make_options
 from ._reduction import loss_scale as reduction_scale
+from ._training import CrossEntropyStats, check_shift, shifted_labels, summarize
 from ._validate import (
     check_ignore_index_for_probabilities,
     check_target_range,
@@ -152,8 +153,11 @@ class _CrossEntropyCall:
         return reduction_scale(self.opts.reduction, self.target, self.weight, self.opts.ignore_index, self.is_index)
 
 
-def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opts: CrossEntropyOptions):
-    """Check ``target`` and ``weight`` against logits of ``logits_shape`` (class axis ``axis``).
+def prepare_target(
+    logits_shape: tuple[int, ...], axis: int, target, weight, opts: CrossEntropyOptions, shift: bool = False
+):
+    """Check ``target`` and ``weight`` against logits of ``logits_shape`` (class axis ``axis``);
+    with ``shift``, the labels are shifted for a causal LM (:mod:`softxent._training`).
 
     Returns ``(target_rows, weight, is_index)``: (M,) int64 class indices or
     (M, C) probabilities in rows form, and the weight as float64 (or None).
@@ -170,6 +174,7 @@ def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opt
         )
     check_target_shape(logits_shape, axis, target.shape, is_index)
     check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    shift = check_shift(shift, is_index, opts.ignore_index, target.ndim)
     if weight is not None:
         weight = np.asarray(weight)
         if not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):
@@ -183,19 +188,22 @@ def prepare_target(logits_shape: tuple[int, ...], axis: int, target, weight, opt
                 f"target contains class index {int(target.max())}, outside [0, {num_classes}) "
                 f"(number of classes C={num_classes})"
             )
-        target_rows = target.reshape(-1).astype(np.int64)
+        target_rows = target.astype(np.int64)
+        if shift:
+            target_rows = shifted_labels(target_rows, opts.ignore_index, np.full_like)
+        target_rows = target_rows.reshape(-1)
         check_target_range(target_rows, num_classes, opts.ignore_index)
     else:
         target_rows, _ = _rows(float_array(target, "target"), axis)
     return target_rows, weight, is_index
 
 
-def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossEntropyCall:
+def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions, shift: bool = False) -> _CrossEntropyCall:
     z = _as_logits(logits)
     axis = normalize_axis(axis, z.ndim)
     if z.shape[axis] == 0:
         raise InvalidArgumentError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
-    target_rows, weight, is_index = prepare_target(z.shape, axis, target, weight, opts)
+    target_rows, weight, is_index = prepare_target(z.shape, axis, target, weight, opts, shift)
     rows, moved_shape = _rows(z, axis)
     return _CrossEntropyCall(
         rows=rows,
@@ -208,6 +216,28 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions) -> _CrossE
         loss_shape=moved_shape[:-1],
         dtype=z.dtype,
     )
+
+
+def stats_buffers(num_rows: int, want: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lse (M,) float64, argmax (M,) int64) for the kernels to fill, or None."""
+    return (np.empty(num_rows), np.empty(num_rows, np.int64)) if want else None
+
+
+def training_stats(stats, target_rows, is_index, opts, loss_scale, loss_shape, dtype) -> CrossEntropyStats:
+    """:class:`CrossEntropyStats` of NumPy rows (see :mod:`softxent._training`)."""
+    lse, argmax = stats
+    if is_index:
+        labels = target_rows
+        counted = np.ones(labels.shape, bool) if opts.ignore_index is None else labels != opts.ignore_index
+    else:
+        labels = target_rows.argmax(axis=-1) if target_rows.shape[0] else np.zeros(0, np.int64)
+        counted = np.ones(labels.shape, bool)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    out = summarize(lse.astype(compute), argmax, labels, counted, opts.z_loss, loss_scale, opts.reduction, loss_shape)
+    with np.errstate(invalid="ignore"):
+        return CrossEntropyStats(
+            z_loss=np.asarray(out.z_loss).astype(dtype)[()], accuracy=np.float64(out.accuracy), lse=out.lse
+        )
 
 
 def _reduce(call: _CrossEntropyCall, loss_rows: np.ndarray, loss_scale: float):
@@ -228,6 +258,8 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
 ):
     r"""Cross-entropy between softmax(logits) and a target, as ``torch.nn.functional.cross_entropy``.
 
@@ -256,11 +288,15 @@ def cross_entropy(
         label_smoothing: ε in [0, 1].
         z_loss: λ ≥ 0, PaLM's auxiliary λ·lse² per sample.
         softcap: s > 0 caps the logits at ±s smoothly (Gemma 2), or None.
+        shift: causal-LM shift of class-index labels along their last axis (position t
+            predicts label t + 1; the last position is ignored), done on the labels only.
+        return_stats: also return a :class:`~softxent.CrossEntropyStats` (z-loss term,
+            token accuracy, per-sample lse) from the same pass; see :mod:`softxent._training`.
 
     Returns:
         a scalar of the logits' dtype, or for ``reduction="none"`` an array of
         the target's (index) shape.  A mean over zero samples (N = 0 or all
-        ignored) is 0.0, not NaN as in PyTorch.
+        ignored) is 0.0, not NaN as in PyTorch.  With ``return_stats``: ``(loss, stats)``.
 
     Example:
         >>> logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
@@ -274,9 +310,18 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
     )
-    call = _prepare(logits, target, axis, weight, opts)
-    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts)
-    return _reduce(call, loss_rows, call.loss_scale)
+    call = _prepare(logits, target, axis, weight, opts, shift)
+    stats = stats_buffers(call.rows.shape[0], return_stats)
+    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, stats=stats)
+    loss_scale = call.loss_scale
+    loss = _reduce(call, loss_rows, loss_scale)
+    if not return_stats:
+        return loss
+    return loss, _call_stats(call, stats, loss_scale)
+
+
+def _call_stats(call: _CrossEntropyCall, stats, loss_scale: float) -> CrossEntropyStats:
+    return training_stats(stats, call.target, call.is_index, call.opts, loss_scale, call.loss_shape, call.dtype)
 
 
 def cross_entropy_grad(
@@ -291,6 +336,8 @@ def cross_entropy_grad(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
 ):
     r"""Cross-entropy and its gradient with respect to the logits, in one pass.
 
@@ -309,7 +356,8 @@ def cross_entropy_grad(
 
     Returns:
         ``(loss, dlogits)``: the loss as :func:`cross_entropy` returns it and the
-        gradient with the logits' shape and dtype.
+        gradient with the logits' shape and dtype; ``(loss, dlogits, stats)`` with
+        ``return_stats``.
 
     Example:
         >>> loss, g = sx.cross_entropy_grad(np.array([[0.0, 0.0]]), np.array([1]))
@@ -323,12 +371,14 @@ def cross_entropy_grad(
         z_loss=z_loss,
         softcap=softcap,
     )
-    call = _prepare(logits, target, axis, weight, opts)
+    call = _prepare(logits, target, axis, weight, opts, shift)
     loss_scale = call.loss_scale
     scale = _row_scale(call, grad_output, loss_scale)
     grad_rows = np.empty(call.rows.shape, call.dtype)
-    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, scale, grad_rows)
-    return _reduce(call, loss_rows, loss_scale), _unrows(grad_rows, call.moved_shape, call.axis)
+    stats = stats_buffers(call.rows.shape[0], return_stats)
+    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, scale, grad_rows, stats=stats)
+    result = (_reduce(call, loss_rows, loss_scale), _unrows(grad_rows, call.moved_shape, call.axis))
+    return result + (_call_stats(call, stats, loss_scale),) if return_stats else result
 
 
 def _row_scale(call: _CrossEntropyCall, grad_output, loss_scale: float):

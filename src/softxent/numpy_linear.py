@@ -25,7 +25,7 @@ from ._linear_chunks import (
 from ._options import check_chunk_size, make_options
 from ._reduction import loss_scale
 from ._validate import check_linear_shapes
-from .numpy_api import float_array, prepare_target, row_scale
+from .numpy_api import float_array, prepare_target, row_scale, training_stats
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_grad"]
 
@@ -52,8 +52,10 @@ def _add_column_sums(acc, g, overwrite: bool) -> None:
         acc += g.sum(axis=0, dtype=acc.dtype)
 
 
-def _cross_entropy_rows(z, target, weight, opts, scale=None, grad_out=None):
-    return _backend.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
+def _cross_entropy_rows(z, target, weight, opts, scale=None, grad_out=None, stats=None):
+    return _backend.cross_entropy_rows(
+        z, target, weight, opts, scale, grad_out, inplace=grad_out is not None, stats=stats
+    )
 
 
 NUMPY_OPS = ArrayOps(
@@ -65,7 +67,7 @@ NUMPY_OPS = ArrayOps(
 )
 
 
-def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, want_grad):
+def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, want_grad, extras):
     hidden = float_array(hidden, "hidden")
     linear_weight = float_array(linear_weight, "linear_weight")
     if linear_bias is not None:
@@ -75,7 +77,8 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
         hidden.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape
     )
     lead = hidden.shape[:-1]
-    target_rows, weight, is_index = prepare_target(lead + (num_classes,), len(lead), target, weight, opts)
+    shift, return_stats = extras
+    target_rows, weight, is_index = prepare_target(lead + (num_classes,), len(lead), target, weight, opts, shift)
     scale_of_sum = loss_scale(opts.reduction, target_rows, weight, opts.ignore_index, is_index)
     scale = row_scale(grad_output, lead, opts.reduction, scale_of_sum) if want_grad else None
 
@@ -98,6 +101,9 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
             bias=None if b is None else np.empty(b.shape, compute),
         )
     chunk = chunk_size or auto_chunk_rows(num_tokens, num_classes, np.dtype(compute).itemsize)
+    stats = None
+    if return_stats:
+        stats = (np.zeros(num_tokens), np.full(num_tokens, -1, np.int64))  # skipped tokens: 0 and −1
     linear_cross_entropy_rows(
         NUMPY_OPS,
         h,
@@ -111,6 +117,7 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
         tokens=tokens,
         scale=scale,
         grads=grads,
+        stats=stats,
     )
 
     out_dtype = np.result_type(*dtypes)
@@ -119,15 +126,18 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
     else:
         with np.errstate(invalid="ignore"):  # 0·inf: weights summing to 0 give NaN, as in PyTorch
             loss = out_dtype.type(loss_rows.sum() * scale_of_sum)
+    extra = ()
+    if return_stats:
+        extra = (training_stats(stats, target_rows, is_index, opts, scale_of_sum, lead, out_dtype),)
     if not want_grad:
-        return loss
+        return (loss,) + extra if extra else loss
     dbias = None if b is None else grads.bias.astype(linear_bias.dtype, copy=False)
     return (
         loss,
         grads.hidden.astype(hidden.dtype, copy=False).reshape(hidden.shape),
         grads.weight.astype(linear_weight.dtype, copy=False),
         dbias,
-    )
+    ) + extra
 
 
 def linear_cross_entropy(
@@ -143,6 +153,8 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
 ):
     r"""Cross-entropy of the logits ``hidden @ linear_weight.T + linear_bias``, without
     ever holding all of them.
@@ -165,10 +177,13 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk of logits; by default 1/14 of the
             logits, between 8 and 256 MiB (at least 64 tokens).  Samples equal to ``ignore_index`` are skipped
             before any matmul.
+        shift, return_stats: the training extras of :func:`softxent.cross_entropy`
+            (labels shifted along their last axis; statistics from the chunks' pass).
 
     Returns:
         the loss: a scalar, or for ``reduction="none"`` an array of shape
-        ``hidden.shape[:-1]``.  float16 inputs are computed in float32.
+        ``hidden.shape[:-1]``.  float16 inputs are computed in float32.  With
+        ``return_stats``: ``(loss, stats)``.
 
     Example:
         >>> h, W = np.eye(2), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
@@ -178,7 +193,8 @@ def linear_cross_entropy(
     opts = make_options(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
-    return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, None, False)
+    extras = (shift, return_stats)
+    return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, None, False, extras)
 
 
 def linear_cross_entropy_grad(
@@ -195,6 +211,8 @@ def linear_cross_entropy_grad(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
 ):
     r"""The fused linear + cross-entropy and its gradients, in one chunked pass.
 
@@ -212,9 +230,11 @@ def linear_cross_entropy_grad(
 
     Returns:
         ``(loss, dhidden, dlinear_weight, dlinear_bias)``, the gradients in their
-        inputs' shapes and dtypes; ``dlinear_bias`` is None without a bias.
+        inputs' shapes and dtypes; ``dlinear_bias`` is None without a bias; with
+        ``return_stats``, a fifth element: the statistics.
     """
     opts = make_options(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
-    return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, True)
+    extras = (shift, return_stats)
+    return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, True, extras)

@@ -58,8 +58,30 @@ def _fold_target_dots(src, q, w, new_m, ref, dot, y_total, eps, num_classes, has
 # EXACT_JIT: no 'reassoc' on the scalar arithmetic, which would let LLVM turn
 # log s − (z_t − m) back into (m + log s) − z_t; the loops it calls vectorize on their own.
 @njit(**EXACT_JIT)
+def _first_index_of(src, value):
+    """The first j with src_j == value (ties go to the lowest index, as ``torch.argmax``)."""
+    for j in range(src.size):
+        if load(src[j]) == value:
+            return j
+    return 0
+
+
+@njit(**EXACT_JIT)
+def _first_nan(src):
+    """The first j with src_j NaN, or −1."""
+    for j in range(src.size):
+        x = load(src[j])
+        if x != x:
+            return j
+    return -1
+
+
+@njit(**EXACT_JIT)
 def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight):
-    """Loss of one row (float64) and, if ``want_grad``, its gradient written into ``g``.
+    """``(ℓ, lse, argmax)`` of one row (float64, float64, int) and, if ``want_grad``, its
+    gradient written into ``g``.  argmax is the first index of the (capped) row's max, as
+    ``torch.argmax`` (the first NaN when the row has one); the online max finds it for free:
+    a chunk is scanned (in L1) only when it raises the running max.
 
     Everything is computed relative to the row max m (never as lse − z_t with
     lse rounded at the scale of the logits), so the precision does not depend
@@ -84,6 +106,7 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
     m = neg_inf
     s = compute_zero(z)
     chunk_max_at = scratch_row(z, num_chunks)
+    argmax = 0
     want_dots = has_prob or eps > 0.0
     ref = 0.0  # the dot products are relative to ref: the running max once it is finite
     dot = 0.0
@@ -106,6 +129,8 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         if cap > 0.0:  # work keeps the capped logits; the final pass recomputes their exponentials
             chunk_softcap(zc, wc, cap)
             new_m = chunk_max(wc, m)
+            if new_m > m:
+                argmax = lo + _first_index_of(wc, new_m)
             if want_dots:
                 ref, dot, y_total = _fold_target_dots(
                     wc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
@@ -113,6 +138,8 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
             m, s = fold_chunk(wc, wc, m, new_m, s, False, False)
         else:
             new_m = chunk_max(zc, m)
+            if new_m > m:
+                argmax = lo + _first_index_of(zc, new_m)
             # the dot products read the logits before the exponentials may overwrite them
             if want_dots:
                 ref, dot, y_total = _fold_target_dots(
@@ -125,6 +152,12 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
     # PyTorch: a row of only −inf has no normalizer (NaN)
     log_s = math.nan if m == neg_inf else math.log(np.float64(s))
     lse = m64 + log_s
+    # the lse reported (torch.logsumexp's ±inf for rows whose max is ±inf; the loss is NaN there)
+    lse_stat = m64 if m64 == math.inf or m64 == -math.inf else lse
+    if s != s:  # a NaN logit (or inf − inf): torch.argmax returns the first NaN, if any
+        nan_at = _first_nan(z)
+        if nan_at >= 0:
+            argmax = nan_at
     dot_rel = dot + y_total * (ref - m64) if want_dots else 0.0  # Σ_k y_k (z_k − m)
     uniform = eps / num_classes
     if has_prob:
@@ -143,7 +176,7 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
     if lam > 0.0:
         loss += lam * lse * lse
     if not want_grad:
-        return loss
+        return loss, lse_stat, argmax
 
     base = scale * (total + 2.0 * lam * lse) / np.float64(s)
     finish_weight = has_weight and want_dots  # class weights only enter y_j (j ≠ t) through smoothing
@@ -178,19 +211,39 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         y_t = (1.0 - eps) * w_t + uniform * w_t
         # scale·(A·p_t) − scale·y_t: an infinite scale (weights summing to 0) gives PyTorch's NaN here
         store(g, t, (scale * ((total + 2.0 * lam * lse) * p_t) - scale * y_t) * chain)
-    return loss
+    return loss, lse_stat, argmax
 
 
 @njit(parallel=True, **EXACT_JIT)
 def cross_entropy_fwd_bwd_rows(
-    z, g, target, q, w, scale, eps, lam, cap, weight_sum, ignore_index, has_ignore, want_grad, inplace, has_prob, loss
+    z,
+    g,
+    target,
+    q,
+    w,
+    scale,
+    eps,
+    lam,
+    cap,
+    weight_sum,
+    ignore_index,
+    has_ignore,
+    want_grad,
+    inplace,
+    has_prob,
+    loss,
+    lse_out,
+    argmax_out,
 ):
     """Every row of ``z`` (M, C) in parallel; see :func:`cross_entropy_row`.
 
     ``target`` (M,) int64 class indices (unused with probabilities ``q`` (M, C));
     ``scale`` (M,) or (1,) float64; ``loss`` (M,) float64 receives ℓ_i (0 for
-    ignored rows, whose gradient row is zero).
+    ignored rows, whose gradient row is zero).  ``lse_out`` (M,) float64 and
+    ``argmax_out`` (M,) int64, unless empty, receive each row's lse and argmax
+    (0 and −1 for ignored rows, which are not read).
     """
+    want_stats = lse_out.size > 0
     num_rows = z.shape[0]
     per_row_scale = scale.size > 1
     has_weight = w.size > 0
@@ -199,12 +252,18 @@ def cross_entropy_fwd_bwd_rows(
         row_scale = scale[i] if per_row_scale else scale[0]
         if not has_prob and has_ignore and t == ignore_index:
             loss[i] = 0.0
+            if want_stats:
+                lse_out[i] = 0.0
+                argmax_out[i] = -1
             if want_grad:
                 fill_zero(g[i])
             continue
-        loss[i] = cross_entropy_row(
+        loss[i], lse, argmax = cross_entropy_row(
             z[i], g[i], t, q[i], w, eps, lam, cap, row_scale, weight_sum, want_grad, inplace, has_prob, has_weight
         )
+        if want_stats:
+            lse_out[i] = lse
+            argmax_out[i] = argmax
 
 
 def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple:
@@ -231,6 +290,7 @@ def cross_entropy_rows(
     grad_out: np.ndarray | None = None,
     *,
     inplace: bool = False,
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Same contract as :func:`softxent._reference.cross_entropy_rows`, on the fused kernel.
 
@@ -257,6 +317,7 @@ def cross_entropy_rows(
     loss = np.empty(num_rows, np.float64)
     if num_rows == 0:
         return loss
+    lse_out, argmax_out = (np.empty(0), np.empty(0, np.int64)) if stats is None else stats
     cross_entropy_fwd_bwd_rows(
         numba_view(z),
         numba_view(g),
@@ -270,5 +331,7 @@ def cross_entropy_rows(
         inplace and z.dtype in (np.float32, np.float64),
         has_prob,
         loss,
+        lse_out,
+        argmax_out,
     )
     return loss

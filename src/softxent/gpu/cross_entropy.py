@@ -59,6 +59,8 @@ def cross_entropy_kernel(
     w_ptr,
     scale_ptr,
     loss_ptr,
+    lse_ptr,
+    argmax_ptr,
     params_ptr,
     num_rows,
     num_classes,
@@ -70,6 +72,7 @@ def cross_entropy_kernel(
     HAS_CAP: tl.constexpr,
     WANT_GRAD: tl.constexpr,
     ROW_SCALE: tl.constexpr,
+    WANT_STATS: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -118,10 +121,17 @@ def cross_entropy_kernel(
     ref = tl.zeros([ROWS], ACC)  # the dot products are relative to ref: the running max once finite
     dot = tl.zeros([ROWS], ACC)
     y_total = tl.zeros([ROWS], ACC)
+    argmax = tl.zeros([ROWS], tl.int64)
+    first_nan = tl.full([ROWS], num_classes, tl.int64)
     for start in range(0, sweep_end, BLOCK):
         c = start + cols
         mask = fetch[:, None] & (c < num_classes)[None, :]
         z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
+        if WANT_STATS:  # first index of the max (ties to the lowest, as torch.argmax) and of a NaN
+            tile_max = tl.max(tl.where(z == z, z, float("-inf")), axis=1)
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], c[None, :], num_classes), axis=1).to(tl.int64)
+            argmax = tl.where(tile_max > m, tile_arg, argmax)
+            first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, c[None, :], num_classes), axis=1).to(tl.int64))
         m, s, m_safe = online_step(z, m, s)
         if HAS_PROB or HAS_SMOOTH:
             y = _target_tile(
@@ -152,6 +162,13 @@ def cross_entropy_kernel(
         loss = loss + lam * lse * lse
     loss = tl.where(bad, float("nan"), tl.where(active, loss, 0.0))
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
+    if WANT_STATS:  # lse as torch.logsumexp (±inf where the max is, NaN with a NaN); argmax as torch.argmax
+        has_nan = first_nan < num_classes
+        lse_stat = tl.where((m == float("inf")) | (m == float("-inf")), m, lse)
+        lse_stat = tl.where(has_nan | bad, float("nan"), tl.where(active, lse_stat, 0.0))
+        argmax = tl.where(has_nan, first_nan, argmax)
+        tl.store(lse_ptr + rows, lse_stat.to(lse_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(argmax_ptr + rows, tl.where(fetch, argmax, -1), mask=row_ok)
     if WANT_GRAD:
         if ROW_SCALE:
             r = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)
@@ -223,6 +240,7 @@ def cross_entropy_rows(
     opts: CrossEntropyOptions,
     scale: float | torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-row losses (M,) — float32, float64 for float64 logits — of rows ``logits`` (M, C)
     (copied first unless their last dimension is contiguous); with ``scale`` (a number, or one per row) the gradient
@@ -231,10 +249,12 @@ def cross_entropy_rows(
     ``target``: class indices (M,) int64, or probabilities (M, C).  The caller has
     checked the indices (out-of-range rows get NaN here, never a stray memory access).
     A 0-d tensor ``scale`` and a CUDA ``weight`` stay on the device (no host sync).
+    ``stats``: contiguous (lse (M,), argmax (M,) int64) receiving each row's reported lse and
+    first argmax (see :func:`softxent._reference.cross_entropy_rows`).
     """
     if grad_out is not None and grad_out.stride(-1) != 1 and grad_out.shape[-1] > 1:
         grad_rows = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
-        loss = cross_entropy_rows(logits, target, weight, opts, scale, grad_rows)
+        loss = cross_entropy_rows(logits, target, weight, opts, scale, grad_rows, stats)
         grad_out.copy_(grad_rows)
         return loss
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
@@ -266,6 +286,8 @@ def cross_entropy_rows(
         w,
         scale_t,
         loss,
+        loss if stats is None else stats[0],
+        idx if stats is None else stats[1],
         params,
         num_rows,
         num_classes,
@@ -277,6 +299,7 @@ def cross_entropy_rows(
         HAS_CAP=opts.softcap is not None,
         WANT_GRAD=want_grad,
         ROW_SCALE=row_scale,
+        WANT_STATS=stats is not None,
         ACC=compute_type(logits.dtype),
         ROWS=rows_per_program,
         BLOCK=block,

@@ -9,12 +9,14 @@ Everything is a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`
 traces through it.
 """
 
+from .._training import CrossEntropyStats
 from .cpu_buffers import empty_cache
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
+    "CrossEntropyStats",
     "cross_entropy",
     "CrossEntropyLoss",
     "linear_cross_entropy",

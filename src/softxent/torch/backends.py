@@ -37,21 +37,28 @@ def triton_module(module: str):
     return importlib.import_module(f"softxent.gpu.{module}")
 
 
-def _triton_cross_entropy_rows(logits, target, weight, opts, scale=None, grad_out=None):
-    return triton_module("cross_entropy").cross_entropy_rows(logits, target, weight, opts, scale, grad_out)
+def _triton_cross_entropy_rows(logits, target, weight, opts, scale=None, grad_out=None, stats=None):
+    return triton_module("cross_entropy").cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats)
+
+
+def _fallback_cross_entropy_rows(logits, target, weight, opts, scale=None, grad_out=None, stats=None):
+    from . import fallback
+
+    return fallback.cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats)[0]
 
 
 def cross_entropy_rows(device: torch.device):
     """The per-row cross-entropy of ``device``: ``f(logits (M, C), target, weight, opts, scale,
-    grad_out) → ℓ (M,)``, the gradient scale·∂ℓ/∂z written to ``grad_out`` when ``scale`` is given."""
-    from . import cpu_bridge, fallback
+    grad_out, stats=None) → ℓ (M,)``, the gradient scale·∂ℓ/∂z written to ``grad_out`` when
+    ``scale`` is given, each row's (lse, argmax) to ``stats`` when given."""
+    from . import cpu_bridge
 
     backend = name(device)
     if backend == "numba":
         return cpu_bridge.cross_entropy_rows
     if backend == "triton":
         return _triton_cross_entropy_rows
-    return lambda *args: fallback.cross_entropy_rows(*args)[0]
+    return _fallback_cross_entropy_rows
 
 
 def writes_gradient_in_place(device: torch.device) -> bool:

@@ -40,10 +40,15 @@ def cross_entropy_rows(
     scale: float | None = None,
     grad_out: torch.Tensor | None = None,
     inplace: bool = False,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Per-row losses (M,) float64 of contiguous rows (M, C); the gradient goes to ``grad_out``."""
+    """Per-row losses (M,) float64 of contiguous rows (M, C); the gradient goes to ``grad_out``,
+    each row's lse and argmax to ``stats`` (contiguous (M,) float and int64 tensors) if given."""
     target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 1, grad_out)
-    loss = ce_kernel.cross_entropy_rows(as_numpy(logits), target_np, w, opts, scale, grad_np, inplace=inplace)
+    stats_np = None if stats is None else (stats[0].numpy(), stats[1].numpy())
+    loss = ce_kernel.cross_entropy_rows(
+        as_numpy(logits), target_np, w, opts, scale, grad_np, inplace=inplace, stats=stats_np
+    )
     return torch.from_numpy(loss)
 
 

@@ -111,8 +111,10 @@ def cross_entropy_rows(
     opts: CrossEntropyOptions,
     scale: torch.Tensor | float | None = None,
     grad_out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ (M,), lse (M,)) in the compute dtype; the gradient goes to ``grad_out`` if ``scale`` is given."""
+    """(ℓ (M,), lse (M,)) in the compute dtype; the gradient goes to ``grad_out`` if ``scale`` is
+    given, each row's reported lse and argmax to ``stats`` (see :func:`softxent._reference.cross_entropy_rows`)."""
     is_index = target.dim() == 1
     acc = compute_dtype(logits.dtype)
     loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
@@ -122,6 +124,8 @@ def cross_entropy_rows(
             t = target[rows]
             loss[rows], zc, th, lse, nlp = loss_and_parts(logits[rows].to(acc), t, weight, opts, is_index)
             lse_out[rows] = lse[:, 0]
+            if stats is not None:
+                row_stats(zc, lse[:, 0], _valid_rows(t, opts, is_index), stats, rows)
             if scale is None:
                 continue
             y, valid = effective_target(zc, t, weight, opts, is_index)
@@ -136,6 +140,22 @@ def cross_entropy_rows(
             g[~valid] = 0.0  # a zero row even where the logits are NaN
             grad_out[rows] = g.to(grad_out.dtype)
     return loss, lse_out
+
+
+def _valid_rows(target: torch.Tensor, opts: CrossEntropyOptions, is_index: bool) -> torch.Tensor:
+    if not is_index or opts.ignore_index is None:
+        return torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    return target != opts.ignore_index
+
+
+def row_stats(z: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, stats, rows) -> None:
+    """Write the reported lse (±inf where the row max is, as ``torch.logsumexp``) and the
+    first argmax of the (capped) rows ``z`` into ``stats[0][rows]``, ``stats[1][rows]``;
+    ignored rows get 0 and −1."""
+    m = z.amax(dim=1)
+    lse = torch.where(torch.isinf(m), m, lse)
+    stats[0][rows] = torch.where(valid, lse, 0.0).to(stats[0].dtype)
+    stats[1][rows] = torch.where(valid, z.argmax(dim=1), -1)
 
 
 def composite_cross_entropy(

@@ -24,7 +24,7 @@ from .._validate import (
     normalize_axis,
 )
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
-from . import backends, cpu_bridge, fallback, ops
+from . import backends, cpu_bridge, fallback, ops, training
 
 
 def _check_input(input: Tensor, name: str = "input") -> None:
@@ -121,7 +121,9 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
-) -> Tensor:
+    shift: bool = False,
+    return_stats: bool = False,
+):
     r"""Cross-entropy between logits and a target, as ``torch.nn.functional.cross_entropy``.
 
     .. math::
@@ -152,10 +154,18 @@ def cross_entropy(
         inplace_backward: write the gradient over ``input``'s storage instead of
             a new N×C buffer (CPU, eager mode, ``(N, C)`` inputs).  This destroys
             the logits: do not read ``input`` after the call.
+        shift: causal-LM shift of class-index labels along the target's last dimension
+            (position t predicts label t + 1; the last position is ignored), done on the
+            labels only — ``(N, C)`` logits with ``(N,)`` labels are one sequence,
+            ``(B, C, T)`` logits with ``(B, T)`` labels B sequences.
+        return_stats: also return a :class:`softxent.CrossEntropyStats` — the z-loss term,
+            the token accuracy and each sample's lse — from the kernel's pass over the
+            logits (detached; see :mod:`softxent._training`).
 
     Returns:
         the loss: a scalar, or for ``reduction="none"`` one value per sample, in
-        ``input``'s dtype (float32 under ``torch.autocast``).
+        ``input``'s dtype (float32 under ``torch.autocast``); ``(loss, stats)`` with
+        ``return_stats``.
 
     The gradient is computed in the forward pass (one read of the logits, one
     write of the gradient); backward only scales it.  Double backward is not
@@ -168,8 +178,8 @@ def cross_entropy(
     if type(input).__name__ == "DTensor":  # logits sharded on the classes, as under loss_parallel()
         from . import distributed
 
-        if inplace_backward:
-            raise InvalidArgumentError("inplace_backward is not supported for DTensor inputs")
+        if inplace_backward or shift or return_stats:
+            raise InvalidArgumentError("inplace_backward, shift and return_stats are not supported for DTensor inputs")
         return distributed.cross_entropy_of_dtensor(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap,
@@ -187,7 +197,10 @@ def cross_entropy(
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     is_index = _check_target(input, tuple(input.shape), class_dim, target, weight, opts)
+    target = training.shift_target(target, is_index, opts, shift)
     if num_classes == 0:
+        if return_stats:
+            raise InvalidArgumentError("return_stats needs at least one class (input has C = 0)")
         return _no_class_loss(input, target, is_index, class_dim, opts)
     if composite_needed(input, target, weight):  # torch.func transforms, forward-mode AD: plain ops
         rows = _to_rows(input, class_dim) if input.dim() > 1 else input.reshape(1, num_classes)
@@ -195,7 +208,11 @@ def cross_entropy(
         if is_index:
             check_target_range(target_rows, num_classes, opts.ignore_index)
         loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)
-        return _shaped_loss(loss, input, target, is_index, class_dim, opts)
+        loss = _shaped_loss(loss, input, target, is_index, class_dim, opts)
+        if not return_stats:
+            return loss
+        stats = training.row_stats(rows, opts, target_rows)
+        return loss, _stats(stats, input, target, weight, is_index, class_dim, opts, loss.dtype)
 
     rows = _op_logits(input, num_classes)
     if is_index:
@@ -227,10 +244,25 @@ def cross_entropy(
         and not (not is_index and target_rows.requires_grad)
     )
     if use_inplace:
-        loss = _InplaceCrossEntropy.apply(rows, target_rows, *op_args)
+        loss, *stats = _InplaceCrossEntropy.apply(rows, target_rows, *op_args, return_stats)
     else:
-        loss, _ = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad)
-    return _shaped_loss(loss, input, target, is_index, class_dim, opts)
+        loss, _, *stats = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad, return_stats)
+    loss = _shaped_loss(loss, input, target, is_index, class_dim, opts)
+    if not return_stats:
+        return loss
+    return loss, _stats(stats, input, target, weight, is_index, class_dim, opts, loss.dtype)
+
+
+def _stats(stats, input, target, weight, is_index: bool, class_dim: int, opts, loss_dtype):
+    """The statistics of per-sample (lse, argmax) in the order of the flattened target."""
+    num_classes = input.shape[class_dim]
+    if is_index:
+        flat_target = class_indices(target.reshape(-1), num_classes)
+        loss_shape = target.shape
+    else:
+        flat_target = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, class_dim)
+        loss_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :]
+    return training.stats_of_rows(*stats, flat_target, weight, opts, num_classes, loss_shape, loss_dtype)
 
 
 def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, is_index: bool, class_dim: int, opts) -> Tensor:
@@ -282,23 +314,34 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap
+        ctx,
+        logits,
+        target,
+        weight,
+        ignore_index,
+        use_ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        want_stats,
     ):
         opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
         rows_fn = backends.cross_entropy_rows(logits.device)
         if rows_fn is cpu_bridge.cross_entropy_rows:
             rows_fn = partial(rows_fn, inplace=True)
-        loss, grad = ops._forward(rows_fn, logits, target, weight, opts, True, logits)
+        loss, grad, lse, argmax = ops._forward(rows_fn, logits, target, weight, opts, True, logits, want_stats)
         # autograd must know the logits changed: anything that saved them now fails loudly
         torch.autograd.graph.increment_version(logits)
         ctx.reduction = reduction
         ctx.save_for_backward(grad.detach())
-        return loss
+        ctx.mark_non_differentiable(lse, argmax)
+        return loss, lse, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_lse, _grad_argmax):
         (grad,) = ctx.saved_tensors
-        return (ops.scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 8
+        return (ops.scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 9
 
 
 def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:

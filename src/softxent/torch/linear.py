@@ -40,7 +40,7 @@ from .._linear_chunks import (
 )
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_linear_shapes, check_target_range
-from . import backends, cpu_bridge, cpu_buffers, fallback, ops
+from . import backends, cpu_bridge, cpu_buffers, fallback, ops, training
 from .functional import _autocast_enabled, _check_input, _check_target, class_indices, composite_needed, cross_entropy
 from .linear_options import chunk_size_from_options
 
@@ -79,12 +79,14 @@ def _uses_cpu_kernel(device: torch.device) -> bool:
     return backends.name(device) == "numba"
 
 
-def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None):
+def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None, stats=None):
     """Per-row losses: float64 from the fused CPU kernel, the compute dtype elsewhere; the fused
     kernels write the gradient over the chunk's logits."""
     if _uses_cpu_kernel(device):
-        return cpu_bridge.cross_entropy_rows(z, target, weight, opts, scale, grad_out, inplace=grad_out is not None)
-    return backends.cross_entropy_rows(device)(z, target, weight, opts, scale, grad_out)
+        return cpu_bridge.cross_entropy_rows(
+            z, target, weight, opts, scale, grad_out, inplace=grad_out is not None, stats=stats
+        )
+    return backends.cross_entropy_rows(device)(z, target, weight, opts, scale, grad_out, stats=stats)
 
 
 def _array_ops(device: torch.device) -> ArrayOps:
@@ -142,8 +144,10 @@ def _run(
     chunk_size: int,
     matmul_dtype: torch.dtype,
     wanted: tuple[bool, bool, bool, bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The op's body: (loss, ∂input, ∂linear_weight, ∂linear_bias, ∂target), empty where not wanted."""
+    want_stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The op's body: (loss, ∂input, ∂linear_weight, ∂linear_bias, ∂target, lse, argmax), empty
+    where not wanted (lse and argmax per token: 0 and −1 for skipped tokens)."""
     is_index = target.dim() == 1
     num_tokens = hidden.shape[0]
     num_classes = linear_weight.shape[0]
@@ -186,6 +190,9 @@ def _run(
             grads.before_gradient = _target_gradient_hook(d_target, weight, opts, scale)
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
     chunk = chunk_size or chunk_rows_for(hidden.device, num_tokens, num_classes, itemsize)
+    stats = ops.empty_stats(hidden.new_empty(0, dtype=acc), num_tokens if want_stats else 0)
+    stats[0].zero_()
+    stats[1].fill_(-1)
     linear_cross_entropy_rows(
         _array_ops(hidden.device),
         h,
@@ -199,6 +206,7 @@ def _run(
         tokens=tokens,
         scale=scale,
         grads=grads,
+        stats=stats if want_stats else None,
     )
     if opts.reduction == "none":
         loss = loss_rows.to(acc)
@@ -208,7 +216,7 @@ def _run(
     d_hidden = hidden.new_empty(0) if grads.hidden is None else grads.hidden.to(hidden.dtype)
     d_weight = hidden.new_empty(0) if grads.weight is None else grads.weight.to(linear_weight.dtype)
     d_bias = hidden.new_empty(0) if grads.bias is None else grads.bias.to(linear_bias.dtype)
-    return loss, d_hidden, d_weight, d_bias, d_target
+    return loss, d_hidden, d_weight, d_bias, d_target, *stats
 
 
 @torch.library.custom_op("softxent::linear_cross_entropy", mutates_args=())
@@ -231,10 +239,12 @@ def linear_cross_entropy_op(
     grad_linear_weight: bool,
     grad_linear_bias: bool,
     grad_target: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, ∂input, ∂linear_weight, ∂linear_bias, ∂target) of ``input (N, D) @ linear_weight.T
-    + linear_bias`` against ``target``; gradients are empty unless asked for, and are scaled
-    per token by ``grad_output`` (N,) when given.  ``chunk_size`` 0 chooses it."""
+    want_stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ∂input, ∂linear_weight, ∂linear_bias, ∂target, lse, argmax) of ``input (N, D) @
+    linear_weight.T + linear_bias`` against ``target``; gradients are empty unless asked for,
+    and are scaled per token by ``grad_output`` (N,) when given; the per-token lse and argmax
+    are empty unless ``want_stats``.  ``chunk_size`` 0 chooses it."""
     opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     with torch.autocast(input.device.type, enabled=False):
         return _run(
@@ -248,6 +258,7 @@ def linear_cross_entropy_op(
             chunk_size,
             matmul_dtype,
             (grad_input, grad_linear_weight, grad_linear_bias, grad_target),
+            want_stats,
         )
 
 
@@ -271,6 +282,7 @@ def _linear_cross_entropy_fake(
     grad_linear_weight,
     grad_linear_bias,
     grad_target,
+    want_stats=False,
 ):
     acc = fallback.compute_dtype(matmul_dtype)
     loss = input.new_empty((input.shape[0],) if reduction == "none" else (), dtype=acc)
@@ -280,6 +292,7 @@ def _linear_cross_entropy_fake(
         torch.empty_like(linear_weight) if grad_linear_weight else input.new_empty(0),
         torch.empty_like(linear_bias) if grad_linear_bias else input.new_empty(0),
         torch.empty_like(target) if grad_target else input.new_empty(0),
+        *ops.empty_stats(input.new_empty(0, dtype=acc), input.shape[0] if want_stats else 0),
     )
 
 
@@ -288,6 +301,8 @@ _GRADIENT_INPUTS = (0, 1, 2, 3)  # input, linear_weight, linear_bias, target
 
 def _setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, weight, grad_output, *options = inputs
+    options = options[:12]  # not want_stats: the backward recomputation needs no statistics
+    ctx.mark_non_differentiable(*output[5:])
     ctx.set_materialize_grads(False)
     ctx.reduction = options[2]
     ctx.options = options
@@ -296,7 +311,7 @@ def _setup_context(ctx, inputs, output):
     ctx.computed = tuple(options[-4:]) if ctx.reduction != "none" and grad_output is None else (False,) * 4
     ctx.num_tokens = input.shape[0]
     # the inputs are saved too (no copy): backward recomputes if it needs a gradient the forward skipped
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *output[1:])
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *output[1:5])
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
@@ -304,7 +319,7 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         raise RuntimeError(
             "softxent.torch.linear_cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
         )
-    none = (None,) * 18
+    none = (None,) * 19
     if grad_loss is None:
         return none
     if torch.is_grad_enabled():
@@ -321,7 +336,7 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         outputs = linear_cross_entropy_op(
             input, linear_weight, linear_bias, target, weight, per_token, *ctx.options[:-4], *wanted
         )
-        grads = [g if need else None for g, need in zip(outputs[1:], wanted, strict=True)]
+        grads = [g if need else None for g, need in zip(outputs[1:5], wanted, strict=True)]
     return tuple(grads) + none[4:]
 
 
@@ -336,7 +351,7 @@ def _matmul_dtype(input: Tensor, linear_weight: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, linear_weight.dtype)
 
 
-def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts: CrossEntropyOptions) -> Tensor:
+def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts: CrossEntropyOptions, **extras):
     """PyTorch's K-dimensional form: ``linear_weight`` (C, d1, …, dK, D) and ``input`` (N, D)
     give logits (N, C, d1, …, dK), whose cross-entropy runs over the classes C at each
     position.  A position has its own weights, so this form materializes the logits
@@ -354,6 +369,7 @@ def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts:
         label_smoothing=opts.label_smoothing,
         z_loss=opts.z_loss,
         softcap=opts.softcap,
+        **extras,
     )
 
 
@@ -371,7 +387,9 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     options=None,
-) -> Tensor:
+    shift: bool = False,
+    return_stats: bool = False,
+):
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N×V logits.
 
     Drop-in for ``torch.nn.functional.linear_cross_entropy`` (same argument
@@ -404,11 +422,15 @@ def linear_cross_entropy(
             (see :mod:`softxent.torch.linear_options`): ``batch_chunk_size`` and
             ``chunking_method`` choose the chunk, the other fields are accepted
             where softxent honours them and refused with a clear error where not.
+        shift, return_stats: as in :func:`softxent.torch.cross_entropy` — ``(B, T, D)``
+            hidden states with ``(B, T)`` labels shift each sequence (by index: the hidden
+            states are not sliced); the statistics come from the chunks' kernel pass.
 
     Returns:
         the loss (a scalar, or ``input.shape[:-1]`` for ``reduction="none"``) in
         ``input``'s dtype; float32 under ``torch.autocast``, where the matmuls run
         in the autocast dtype and the statistics and ∂W, ∂b accumulate in float32.
+        ``(loss, stats)`` with ``return_stats``.
 
     The gradients of ``input``, ``linear_weight`` and ``linear_bias`` (and of
     probability targets) are computed during the forward pass for ``mean``/``sum``;
@@ -422,6 +444,8 @@ def linear_cross_entropy(
 
         if options is not None:
             raise InvalidArgumentError("options= is not supported with a DTensor linear_weight; pass chunk_size")
+        if shift or return_stats:
+            raise InvalidArgumentError("shift and return_stats are not supported with a DTensor linear_weight")
         return distributed.linear_cross_entropy_of_dtensor(
             input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
@@ -443,9 +467,12 @@ def linear_cross_entropy(
     num_tokens = math.prod(input.shape[:-1])
     chunk = chunk_size_from_options(options, chunk_size, num_tokens, num_classes, input.shape[-1], input.dtype)
     if linear_weight.dim() > 2:
-        return _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts)
+        return _k_dimensional_loss(
+            input, linear_weight, target, linear_bias, weight, opts, shift=shift, return_stats=return_stats
+        )
     lead = tuple(input.shape[:-1])
     is_index = _check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
+    target = training.shift_target(target, is_index, opts, shift)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.device != input.device:
             raise InvalidArgumentError(f"{name} is on {t.device} but input is on {input.device}")
@@ -459,6 +486,7 @@ def linear_cross_entropy(
     if composite_needed(input, linear_weight, linear_bias, target):  # torch.func, forward AD: plain ops
         logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
         loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
+        stats = training.row_stats(logits, opts, target_rows) if return_stats else None
     else:
         grad_mode = torch.is_grad_enabled()
         wanted = [grad_mode and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)] + [
@@ -466,7 +494,7 @@ def linear_cross_entropy(
         ]
         if opts.reduction == "none":
             wanted = [False] * 4  # computed in backward, with the upstream gradient of each token
-        loss = linear_cross_entropy_op(
+        loss, *_, lse, argmax = linear_cross_entropy_op(
             hidden,
             linear_weight,
             linear_bias,
@@ -482,9 +510,13 @@ def linear_cross_entropy(
             chunk,
             matmul_dtype,
             *wanted,
-        )[0]
+            return_stats,
+        )
+        stats = (lse, argmax)
     if opts.reduction == "none":
         loss = loss.reshape(lead)
-    if _autocast_enabled(input.device.type):
+    if not _autocast_enabled(input.device.type):
+        loss = loss.to(input.dtype)
+    if not return_stats:
         return loss
-    return loss.to(input.dtype)
+    return loss, training.stats_of_rows(*stats, target_rows, weight, opts, num_classes, lead, loss.dtype)

@@ -23,7 +23,9 @@ class CrossEntropyLoss(torch.nn.Module):
         loss = loss_fn(logits, target)      # logits (N, C), target (N,)
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "inplace_backward"]
+    __constants__ = [
+        "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "inplace_backward", "shift", "return_stats"
+    ]  # fmt: skip
 
     def __init__(
         self,
@@ -37,6 +39,8 @@ class CrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         inplace_backward: bool = False,
+        shift: bool = False,
+        return_stats: bool = False,
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -55,6 +59,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.shift = shift
+        self.return_stats = return_stats
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of ``input`` logits against ``target`` (see :func:`softxent.torch.cross_entropy`)."""
@@ -68,6 +74,8 @@ class CrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss,
             softcap=self.softcap,
             inplace_backward=self.inplace_backward,
+            shift=self.shift,
+            return_stats=self.return_stats,
         )
 
     def extra_repr(self) -> str:
@@ -91,7 +99,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         loss = loss_fn(hidden, model.lm_head.weight, labels)   # hidden (B, T, D), labels (B, T)
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "chunk_size"]
+    __constants__ = [
+        "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "chunk_size", "shift", "return_stats"
+    ]  # fmt: skip
 
     def __init__(
         self,
@@ -103,6 +113,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        shift: bool = False,
+        return_stats: bool = False,
     ) -> None:
         super().__init__()
         make_options(
@@ -119,6 +131,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.shift = shift
+        self.return_stats = return_stats
 
     def forward(
         self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
@@ -136,6 +150,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size,
+            shift=self.shift,
+            return_stats=self.return_stats,
         )
 
     def extra_repr(self) -> str:

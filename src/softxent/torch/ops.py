@@ -111,10 +111,20 @@ def _device_target_stats(target: Tensor, num_classes: int, opts: CrossEntropyOpt
     return int(bad_count), int(count), total
 
 
-def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute_grad: bool, grad: Tensor | None):
+def _forward(
+    rows_fn,
+    logits,
+    target,
+    weight,
+    opts: CrossEntropyOptions,
+    compute_grad: bool,
+    grad: Tensor | None,
+    want_stats: bool = False,
+):
     """The device-independent part of the op: checks, mean denominator, reduction.
 
-    ``logits`` are rows (M, C), or class-major (N, C, S) with ``target`` (N, S) / (N, C, S)."""
+    ``logits`` are rows (M, C), or class-major (N, C, S) with ``target`` (N, S) / (N, C, S).
+    Returns (loss, grad, lse, argmax): the last two per sample (see :func:`empty_stats`)."""
     is_index = target.dim() == logits.dim() - 1
     if host_sync_allowed(logits.device) or _is_cpu_kernel(rows_fn):
         loss_scale = _loss_scale(rows_fn, logits, target, weight, opts, is_index)
@@ -126,23 +136,38 @@ def _forward(rows_fn, logits, target, weight, opts: CrossEntropyOptions, compute
         grad = cpu_buffers.empty(tuple(logits.shape), logits.dtype)
     elif grad is None:
         grad = torch.empty_like(logits)
-    if logits.dim() == 3 and rows_fn is cpu_bridge.cross_entropy_rows:
+    stats = empty_stats(logits, _num_samples(logits) if want_stats else 0)
+    if logits.dim() == 3 and rows_fn is cpu_bridge.cross_entropy_rows and not want_stats:
         rows_fn = cpu_bridge.cross_entropy_spatial
     elif logits.dim() == 3:
         rows_fn = partial(_class_major_by_rows, rows_fn)
     loss_rows = rows_fn(
-        logits, target, weight, opts, loss_scale if compute_grad else None, grad if compute_grad else None
+        logits,
+        target,
+        weight,
+        opts,
+        loss_scale if compute_grad else None,
+        grad if compute_grad else None,
+        **({"stats": stats} if want_stats else {}),
     )
-    return _reduced_loss(loss_rows, opts.reduction, loss_scale, fallback.compute_dtype(logits.dtype)), grad
+    loss = _reduced_loss(loss_rows, opts.reduction, loss_scale, fallback.compute_dtype(logits.dtype))
+    return loss, grad, *stats
 
 
-def _class_major_by_rows(rows_fn, logits, target, weight, opts, scale, grad_out):
-    """Class-major (N, C, S) through a rows implementation: transposed copies in and out."""
+def empty_stats(logits: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """Buffers for each row's statistics: lse (compute dtype) and argmax (int64), both (num_rows,)."""
+    lse = torch.empty(num_rows, dtype=fallback.compute_dtype(logits.dtype), device=logits.device)
+    return lse, torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+
+
+def _class_major_by_rows(rows_fn, logits, target, weight, opts, scale, grad_out, **stats):
+    """Class-major (N, C, S) through a rows implementation: transposed copies in and out
+    (statistics come out per position, in (N, S) order)."""
     num_classes = logits.shape[1]
     rows = logits.movedim(1, -1).reshape(-1, num_classes)
     target_rows = target.reshape(-1) if target.dim() == 2 else target.movedim(1, -1).reshape(-1, num_classes)
     grad_rows = None if grad_out is None else torch.empty_like(rows)
-    loss = rows_fn(rows, target_rows, weight, opts, scale, grad_rows)
+    loss = rows_fn(rows, target_rows, weight, opts, scale, grad_rows, **stats)
     if grad_out is not None:
         grad_out.copy_(grad_rows.reshape(logits.shape[0], -1, num_classes).movedim(-1, 1))
     return loss
@@ -172,20 +197,34 @@ def cross_entropy_op(
     z_loss: float,
     softcap: float,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """(loss, ∂loss/∂logits) of rows ``logits`` (M, C); the grad is empty unless ``compute_grad``."""
+    want_stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ∂loss/∂logits, lse, argmax) of rows ``logits`` (M, C); the grad is empty unless
+    ``compute_grad``, the per-row lse and argmax (M,) empty unless ``want_stats``."""
     opts = _options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _forward(rows_backend(logits.device), logits.contiguous(), target, weight, opts, compute_grad, None)
+    return _forward(
+        rows_backend(logits.device), logits.contiguous(), target, weight, opts, compute_grad, None, want_stats
+    )
 
 
 @cross_entropy_op.register_fake
 def _cross_entropy_fake(
-    logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad
+    logits,
+    target,
+    weight,
+    ignore_index,
+    use_ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    compute_grad,
+    want_stats=False,
 ):
     acc = fallback.compute_dtype(logits.dtype)
     loss = logits.new_empty((_num_samples(logits),) if reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    return loss, grad
+    return loss, grad, *empty_stats(logits, _num_samples(logits) if want_stats else 0)
 
 
 def _num_samples(logits: Tensor):
@@ -194,13 +233,13 @@ def _num_samples(logits: Tensor):
 
 
 def _setup_cross_entropy(ctx, inputs, output):
-    logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap, _ = inputs
+    logits, target, weight, ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap = inputs[:9]
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.options = (ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     # probability targets are differentiable in PyTorch: ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j)
     ctx.target_grad = target.dim() == logits.dim() and target.requires_grad
-    ctx.mark_non_differentiable(output[1])  # the gradient output is data, not a differentiable result
+    ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics are data
     ctx.save_for_backward(output[1], logits if ctx.target_grad else None, weight)
 
 
@@ -247,21 +286,21 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tens
     return grad.mul_(factor)
 
 
-def _backward_cross_entropy(ctx, grad_loss, _grad_of_grad):
+def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
     grad, logits, weight = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
         raise RuntimeError(
             "softxent.torch.cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
         )
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy")
     grad_target = None
     if ctx.target_grad:
         grad_target = _probability_target_gradient(ctx, logits, weight, grad_loss)
-    return (grad_logits, grad_target) + (None,) * 8
+    return (grad_logits, grad_target) + (None,) * 9
 
 
 def _probability_target_gradient(ctx, logits: Tensor, weight: Tensor | None, grad_loss: Tensor) -> Tensor:

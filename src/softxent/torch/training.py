@@ -1,0 +1,63 @@
+"""The training extras of :mod:`softxent._training` on tensors: the causal-LM shift of
+the labels and the statistics of a pass, without a host sync."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._options import CrossEntropyOptions
+from .._training import CrossEntropyStats, check_shift, shifted_labels, summarize
+from . import fallback, ops
+
+
+def shift_target(target: Tensor, is_index: bool, opts: CrossEntropyOptions, shift: bool) -> Tensor:
+    """``target`` with its labels shifted along the last dimension when ``shift`` (else itself)."""
+    if not check_shift(shift, is_index, opts.ignore_index, target.dim()):
+        return target
+    return shifted_labels(target.to(torch.int64) if target.dtype != torch.uint64 else target, opts.ignore_index,
+                          torch.full_like)  # fmt: skip
+
+
+def _mean_scale(target_rows: Tensor, weight, opts: CrossEntropyOptions, is_index: bool, num_classes: int, dtype):
+    """The factor of Σℓ as a 0-d tensor (1/D for a mean, 0 when nothing counts), 1.0 otherwise."""
+    if opts.reduction != "mean":
+        return 1.0
+    if not is_index:
+        num = target_rows.shape[0]
+        return torch.full((), 1.0 / num if num else 0.0, dtype=dtype, device=target_rows.device)
+    _, count, weight_sum = ops._device_target_counts(target_rows, num_classes, opts, weight, dtype)
+    return torch.where(count > 0, 1.0 / weight_sum, torch.zeros_like(weight_sum))
+
+
+def stats_of_rows(
+    lse: Tensor, argmax: Tensor, target_rows: Tensor, weight, opts: CrossEntropyOptions, num_classes: int,
+    loss_shape, loss_dtype: torch.dtype,
+) -> CrossEntropyStats:  # fmt: skip
+    """:class:`~softxent.CrossEntropyStats` from the kernels' per-row lse and argmax (M,) and the
+    rows' targets — (M,) class indices or (M, C) probabilities; detached tensors."""
+    is_index = target_rows.dim() == 1
+    with torch.no_grad():
+        if is_index:
+            labels = target_rows
+            counted = torch.ones_like(labels, dtype=torch.bool)
+            if opts.ignore_index is not None:
+                counted = labels != opts.ignore_index
+        else:
+            labels = target_rows.argmax(dim=-1) if target_rows.shape[0] else argmax
+            counted = torch.ones_like(labels, dtype=torch.bool)
+        scale = _mean_scale(target_rows, weight, opts, is_index, num_classes, lse.dtype)
+        out = summarize(lse, argmax, labels, counted, opts.z_loss, scale, opts.reduction, loss_shape)
+        return CrossEntropyStats(z_loss=out.z_loss.to(loss_dtype), accuracy=out.accuracy, lse=out.lse)
+
+
+def row_stats(rows: Tensor, opts: CrossEntropyOptions, target_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(lse, argmax) of rows (M, C) from PyTorch ops (the composite path, under ``torch.func``)."""
+    with torch.no_grad():
+        z, _ = fallback.capped_logits(rows.detach().to(fallback.compute_dtype(rows.dtype)), opts.softcap)
+        stats = ops.empty_stats(rows, rows.shape[0])
+        valid = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        if target_rows.dim() == 1 and opts.ignore_index is not None:
+            valid = target_rows != opts.ignore_index
+        fallback.row_stats(z, torch.logsumexp(z, dim=1), valid, stats, slice(None))
+        return stats
