@@ -46,7 +46,7 @@ def acc_for(storage: str):
 
 def cross_entropy_variants():
     """Every flag alone and together, for each storage dtype, short and long rows."""
-    flags = ("HAS_PROB", "HAS_WEIGHT", "HAS_SMOOTH", "HAS_ZLOSS", "HAS_CAP", "WANT_GRAD", "ROW_SCALE")
+    flags = ("HAS_PROB", "HAS_WEIGHT", "HAS_SMOOTH", "HAS_ZLOSS", "HAS_CAP", "WANT_GRAD", "ROW_SCALE", "WANT_STATS")
     settings = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
     for flag in flags:
         settings.append({f: f == flag or f == "WANT_GRAD" for f in flags})
@@ -65,7 +65,7 @@ def main() -> None:
         signature = {
             "z_ptr": p, "z_stride": "i64", "g_ptr": p, "g_stride": "i64", "t_ptr": "*i64", "q_ptr": p,
             "q_stride": "i64", "w_ptr": POINTER[acc], "scale_ptr": POINTER[acc], "loss_ptr": POINTER[acc],
-            "params_ptr": POINTER[acc], "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
+            "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc], "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
         }  # fmt: skip
         asm = compile_one(
             cross_entropy.cross_entropy_kernel, signature, {**setting, "ACC": acc, "ROWS": rows, "BLOCK": block}, warps

@@ -389,6 +389,7 @@ def linear_cross_entropy(
     options=None,
     shift: bool = False,
     return_stats: bool = False,
+    loss_dtype: torch.dtype | None = None,
 ):
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N×V logits.
 
@@ -425,6 +426,8 @@ def linear_cross_entropy(
         shift, return_stats: as in :func:`softxent.torch.cross_entropy` — ``(B, T, D)``
             hidden states with ``(B, T)`` labels shift each sequence (by index: the hidden
             states are not sliced); the statistics come from the chunks' kernel pass.
+        loss_dtype: the dtype of the returned loss (default: ``input``'s, float32 under
+            autocast, as PyTorch); float32 keeps a bfloat16 model's loss unrounded.
 
     Returns:
         the loss (a scalar, or ``input.shape[:-1]`` for ``reduction="none"``) in
@@ -515,7 +518,9 @@ def linear_cross_entropy(
         stats = (lse, argmax)
     if opts.reduction == "none":
         loss = loss.reshape(lead)
-    if not _autocast_enabled(input.device.type):
+    if loss_dtype is not None:
+        loss = loss.to(loss_dtype)
+    elif not _autocast_enabled(input.device.type):
         loss = loss.to(input.dtype)
     if not return_stats:
         return loss
