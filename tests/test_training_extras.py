@@ -146,7 +146,7 @@ def test_stats_report_nan_and_infinite_rows_as_torch(backend):
     target = torch.tensor([5, 3, 0, 1])
     _, stats = sxt.cross_entropy(logits, target, reduction="none", return_stats=True)
     torch.testing.assert_close(stats.lse, torch.logsumexp(logits, -1), equal_nan=True)
-    assert float(stats.accuracy) == float(((logits.argmax(-1) == target).float().mean()))
+    assert float(stats.accuracy) == float((logits.argmax(-1) == target).float().mean())
 
 
 def test_stats_under_inplace_backward_and_torch_compile():

@@ -65,7 +65,8 @@ def main() -> None:
         signature = {
             "z_ptr": p, "z_stride": "i64", "g_ptr": p, "g_stride": "i64", "t_ptr": "*i64", "q_ptr": p,
             "q_stride": "i64", "w_ptr": POINTER[acc], "scale_ptr": POINTER[acc], "loss_ptr": POINTER[acc],
-            "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc], "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
+            "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc],
+            "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
         }  # fmt: skip
         asm = compile_one(
             cross_entropy.cross_entropy_kernel, signature, {**setting, "ACC": acc, "ROWS": rows, "BLOCK": block}, warps
