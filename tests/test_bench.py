@@ -103,3 +103,27 @@ def test_bench_dist_suite_times_every_contender_on_gloo_processes(tmp_path, caps
 def test_bench_dist_suite_rejects_uneven_splits(tmp_path):
     with pytest.raises(SystemExit, match="does not split evenly"):
         main(["bench", "--suite", "dist", "--n", "8", "--v", "7", "--world", "2", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("suite,shape", [("lce", "512x32x4000"), ("ce", "64x3000")])
+def test_bench_backend_jax_compares_softxent_jax_with_optax(tmp_path, capsys, suite, shape):
+    pytest.importorskip("jax", reason="JAX is not installed")
+    pytest.importorskip("optax", reason="optax is not installed")
+    argv = ["bench", "--backend", "jax", "--suite", suite, "--shape", shape, "--reps", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["contender"]: r for r in payload["rows"]}
+    ours = rows["softxent.jax linear_cross_entropy" if suite == "lce" else "softxent.jax cross_entropy"]
+    peer = next(r for name, r in rows.items() if name.startswith("optax"))
+    assert ours["ms"] > 0 and ours["vs_optax"] > 0 and peer["vs_optax"] == 1.0
+    assert ours["loss"] == pytest.approx(peer["loss"], rel=1e-5)
+    assert ours["temp_mib"] is not None and payload["config"]["backend"] == "jax"
+    if suite == "lce":  # the naive version holds the logits (and more); softxent one chunk (+ XLA's dW carry)
+        assert ours["temp_mib"] < peer["temp_mib"]
+    assert "softxent.jax" in capsys.readouterr().out
+
+
+def test_bench_backend_jax_rejects_the_dist_suite():
+    pytest.importorskip("jax", reason="JAX is not installed")
+    with pytest.raises(SystemExit, match="ce and lce"):
+        main(["bench", "--backend", "jax", "--suite", "dist"])

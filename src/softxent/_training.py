@@ -63,7 +63,7 @@ def shifted_labels(target, ignore_index: int, full_like):
 
 
 def summarize(lse, argmax, labels, counted, z_loss: float, loss_scale, reduction: str, loss_shape) -> CrossEntropyStats:
-    """The statistics from per-row lse and argmax (NumPy arrays or tensors alike).
+    """The statistics from per-row lse and argmax (NumPy, PyTorch or JAX arrays alike).
 
     Args:
         lse, argmax: (M,) per-row logsumexp (0 for ignored rows) and first argmax.
@@ -75,10 +75,7 @@ def summarize(lse, argmax, labels, counted, z_loss: float, loss_scale, reduction
     """
     correct = (argmax == labels) & counted
     count = counted.sum()
-    if hasattr(count, "clamp"):  # a tensor: no host sync
-        accuracy = correct.sum() / count.clamp(min=1)
-    else:
-        accuracy = correct.sum() / max(int(count), 1)
+    accuracy = correct.sum() / (count + (count == 0))  # 0/1 when nothing counts; no host sync, traceable
     term = z_loss * lse * lse
     if reduction == "none":
         z_term = term.reshape(loss_shape)

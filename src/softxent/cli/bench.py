@@ -12,6 +12,8 @@ cross-entropy, N×V logits split evenly over 1, 2, 4 gloo processes on this
 machine) reports ms per step and bytes handed to collectives for softxent, a
 Megatron-style three-all-reduce baseline, ``loss_parallel()`` and gathering the
 logits (:mod:`softxent.bench.distributed`); it writes ``bench.json`` and ``bench.md``.
+``--backend jax`` times softxent.jax against optax under ``jax.jit`` instead
+(:mod:`softxent.bench.jax_suite`): suites ``ce`` and ``lce``, XLA's temporary bytes as memory.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ce",
         help="ce: cross-entropy on given logits; lce: fused linear + cross-entropy; "
         "dist: vocabulary-parallel cross-entropy over gloo processes",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "jax"),
+        default="torch",
+        help="torch (default): softxent.torch against PyTorch and its peers; jax: softxent.jax against optax "
+        "under jax.jit (suites ce and lce)",
     )
     parser.add_argument(
         "--world", default="1,2,4", help="suite dist: comma-separated world sizes (processes), default 1,2,4"
@@ -101,7 +110,42 @@ def _distributed(args: argparse.Namespace, reps: int) -> int:
     return 0
 
 
+def _jax(args: argparse.Namespace, reps: int) -> int:
+    """--backend jax: softxent.jax against optax under jit (:mod:`softxent.bench.jax_suite`)."""
+    import json
+
+    try:
+        from softxent.bench import jax_suite
+    except ImportError as error:
+        raise SystemExit(f"--backend jax needs JAX and optax: pip install 'softxent[jax]' ({error})") from None
+    if args.suite == "dist":
+        raise SystemExit("--backend jax runs the suites ce and lce")
+    if args.dtype == "float64":
+        raise SystemExit("--backend jax times float32, bfloat16 and float16")
+    given = [(args.n, args.v) if args.suite == "ce" else (args.n, args.d, args.v)] if args.n else None
+    shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
+    rows = jax_suite.run(args.suite, shapes, args.dtype, reps)
+    table = jax_suite.markdown_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out / "bench.json"
+    config = {"backend": "jax", "suite": args.suite, "shapes": ["x".join(map(str, s)) for s in shapes],
+              "dtype": args.dtype, "reps": reps}  # fmt: skip
+    json_path.write_text(json.dumps({"machine": jax_suite.machine(), "config": config, "rows": rows}, indent=2))
+    (out / "bench.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {json_path}, {out / 'bench.md'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "backend", "torch") == "jax":
+        if (args.n is None) != (args.v is None):
+            raise SystemExit("--n and --v go together")
+        reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
+        if reps < 1:
+            raise SystemExit("--reps must be >= 1")
+        return _jax(args, reps)
     try:
         import torch
     except ImportError:

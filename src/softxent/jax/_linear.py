@@ -1,0 +1,155 @@
+r"""Fused linear + cross-entropy in chunks of tokens, as a ``jax.custom_vjp``.
+
+With hidden states H (N, D), the output layer W (V, D) and bias b (V,), the tokens are
+padded to K chunks of c rows and processed by ``lax.scan``; each step holds one chunk of
+logits Z_r = H_r Wᵀ + b (c × V, float32 accumulation) and nothing N×V ever exists:
+
+* primal (loss only): ℓ_r from Z_r;
+* forward of a gradient (``grad``, ``value_and_grad``; reductions ``mean``/``sum``): in the
+  same step G_r = r·∂ℓ_r/∂Z_r, dH_r = G_r W, dW += G_rᵀ H_r, db += Σ G_r — the three GEMMs
+  of the unfused version — kept as residuals; the backward only multiplies them by the
+  upstream scalar;
+* ``reduction="none"``: the backward runs the chunks again with each token's upstream
+  gradient (one more logits GEMM).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._options import CrossEntropyOptions
+from ._cross_entropy import mean_scale
+from ._rows import compute_dtype, forward_rows, gradient_rows, probability_target_gradient, row_statistics
+
+
+class LinearSpec(NamedTuple):
+    """Static arguments of a linear + cross-entropy call."""
+
+    opts: CrossEntropyOptions
+    is_index: bool
+    want_stats: bool
+    chunk_rows: int
+
+
+def _chunked(x, num_chunks: int, rows: int, fill):
+    """(K, c, …) chunks of ``x`` (N, …), the last one padded with ``fill``."""
+    pad = num_chunks * rows - x.shape[0]
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape((num_chunks, rows) + x.shape[1:])
+
+
+#: contract the feature dimension of both operands: H Wᵀ without transposing W
+_HW_T = (((1,), (1,)), ((), ()))
+#: contract the token dimension of both operands: Gᵀ H
+_GT_H = (((0,), (0,)), ((), ()))
+
+
+def _logits(h, w, b, acc):
+    z = jax.lax.dot_general(h, w, _HW_T, preferred_element_type=acc)
+    return z if b is None else z + b.astype(acc)
+
+
+def _scan_inputs(h, target, spec: LinearSpec):
+    num_tokens = h.shape[0]
+    rows = max(1, min(spec.chunk_rows, num_tokens))
+    num_chunks = max(1, -(-num_tokens // rows))
+    ok = _chunked(jnp.ones(num_tokens, bool), num_chunks, rows, False)
+    fill = 0
+    return _chunked(h, num_chunks, rows, 0), _chunked(target, num_chunks, rows, fill), ok, num_tokens
+
+
+def _unchunked(x, num_tokens: int):
+    return x.reshape((-1,) + x.shape[2:])[:num_tokens]
+
+
+def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=None):
+    """The chunk loop.  ``grad``: None (loss only), "scaled" (gradients × the mean's scale,
+    for an upstream scalar applied later) or "per_token" (× ``upstream`` (N,) × scale).
+
+    Returns (loss_rows (N,), lse (N,), argmax (N,), scale, dh, dw, db, dtarget)."""
+    acc = compute_dtype(jnp.result_type(h.dtype, w.dtype))
+    opts = spec.opts
+    scale = mean_scale(target, weight, opts, spec.is_index, jnp.ones(h.shape[0], bool), acc)
+    h_c, t_c, ok_c, num_tokens = _scan_inputs(h, target, spec)
+    u_c = None
+    if upstream is not None:
+        u_c = _chunked(upstream.astype(acc), h_c.shape[0], h_c.shape[1], 0)
+    want_grad = grad is not None
+
+    def step(carry, chunk):
+        h_r, t_r, ok_r, u_r = chunk
+        z = _logits(h_r, w, b, acc)
+        parts = forward_rows(z, t_r, weight, opts, spec.is_index, ok_r)
+        outputs = {"loss": parts.loss}
+        if spec.want_stats:
+            outputs["lse"], outputs["argmax"] = row_statistics(z, opts, parts)
+        if not want_grad:
+            return carry, outputs
+        r = jnp.broadcast_to(scale, parts.ok.shape) if u_r is None else u_r * scale
+        g = gradient_rows(z, t_r, weight, opts, spec.is_index, parts, r)
+        if not spec.is_index:
+            outputs["dtarget"] = probability_target_gradient(z, weight, opts, parts, r).astype(target.dtype)
+        g_mm = g.astype(h.dtype) if h.dtype != acc else g
+        outputs["dh"] = jnp.dot(g_mm, w.astype(g_mm.dtype), preferred_element_type=acc).astype(h.dtype)
+        dw, db = carry
+        dw = dw + jax.lax.dot_general(g_mm, h_r.astype(g_mm.dtype), _GT_H, preferred_element_type=acc)
+        if db is not None:
+            db = db + jnp.sum(g, axis=0)
+        return (dw, db), outputs
+
+    carry = None
+    if want_grad:
+        carry = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc))
+    carry, out = jax.lax.scan(step, carry, (h_c, t_c, ok_c, u_c))
+    loss_rows = _unchunked(out["loss"], num_tokens)
+    lse = _unchunked(out["lse"], num_tokens) if spec.want_stats else jnp.zeros(0, acc)
+    argmax = _unchunked(out["argmax"], num_tokens) if spec.want_stats else jnp.zeros(0, jnp.int32)
+    if not want_grad:
+        return loss_rows, lse, argmax, scale, None, None, None, None
+    dw, db = carry
+    dtarget = _unchunked(out["dtarget"], num_tokens) if not spec.is_index else None
+    db = None if db is None else db.astype(b.dtype)
+    return loss_rows, lse, argmax, scale, _unchunked(out["dh"], num_tokens), dw.astype(w.dtype), db, dtarget
+
+
+def _reduced(loss_rows, scale, reduction: str):
+    return loss_rows if reduction == "none" else jnp.sum(loss_rows) * scale
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def linear_cross_entropy_rows(h, w, b, target, weight, spec: LinearSpec):
+    """(loss, lse, argmax) of ``h (N, D) @ w (V, D).T + b`` against ``target`` ((N,) indices or
+    (N, V) probabilities), chunk by chunk; the statistics are empty unless ``spec.want_stats``."""
+    loss_rows, lse, argmax, scale, *_ = _run(h, w, b, target, weight, spec, None)
+    return _reduced(loss_rows, scale, spec.opts.reduction), lse, argmax
+
+
+def _forward(h, w, b, target, weight, spec: LinearSpec):
+    if spec.opts.reduction == "none":  # each token's upstream gradient is known only in backward
+        loss_rows, lse, argmax, scale, *_ = _run(h, w, b, target, weight, spec, None)
+        return (loss_rows, lse, argmax), (h, w, b, target, weight, None)
+    loss_rows, lse, argmax, scale, dh, dw, db, dtarget = _run(h, w, b, target, weight, spec, "scaled")
+    return (_reduced(loss_rows, scale, spec.opts.reduction), lse, argmax), (h, w, b, target, weight,
+                                                                             (dh, dw, db, dtarget))  # fmt: skip
+
+
+def _backward(spec: LinearSpec, residuals, cotangents):
+    h, w, b, target, weight, computed = residuals
+    ct = cotangents[0]
+    if computed is None:
+        *_, dh, dw, db, dtarget = _run(h, w, b, target, weight, spec, "per_token", upstream=ct)
+    else:
+        dh, dw, db, dtarget = computed
+
+        def times(x):
+            return None if x is None else (x * ct.astype(x.dtype)).astype(x.dtype)
+
+        dh, dw, db, dtarget = times(dh), times(dw), times(db), times(dtarget)
+    return dh, dw, db, dtarget, None
+
+
+linear_cross_entropy_rows.defvjp(_forward, _backward)
