@@ -198,3 +198,14 @@ def test_forward_and_backward_peak_memory_is_lower_when_patched():
         peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     assert peaks["patched"]["losses"] == pytest.approx(peaks["unpatched"]["losses"], rel=1e-4)
     assert peaks["patched"]["peak_mib"] < 0.6 * peaks["unpatched"]["peak_mib"], peaks
+
+
+def test_logits_to_keep_slices_the_hidden_states_as_the_model_does():
+    reference, patched = _pair("Llama")
+    ids, _, labels = _batch()
+    keep = 6
+    want = reference(input_ids=ids, labels=labels[:, -keep:], logits_to_keep=keep).loss
+    got = patched(input_ids=ids, labels=labels[:, -keep:], logits_to_keep=keep).loss
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="target"):  # labels that do not match the kept positions: a clear error
+        patched(input_ids=ids, labels=labels, logits_to_keep=keep)
