@@ -25,7 +25,7 @@ OPTIONS = [
     {"ignore_index": None},
     {"ignore_index": 1},
 ]
-SHAPES = [(3, 5, 7), (2, 2, 4, 9), (1, 1, 3, 3), (2, 21, 33, 5), (2, 150, 37), (1, 3, 2049)]
+SHAPES = [(3, 5, 7), (2, 2, 4, 9), (2, 2, 3001), (1, 1, 3, 3), (2, 21, 33, 5), (2, 150, 37), (1, 3, 2049)]
 # class-major with the classes in between: the kernel's blocks of positions end mid-sample
 assert block_positions(3) < 2049
 
@@ -183,3 +183,26 @@ def test_segmentation_inputs_compile_without_graph_breaks(dynamic):
     ref = x.detach().clone().requires_grad_()
     F.cross_entropy(ref, t.long(), label_smoothing=0.1).backward()
     torch.testing.assert_close(x.grad, ref.grad)
+
+
+@pytest.mark.parametrize("weight", [None, (0.5, 2.0), (0.0, 0.0), (float("inf"), 1.0)])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3, "z_loss": 1e-2}])
+def test_two_class_kernel_matches_the_general_kernel_on_special_values(weight, options):
+    """C = 2 runs its own fused kernel (softxent.cpu.two_class): NaN, ±inf logits, zero and
+    infinite weights give exactly what the general class-major kernel (and PyTorch) gives."""
+    z = np.random.default_rng(0).standard_normal((2, 2, 40)).astype(np.float32) * 4
+    z[0, 0, 1], z[0, 1, 2], z[1, 0, 3], z[1, :, 4] = np.nan, np.inf, -np.inf, -np.inf
+    z[0, :, 5] = np.inf
+    t = np.random.default_rng(1).integers(0, 2, (2, 40))
+    t[:, 7] = -100
+    t[1, 3] = 0  # the −inf logit is the target's: +inf loss
+    w = None if weight is None else np.asarray(weight, np.float64)
+    opts = make_options(**options)
+    got_g, want_g = np.empty_like(z), np.empty_like(z)
+    got = cross_entropy_spatial(z, t, w, opts, 0.25, got_g)
+    rows = np.ascontiguousarray(z.transpose(0, 2, 1).reshape(-1, 2))
+    want_rows = np.empty_like(rows)
+    want = _reference.cross_entropy_rows(rows, t.reshape(-1), w, opts, 0.25, want_rows)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+    want_g[:] = want_rows.reshape(2, 40, 2).transpose(0, 2, 1)
+    np.testing.assert_allclose(got_g, want_g, rtol=2e-5, atol=1e-6)
