@@ -60,13 +60,13 @@ __all__ = [
 ]
 
 #: a chunk of logits holds about this fraction of all the (float32) logits, within the bounds below:
-#: XLA keeps one chunk alive at a time, so 1/16 stays well inside a 10 % budget for the chunks
-CHUNK_FRACTION = 1 / 16
+#: XLA keeps two chunk-sized buffers (logits and gradient) alive, so 1/32 stays inside a 10 % budget
+CHUNK_FRACTION = 1 / 32
 CHUNK_MIN_BYTES, CHUNK_MAX_BYTES = 2 << 20, 64 << 20
 
 
 def default_chunk_rows(num_tokens: int, num_classes: int) -> int:
-    """Tokens per chunk of :func:`linear_cross_entropy`: float32 logits of 1/16 of all of them,
+    """Tokens per chunk of :func:`linear_cross_entropy`: float32 logits of 1/32 of all of them,
     between 2 and 64 MiB, a multiple of 16 rows (at least 16, at most N)."""
     budget = min(max(int(num_tokens * num_classes * 4 * CHUNK_FRACTION), CHUNK_MIN_BYTES), CHUNK_MAX_BYTES)
     rows = max(16, budget // max(1, 4 * num_classes) // 16 * 16)

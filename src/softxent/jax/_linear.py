@@ -8,7 +8,8 @@ logits Z_r = H_r Wᵀ + b (c × V, float32 accumulation) and nothing N×V ever e
 * forward of a gradient (``grad``, ``value_and_grad``; reductions ``mean``/``sum``): in the
   same step G_r = r·∂ℓ_r/∂Z_r, dH_r = G_r W, dW += G_rᵀ H_r, db += Σ G_r — the three GEMMs
   of the unfused version — kept as residuals; the backward only multiplies them by the
-  upstream scalar;
+  upstream scalar.  dW is updated in slices of the vocabulary (:func:`_accumulate_dw`), so
+  that XLA never holds a V×D product beside the accumulator;
 * ``reduction="none"``: the backward runs the chunks again with each token's upstream
   gradient (one more logits GEMM).
 """
@@ -62,6 +63,29 @@ def _scan_inputs(h, target, spec: LinearSpec):
     return _chunked(h, num_chunks, rows, 0), _chunked(target, num_chunks, rows, fill), ok, num_tokens
 
 
+#: ∂W is updated in this many slices of the vocabulary, one after the other (a ``fori_loop``):
+#: XLA then holds one slice's Gᵀ H product at a time instead of a whole V×D temporary
+DW_SLICES = 8
+
+
+def _accumulate_dw(dw, g, h, acc):
+    """dW += Gᵀ H slice by slice of the vocabulary, in place in the loop carry."""
+    num_classes = dw.shape[0]
+    rows = max(1, -(-num_classes // DW_SLICES))
+    full = num_classes // rows
+
+    def update(start, size, dw):
+        g_slice = jax.lax.dynamic_slice_in_dim(g, start, size, axis=1)
+        product = jax.lax.dot_general(g_slice, h, _GT_H, preferred_element_type=acc)
+        updated = jax.lax.dynamic_slice_in_dim(dw, start, size) + product
+        return jax.lax.dynamic_update_slice_in_dim(dw, updated, start, 0)
+
+    dw = jax.lax.fori_loop(0, full, lambda j, dw: update(j * rows, rows, dw), dw)
+    if full * rows < num_classes:  # the last, shorter slice
+        dw = update(full * rows, num_classes - full * rows, dw)
+    return dw
+
+
 def _unchunked(x, num_tokens: int):
     return x.reshape((-1,) + x.shape[2:])[:num_tokens]
 
@@ -96,7 +120,7 @@ def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=N
         g_mm = g.astype(h.dtype) if h.dtype != acc else g
         outputs["dh"] = jnp.dot(g_mm, w.astype(g_mm.dtype), preferred_element_type=acc).astype(h.dtype)
         dw, db = carry
-        dw = dw + jax.lax.dot_general(g_mm, h_r.astype(g_mm.dtype), _GT_H, preferred_element_type=acc)
+        dw = _accumulate_dw(dw, g_mm, h_r.astype(g_mm.dtype), acc)
         if db is not None:
             db = db + jnp.sum(g, axis=0)
         return (dw, db), outputs
