@@ -229,3 +229,20 @@ def test_bad_input_raises_a_clear_error_at_trace_time(call, error, match):
         call()
     with pytest.raises(error, match=match):  # under jit too: shapes and options are static
         jax.jit(lambda: call())()
+
+
+def test_linear_cross_entropy_under_vmap_and_grad():
+    rng = np.random.default_rng(7)
+    h = jnp.asarray(rng.standard_normal((3, 10, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((C, 8)), jnp.float32)
+    y = rng.integers(0, C, (3, 10))
+
+    def per_sequence(h_i, y_i):
+        return sxj.linear_cross_entropy(h_i, w, y_i, chunk_size=4)
+
+    losses = jax.vmap(per_sequence)(h, y)
+    grads = jax.vmap(jax.grad(per_sequence))(h, y)
+    for i in range(3):
+        loss, dh, _, _ = sx.linear_cross_entropy_grad(np.asarray(h[i]), np.asarray(w), y[i])
+        np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
+        np.testing.assert_allclose(grads[i], dh, rtol=1e-4, atol=1e-6)
