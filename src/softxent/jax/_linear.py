@@ -65,7 +65,7 @@ def _scan_inputs(h, target, spec: LinearSpec):
 
 #: ∂W is updated in this many slices of the vocabulary, one after the other (a ``fori_loop``):
 #: XLA then holds one slice's Gᵀ H product at a time instead of a whole V×D temporary
-DW_SLICES = 8
+DW_SLICES = 16
 
 
 def _accumulate_dw(dw, g, h, acc):
