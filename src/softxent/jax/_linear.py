@@ -36,10 +36,11 @@ class LinearSpec(NamedTuple):
     chunk_rows: int
 
 
-def _chunked(x, num_chunks: int, rows: int, fill):
-    """(K, c, …) chunks of ``x`` (N, …), the last one padded with ``fill``."""
+def _chunked(x, num_chunks: int, rows: int):
+    """(K, c, …) chunks of ``x`` (N, …), the last one padded with zeros (False); padded rows are
+    masked out by the chunked ``ok``."""
     pad = num_chunks * rows - x.shape[0]
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=0)
     return x.reshape((num_chunks, rows) + x.shape[1:])
 
 
@@ -58,9 +59,8 @@ def _scan_inputs(h, target, spec: LinearSpec):
     num_tokens = h.shape[0]
     rows = max(1, min(spec.chunk_rows, num_tokens))
     num_chunks = max(1, -(-num_tokens // rows))
-    ok = _chunked(jnp.ones(num_tokens, bool), num_chunks, rows, False)
-    fill = 0
-    return _chunked(h, num_chunks, rows, 0), _chunked(target, num_chunks, rows, fill), ok, num_tokens
+    ok = _chunked(jnp.ones(num_tokens, bool), num_chunks, rows)
+    return _chunked(h, num_chunks, rows), _chunked(target, num_chunks, rows), ok, num_tokens
 
 
 #: ∂W is updated in this many slices of the vocabulary, one after the other (a ``fori_loop``):
@@ -101,7 +101,7 @@ def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=N
     h_c, t_c, ok_c, num_tokens = _scan_inputs(h, target, spec)
     u_c = None
     if upstream is not None:
-        u_c = _chunked(upstream.astype(acc), h_c.shape[0], h_c.shape[1], 0)
+        u_c = _chunked(upstream.astype(acc), h_c.shape[0], h_c.shape[1])
     want_grad = grad is not None
 
     def step(carry, chunk):

@@ -77,16 +77,16 @@ def host_sync_allowed(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def _device_loss_scale(logits: Tensor, target: Tensor, weight, opts: CrossEntropyOptions, is_index: bool):
-    """The factor of Σℓ as a 0-d device tensor (1/D for mean; 0 when nothing counts), from device
-    ops only: what a CUDA graph can replay.  "sum"/"none": 1.0."""
+def device_loss_scale(
+    target: Tensor, weight, opts: CrossEntropyOptions, is_index: bool, num_classes: int, num_samples: int, dtype
+):
+    """The factor of Σℓ as a 0-d device tensor of ``dtype`` (1/D for mean; 0 when nothing counts),
+    from device ops only: what a CUDA graph can replay.  "sum"/"none": 1.0."""
     if opts.reduction != "mean":
         return 1.0
-    acc = fallback.compute_dtype(logits.dtype)
     if not is_index:
-        num = _num_samples(logits)
-        return torch.full((), 1.0 / num if num else 0.0, dtype=acc, device=logits.device)
-    _, count, weight_sum = _device_target_counts(target, logits.shape[1], opts, weight, acc)
+        return torch.full((), 1.0 / num_samples if num_samples else 0.0, dtype=dtype, device=target.device)
+    _, count, weight_sum = _device_target_counts(target, num_classes, opts, weight, dtype)
     return torch.where(count > 0, 1.0 / weight_sum, torch.zeros_like(weight_sum))
 
 
@@ -129,7 +129,9 @@ def _forward(
     if host_sync_allowed(logits.device) or _is_cpu_kernel(rows_fn):
         loss_scale = _loss_scale(rows_fn, logits, target, weight, opts, is_index)
     else:  # inside CUDA-graph capture: no host check (bad indices give NaN rows), 1/D stays on the device
-        loss_scale = _device_loss_scale(logits, target, weight, opts, is_index)
+        loss_scale = device_loss_scale(
+            target, weight, opts, is_index, logits.shape[1], _num_samples(logits), fallback.compute_dtype(logits.dtype)
+        )
     if grad is None and not compute_grad:
         grad = logits.new_empty(0)
     elif grad is None and _is_cpu_kernel(rows_fn):

@@ -19,17 +19,6 @@ def shift_target(target: Tensor, is_index: bool, opts: CrossEntropyOptions, shif
                           torch.full_like)  # fmt: skip
 
 
-def _mean_scale(target_rows: Tensor, weight, opts: CrossEntropyOptions, is_index: bool, num_classes: int, dtype):
-    """The factor of Σℓ as a 0-d tensor (1/D for a mean, 0 when nothing counts), 1.0 otherwise."""
-    if opts.reduction != "mean":
-        return 1.0
-    if not is_index:
-        num = target_rows.shape[0]
-        return torch.full((), 1.0 / num if num else 0.0, dtype=dtype, device=target_rows.device)
-    _, count, weight_sum = ops._device_target_counts(target_rows, num_classes, opts, weight, dtype)
-    return torch.where(count > 0, 1.0 / weight_sum, torch.zeros_like(weight_sum))
-
-
 def stats_of_rows(
     lse: Tensor, argmax: Tensor, target_rows: Tensor, weight, opts: CrossEntropyOptions, num_classes: int,
     loss_shape, loss_dtype: torch.dtype,
@@ -46,7 +35,7 @@ def stats_of_rows(
         else:
             labels = target_rows.argmax(dim=-1) if target_rows.shape[0] else argmax
             counted = torch.ones_like(labels, dtype=torch.bool)
-        scale = _mean_scale(target_rows, weight, opts, is_index, num_classes, lse.dtype)
+        scale = ops.device_loss_scale(target_rows, weight, opts, is_index, num_classes, target_rows.shape[0], lse.dtype)
         out = summarize(lse, argmax, labels, counted, opts.z_loss, scale, opts.reduction, loss_shape)
         return CrossEntropyStats(z_loss=out.z_loss.to(loss_dtype), accuracy=out.accuracy, lse=out.lse)
 
