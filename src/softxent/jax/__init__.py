@@ -60,17 +60,29 @@ __all__ = [
 ]
 
 #: a chunk of logits holds about this fraction of all the (float32) logits, within the bounds below:
-#: XLA keeps two chunk-sized buffers (logits and gradient) alive, so 1/32 stays inside a 10 % budget
-CHUNK_FRACTION = 1 / 32
+#: the chunk's logits, exponentials and gradient share one buffer (``_rows.in_place``), so 1/16
+#: plus the dW slice stays inside a 10 % budget
+CHUNK_FRACTION = 1 / 16
 CHUNK_MIN_BYTES, CHUNK_MAX_BYTES = 2 << 20, 64 << 20
 
 
-def default_chunk_rows(num_tokens: int, num_classes: int) -> int:
-    """Tokens per chunk of :func:`linear_cross_entropy`: float32 logits of 1/32 of all of them,
-    between 2 and 64 MiB, a multiple of 16 rows (at least 16, at most N)."""
+def default_chunk_rows(num_tokens: int, num_classes: int, buffers: int = 1) -> int:
+    """Tokens per chunk of :func:`linear_cross_entropy`: float32 logits of 1/16 of all of them
+    (÷ ``buffers``, the chunk-sized buffers the options hold), between 2 and 64 MiB, a multiple
+    of 16 rows (at least 16, at most N) — or, where one exists, a divisor of N down to half
+    that many rows: chunks that tile N need no padded copy of the hidden states."""
     budget = min(max(int(num_tokens * num_classes * 4 * CHUNK_FRACTION), CHUNK_MIN_BYTES), CHUNK_MAX_BYTES)
-    rows = max(16, budget // max(1, 4 * num_classes) // 16 * 16)
-    return max(1, min(rows, num_tokens))
+    rows = max(1, min(max(16, budget // max(1, buffers) // max(1, 4 * num_classes) // 16 * 16), num_tokens))
+    tiling = (r for r in range(rows, rows // 2, -1) if num_tokens % r == 0)
+    return next(tiling, rows)
+
+
+def _chunk_buffers(opts: CrossEntropyOptions, is_index: bool) -> int:
+    """Chunk-sized buffers a linear cross-entropy step holds: one (logits, exponentials and
+    gradient in place), one more where the logits are read again after the exponentials
+    (label smoothing, probability targets), two more with softcap (capped logits, tanh)."""
+    again = opts.label_smoothing > 0.0 or not is_index
+    return 1 + int(again) + (2 if opts.softcap is not None else 0)
 
 
 def _float_array(x, name: str):
@@ -309,7 +321,7 @@ def linear_cross_entropy(
     lead = h.shape[:-1]
     target_rows, weight, is_index = _prepare_target(lead + (num_classes,), len(lead), target, weight, opts, shift)
     num_tokens = math.prod(lead)
-    chunk = chunk or default_chunk_rows(num_tokens, num_classes)
+    chunk = chunk or default_chunk_rows(num_tokens, num_classes, _chunk_buffers(opts, is_index))
     spec = LinearSpec(opts, is_index, return_stats, min(chunk, max(num_tokens, 1)))
     rows = h.reshape(num_tokens, h.shape[-1])
     loss, lse, argmax = linear_cross_entropy_rows(rows, w, b, target_rows, weight, spec)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from .._options import CrossEntropyOptions
@@ -54,15 +55,31 @@ def _class_weights(weight, num_classes: int, dtype):
     return jnp.ones((num_classes,), dtype) if weight is None else weight.astype(dtype)
 
 
-def forward_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, ok) -> RowParts:
-    """ℓ (M,) and the statistics the gradient needs, relative to the row max."""
+def in_place(fn, x):
+    """``fn(x)`` for an elementwise ``fn`` that keeps x's shape and dtype, computed so that XLA may
+    write the result over x: inside a one-trip ``while_loop`` whose trip count XLA cannot
+    see (the constant 1 is derived from x), the loop state is updated in its own buffer.
+    Written plainly, XLA gives the result a second buffer whenever it later enters another
+    loop (the dW slices of the linear cross-entropy) — one more chunk of logits in memory.
+    If x is still read afterwards, XLA copies it first: the result is the same either way."""
+    if x.size == 0:
+        return fn(x)
+    first = x.reshape(-1)[0]
+    one = (first == first).astype(jnp.int32) | 1  # 1, whatever x holds (NaN included)
+
+    def body(state):
+        trips, value = state
+        return trips + 1, fn(value)
+
+    return jax.lax.while_loop(lambda state: state[0] < one, body, (jnp.zeros((), jnp.int32), x))[1]
+
+
+def forward_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, ok, reuse: bool = False) -> RowParts:
+    """ℓ (M,) and the statistics the gradient needs, relative to the row max.  ``reuse``: e^{z−m}
+    may overwrite z (:func:`in_place`) — for a caller that does not read z afterwards."""
     num_classes = z.shape[1]
     zc, _ = capped(z, opts.softcap)
     m = jnp.max(zc, axis=1)
-    shifted = zc - m[:, None]  # rows holding +inf or only −inf give NaN, as PyTorch
-    e = jnp.exp(shifted)
-    s = jnp.sum(e, axis=1)
-    log_s = jnp.log(s)
     eps = opts.label_smoothing
     w_all = _class_weights(weight, num_classes, z.dtype)
     if is_index:
@@ -71,6 +88,17 @@ def forward_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, o
         bad = ok & ((target < 0) | (target >= num_classes))
         t = jnp.where(ok & ~bad, target, 0)
         z_t = jnp.take_along_axis(zc, t[:, None], axis=1)[:, 0]
+        # max(m, z_t) is m (NaN where m is NaN); it makes e^{z−m} wait for the gather, so that
+        # XLA can overwrite z without keeping a copy for it
+        m = jnp.maximum(m, z_t)
+    shifted = zc - m[:, None]  # rows holding +inf or only −inf give NaN, as PyTorch
+    if reuse:
+        e = in_place(lambda x: jnp.exp(x - m[:, None]), zc)
+    else:
+        e = jnp.exp(shifted)
+    s = jnp.sum(e, axis=1)
+    log_s = jnp.log(s)
+    if is_index:
         loss = (1.0 - eps) * w_all[t] * (log_s - (z_t - m))
         if eps > 0.0:
             nlp = log_s[:, None] - shifted
@@ -86,10 +114,12 @@ def forward_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, o
     return RowParts(loss=loss, m=m, s=s, log_s=log_s, ok=ok, bad=bad, e=e)
 
 
-def gradient_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, parts: RowParts, r):
+def gradient_rows(
+    z, target, weight, opts: CrossEntropyOptions, is_index: bool, parts: RowParts, r, reuse: bool = False
+):
     """r_i·∂ℓ_i/∂z_i (M, C) in the compute dtype; ``r`` (M,) (× ok).  One elementwise pass
     over e^{z−m} — g = r·(A·p)·chain — then the one-hot part −r·(1−ε)·w_t·chain_t added at
-    (i, t_i) in place, not through a dense y."""
+    (i, t_i) in place, not through a dense y.  ``reuse``: g may overwrite ``parts.e``."""
     num_classes = z.shape[1]
     eps = opts.label_smoothing
     w_all = _class_weights(weight, num_classes, z.dtype)
@@ -102,26 +132,31 @@ def gradient_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, 
         t = jnp.where(parts.ok & ~parts.bad, target, 0)
         w_t = w_all[t]
         total = (1.0 - eps) * w_t + (eps / num_classes * jnp.sum(w_all) if eps > 0.0 else 0.0)
-    else:
-        y = w_all * ((1.0 - eps) * target.astype(z.dtype) + eps / num_classes)
-        total = jnp.sum(y, axis=1)
-    # r·(A·p) − r·y: an infinite r (weights summing to 0) gives PyTorch's NaN/inf pattern
-    g = (r * (total + 2.0 * opts.z_loss * lse) / parts.s)[:, None] * parts.e
-    if is_index and eps > 0.0:
-        g = g - jnp.where(w_all == 0, 0.0, (r * (eps / num_classes))[:, None] * w_all)
-    elif not is_index:
-        g = g - jnp.where(y == 0, 0.0, r[:, None] * y)
-    if th is not None:
-        g = g * (1.0 - th * th)
-    # a zero row where the row does not count (even with NaN logits); NaN for a bad index
-    g = jnp.where((parts.ok & ~parts.bad)[:, None], g, jnp.where(parts.bad[:, None], jnp.nan, 0.0))
-    if is_index:
         y_t = jnp.where(parts.ok & ~parts.bad, r * ((1.0 - eps) * w_t), 0.0)
         if th is not None:
             th_t = jnp.take_along_axis(th, t[:, None], axis=1)[:, 0]
             y_t = y_t * (1.0 - th_t * th_t)
-        g = g.at[jnp.arange(g.shape[0]), t].add(-y_t)
-    return g
+    else:
+        y = w_all * ((1.0 - eps) * target.astype(z.dtype) + eps / num_classes)
+        total = jnp.sum(y, axis=1)
+    # r·(A·p) − r·y: an infinite r (weights summing to 0) gives PyTorch's NaN/inf pattern
+    coef = r * (total + 2.0 * opts.z_loss * lse) / parts.s
+
+    def from_exp(e):
+        g = coef[:, None] * e
+        if is_index and eps > 0.0:
+            g = g - jnp.where(w_all == 0, 0.0, (r * (eps / num_classes))[:, None] * w_all)
+        elif not is_index:
+            g = g - jnp.where(y == 0, 0.0, r[:, None] * y)
+        if th is not None:
+            g = g * (1.0 - th * th)
+        # a zero row where the row does not count (even with NaN logits); NaN for a bad index
+        g = jnp.where((parts.ok & ~parts.bad)[:, None], g, jnp.where(parts.bad[:, None], jnp.nan, 0.0))
+        if is_index:
+            g = g.at[jnp.arange(g.shape[0]), t].add(-y_t)
+        return g
+
+    return in_place(from_exp, parts.e) if reuse else from_exp(parts.e)
 
 
 def probability_target_gradient(z, weight, opts: CrossEntropyOptions, parts: RowParts, r):
