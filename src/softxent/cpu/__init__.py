@@ -5,8 +5,10 @@ writes its output once.  The launchers here have the same contracts as the
 float64 reference in :mod:`softxent._reference`.
 """
 
+from .kernel_cache import install as _install_kernel_cache
 from .threading_layer import choose_threading_layer
 from .vector_width import prefer_full_width_vectors
 
+_install_kernel_cache()  # before any kernel is defined: its cache is keyed on the whole package
 prefer_full_width_vectors()
 choose_threading_layer()
