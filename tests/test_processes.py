@@ -11,12 +11,14 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "processes_after_parent_ran.py")
 
 
-@pytest.mark.parametrize("layer", [None, "workqueue"])
-def test_children_and_threads_compute_what_the_parent_computes(layer):
+@pytest.mark.parametrize("layer,cold_cache", [(None, True), ("workqueue", False)])
+def test_children_and_threads_compute_what_the_parent_computes(layer, cold_cache, tmp_path):
     env = dict(os.environ)
     env.pop("NUMBA_THREADING_LAYER", None)
     if layer:
         env["NUMBA_THREADING_LAYER"] = layer
+    if cold_cache:
+        env["NUMBA_CACHE_DIR"] = str(tmp_path)
     # bounded: a hang (a pool waiting for a dead worker) fails the test instead of stalling CI
     done = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
