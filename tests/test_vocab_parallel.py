@@ -186,6 +186,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             errors[label] = str(e)
     torch.save({"results": results, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 

@@ -171,6 +171,9 @@ def _worker(rank: int, world: int, port: int, n: int, v: int, reps: int, out: st
         )
     if rank == 0:
         torch.save(rows, out)
+    # every rank done with every collective (the functional ones of loss_parallel included) before
+    # any rank tears gloo down: a rank leaving while a peer's pair is still busy can abort the peer
+    dist.barrier()
     dist.destroy_process_group()
 
 
