@@ -188,7 +188,7 @@ def test_segmentation_inputs_compile_without_graph_breaks(dynamic):
 @pytest.mark.parametrize("weight", [None, (0.5, 2.0), (0.0, 0.0), (float("inf"), 1.0)])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3, "z_loss": 1e-2}])
 def test_two_class_kernel_matches_the_general_kernel_on_special_values(weight, options):
-    """C = 2 runs its own fused kernel (softxent.cpu.two_class): NaN, ±inf logits, zero and
+    """C = 2 runs its own fused kernel (softxent.cpu.cross_entropy_two_class): NaN, ±inf logits, zero and
     infinite weights give exactly what the general class-major kernel (and PyTorch) gives."""
     z = np.random.default_rng(0).standard_normal((2, 2, 40)).astype(np.float32) * 4
     z[0, 0, 1], z[0, 1, 2], z[1, 0, 3], z[1, :, 4] = np.nan, np.inf, -np.inf, -np.inf

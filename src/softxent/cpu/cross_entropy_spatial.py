@@ -30,6 +30,7 @@ from numba import get_num_threads, njit, prange
 
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
+from . import cross_entropy_two_class as two_class
 from .cross_entropy import kernel_scalars
 from .simd import (
     EXACT_JIT,
@@ -389,6 +390,13 @@ def cross_entropy_spatial(
     q = np.ascontiguousarray(target) if has_prob else np.empty((0, 0, 0), z.dtype)
     idx = np.empty((0, 0), np.int64) if has_prob else np.ascontiguousarray(target, dtype=np.int64)
     w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    scalars = kernel_scalars(opts, weight, num_classes)
+    if two_class.applies(num_classes, has_prob, *scalars[:3], scale_arr.size if want_grad else 0):
+        partial = np.zeros(two_class.num_tasks(num_samples, num_positions))
+        two_class.cross_entropy_two_class_kernel(
+            numba_view(z), numba_view(g), idx, w, float(scale_arr[0]), *scalars[4:], want_grad, loss, partial
+        )
+        return loss if per_position_loss else partial
     cross_entropy_spatial_kernel(
         numba_view(z),
         numba_view(g),
@@ -396,7 +404,7 @@ def cross_entropy_spatial(
         numba_view(q),
         w,
         scale_arr,
-        *kernel_scalars(opts, weight, num_classes),
+        *scalars,
         want_grad,
         has_prob,
         loss,
