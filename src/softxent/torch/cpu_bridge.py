@@ -2,7 +2,9 @@
 
 A contiguous CPU tensor is handed to Numba as a NumPy view of its storage;
 bfloat16, which NumPy lacks, travels as its int16 bits (and float16 as its
-uint16 bits, see :func:`softxent.cpu.simd.numba_view`).
+uint16 bits, see :func:`softxent.cpu.simd.numba_view`).  Before a large kernel,
+PyTorch's idle OpenMP threads are let go (:mod:`.openmp_threads`), so the Numba
+threads get the cores they would otherwise spin on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..cpu import cross_entropy as ce_kernel
 from ..cpu import cross_entropy_spatial as spatial_kernel
 from ..cpu import softmax as softmax_kernels
 from ..cpu import targets as target_kernels
+from .openmp_threads import release_idle_threads
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -44,6 +47,7 @@ def cross_entropy_rows(
 ) -> torch.Tensor:
     """Per-row losses (M,) float64 of contiguous rows (M, C); the gradient goes to ``grad_out``,
     each row's lse and argmax to ``stats`` (contiguous (M,) float and int64 tensors) if given."""
+    release_idle_threads(logits.numel())
     target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 1, grad_out)
     stats_np = None if stats is None else (stats[0].numpy(), stats[1].numpy())
     loss = ce_kernel.cross_entropy_rows(
@@ -62,6 +66,7 @@ def cross_entropy_spatial(
 ) -> torch.Tensor:
     """Losses of contiguous class-major logits (N, C, S): one per position (N·S,) for
     ``reduction="none"``, else partial sums whose total is Σℓ; the gradient goes to ``grad_out``."""
+    release_idle_threads(logits.numel())
     target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 2, grad_out)
     loss = spatial_kernel.cross_entropy_spatial(
         as_numpy(logits), target_np, w, opts, scale, grad_np, per_position_loss=opts.reduction == "none"
@@ -71,21 +76,25 @@ def cross_entropy_spatial(
 
 def index_target_stats(target: torch.Tensor, num_classes: int, opts: CrossEntropyOptions, weight):
     """(out-of-range count, counted samples, their weight sum) of int64 class indices, in one pass."""
+    release_idle_threads(target.numel())
     w = None if weight is None else weight.detach().to(torch.float64).numpy()
     return target_kernels.index_target_stats(target.detach().numpy(), num_classes, opts.ignore_index, w)
 
 
 def softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    release_idle_threads(z.numel())
     out = torch.empty_like(z)
     softmax_kernels.softmax_rows(as_numpy(z), as_numpy(out))
     return out
 
 
 def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    release_idle_threads(z.numel())
     out = torch.empty_like(z)
     softmax_kernels.log_softmax_rows(as_numpy(z), as_numpy(out))
     return out
 
 
 def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
+    release_idle_threads(z.numel())
     return torch.from_numpy(softmax_kernels.logsumexp_rows(as_numpy(z))).to(z.dtype)
