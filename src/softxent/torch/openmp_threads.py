@@ -39,14 +39,27 @@ def _pause_all():
     """``omp_pause_resource_all`` of the GNU OpenMP runtime PyTorch uses, or None."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    try:  # the copy already loaded (PyTorch's own); never load another
-        gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
-        pause = gomp.omp_pause_resource_all
-    except (OSError, AttributeError):
-        return None
-    pause.argtypes = [ctypes.c_int]
-    pause.restype = ctypes.c_int
-    return pause
+    for name in (*_loaded_gnu_openmp(), "libgomp.so.1"):
+        try:  # only a copy already loaded (RTLD_NOLOAD): never load another runtime
+            pause = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes = [ctypes.c_int]
+        pause.restype = ctypes.c_int
+        return pause
+    return None
+
+
+def _loaded_gnu_openmp() -> list[str]:
+    """Paths of the GNU OpenMP libraries mapped into this process, PyTorch's own first
+    (its wheels may ship one under a hashed name, e.g. ``libgomp-a34b3233.so.1``)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+    except OSError:
+        return []
+    torch_dir = os.path.dirname(torch.__file__)
+    return sorted(paths, key=lambda path: not path.startswith(torch_dir))
 
 
 def release_idle_threads(num_elements: int) -> bool:
