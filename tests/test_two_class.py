@@ -137,3 +137,48 @@ def test_kernel_leaves_its_inputs_alone_and_writes_every_gradient_element():
     np.testing.assert_array_equal(t, t_before)
     assert not np.any(g == 12345.0)
     np.testing.assert_allclose(partial.sum(), loss.sum(), rtol=1e-12)
+
+
+def _float64_loss(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (N, 2, S) logits in float64, relative to the max per position."""
+    z = x.double()
+    m = z.max(dim=1, keepdim=True).values
+    log_s = torch.log(torch.exp(z - m).sum(dim=1))
+    z_t = torch.gather(z - m, 1, t[:, None])[:, 0]
+    return (log_s - z_t).mean()
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e4, 3e38])
+def test_fp32_two_class_error_is_within_twice_pytorchs_at_any_magnitude(magnitude):
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.rand(4, 2, 999, generator=gen) * 2 - 1) * magnitude
+    x[:, 1] = x[:, 0] + torch.randn(4, 999, generator=gen).clamp(-3, 3)  # O(1) differences at any magnitude
+    x = x.clamp(-3.4e38, 3.4e38)
+    t = torch.randint(0, 2, (4, 999), generator=gen)
+    want = _float64_loss(x, t)
+    ours = abs(float(sxt.cross_entropy(x, t)) - float(want))
+    theirs = abs(float(F.cross_entropy(x.double(), t).float()) - float(want))  # fp32 rounding of the exact loss
+    pytorch_fp32 = abs(float(F.cross_entropy(x, t)) - float(want))
+    assert ours <= 2 * max(pytorch_fp32, theirs) + 1e-7 * abs(float(want)), (ours, pytorch_fp32)
+
+
+def test_a_retained_graph_gives_the_gradient_once_per_backward():
+    x = torch.randn(2, 2, 50, requires_grad=True)
+    t = torch.randint(0, 2, (2, 50))
+    loss = sxt.cross_entropy(x, t)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward(torch.tensor(0.5))
+    torch.testing.assert_close(x.grad, 1.5 * once)
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    torch.testing.assert_close(once, ref.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_in_float64(reduction):
+    x = torch.randn(2, 2, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 2, (2, 7))
+    t[0, 3] = -100
+    w = torch.tensor([0.7, 1.9], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: sxt.cross_entropy(z, t, weight=w, reduction=reduction), (x,))

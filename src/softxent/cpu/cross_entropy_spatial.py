@@ -373,10 +373,7 @@ def cross_entropy_spatial(
     num_samples, num_classes, num_positions = z.shape
     has_prob = target.ndim == 3
     want_grad = scale is not None
-    block = block_positions(num_classes)
-    tasks = num_samples * ((num_positions + block - 1) // block)
     loss = np.empty(num_samples * num_positions if per_position_loss else 0, np.float64)
-    partial = np.zeros(0 if per_position_loss else tasks, np.float64)
     if num_samples * num_positions == 0:
         return loss if per_position_loss else np.zeros(1)
     if want_grad:
@@ -387,16 +384,18 @@ def cross_entropy_spatial(
     else:
         g = np.empty((0, 0, 0), z.dtype)
         scale_arr = np.zeros(1)
-    q = np.ascontiguousarray(target) if has_prob else np.empty((0, 0, 0), z.dtype)
     idx = np.empty((0, 0), np.int64) if has_prob else np.ascontiguousarray(target, dtype=np.int64)
     w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
     scalars = kernel_scalars(opts, weight, num_classes)
     if two_class.applies(num_classes, has_prob, *scalars[:3], scale_arr.size if want_grad else 0):
-        partial = np.zeros(two_class.num_tasks(num_samples, num_positions))
+        partial = np.zeros(two_class.num_tasks(num_samples, num_positions))  # written in either case
         two_class.cross_entropy_two_class_kernel(
             numba_view(z), numba_view(g), idx, w, float(scale_arr[0]), *scalars[4:], want_grad, loss, partial
         )
         return loss if per_position_loss else partial
+    block = block_positions(num_classes)
+    partial = np.zeros(0 if per_position_loss else num_samples * ((num_positions + block - 1) // block))
+    q = np.ascontiguousarray(target) if has_prob else np.empty((0, 0, 0), z.dtype)
     cross_entropy_spatial_kernel(
         numba_view(z),
         numba_view(g),
