@@ -35,13 +35,23 @@ from ._options import CrossEntropyOptions
 #: CPU: a chunk of logits holds about this fraction of all the logits, between
 #: the two bounds below.  Every chunk re-reads W (each GEMM call repacks it) and
 #: re-writes ∂W, so bigger chunks run the GEMMs faster; but the BLAS adds a
-#: workspace of its own (MKL: up to D×8192 floats, 32 MiB at D = 1024, once a
-#: GEMM has more than ~150 rows).  1/14 of the logits with the logits GEMM in
-#: blocks of LOGITS_GEMM_ROWS rows keeps chunk + workspace at 7 % of the logits
-#: (N=4096, D=1024, V=32000 fp32), within the 10 % budget, 1.15× faster than naive.
-CPU_CHUNK_FRACTION = 1 / 14
+#: workspace of its own, and the chunk and that workspace must stay within 5 % of
+#: the float32 logits.  MKL packs a panel of Wᵀ per thread: on AVX-512 Intel CPUs
+#: only past ~150 rows (D×8192 floats, 32 MiB at D = 1024), on AVX2 AMD CPUs for
+#: any row count (≈ D×1200 floats per thread, 9.6 MiB on 2 threads) unless the
+#: GEMM has few columns.  So the logits GEMM runs in blocks of LOGITS_GEMM_ROWS
+#: rows × LOGITS_GEMM_COLS columns (workspace ≈ 3 MiB on 2 threads, and as fast:
+#: the block of Wᵀ stays in cache), and a chunk is 1/32 of the logits (128 rows at
+#: N=4096, V=32000 fp32, 3.1 %).  MKL also keeps a few MiB of buffers between calls
+#: (the three GEMMs' shapes differ), so the peak of a first full-size step is
+#: 4.2–4.7 % of the logits on a 2-core AMD EPYC (was 10.0 % with 1/14 chunks and
+#: full-width GEMMs).
+CPU_CHUNK_FRACTION = 1 / 32
 #: rows per GEMM of a chunk's logits: below the size at which MKL packs Wᵀ into its workspace
 LOGITS_GEMM_ROWS = 144
+#: vocabulary columns per GEMM of a chunk's logits (a strided block of the chunk
+#: buffer): bounds MKL's packing workspace whatever the CPU
+LOGITS_GEMM_COLS = 2048
 CPU_CHUNK_MIN_BYTES = 8 << 20
 CPU_CHUNK_MAX_BYTES = 256 << 20
 #: fewest rows per chunk (smaller GEMMs lose efficiency), unless N is smaller
@@ -66,7 +76,7 @@ def cuda_chunk_rows(num_tokens: int, num_classes: int, free_bytes: int, itemsize
 
 
 def cpu_chunk_bytes(num_tokens: int, num_classes: int, itemsize: int) -> int:
-    """Bytes of logits one CPU chunk may hold: 1/14 of all the logits,
+    """Bytes of logits one CPU chunk may hold: 1/32 of all the logits,
     at least 8 MiB and at most 256 MiB."""
     share = int(num_tokens * num_classes * itemsize * CPU_CHUNK_FRACTION)
     return min(max(share, CPU_CHUNK_MIN_BYTES), CPU_CHUNK_MAX_BYTES)
@@ -121,6 +131,9 @@ class ArrayOps:
             its logits argument; returns per-row losses.
         logits_gemm_rows: rows per GEMM of a chunk's logits (CPU: below MKL's workspace
             threshold; GPUs: the whole chunk in one GEMM).
+        logits_gemm_cols: vocabulary columns per GEMM of a chunk's logits, written into a
+            strided block of the chunk (0: all of them in one GEMM; the array library's
+            ``matmul_into`` must then accept a strided ``out`` without a copy).
     """
 
     empty: Callable[..., Any]
@@ -129,6 +142,7 @@ class ArrayOps:
     add_column_sums: Callable[[Any, Any, bool], None]
     cross_entropy_rows: Callable[..., Any]
     logits_gemm_rows: int = LOGITS_GEMM_ROWS
+    logits_gemm_cols: int = 0
 
 
 def active_tokens(target, opts: CrossEntropyOptions, nonzero):
@@ -205,7 +219,8 @@ def linear_cross_entropy_rows(
     want_grad = scale is not None and grads is not None and (grads.any or grads.before_gradient is not None)
     per_row_scale = want_grad and not isinstance(scale, float)
     rows_per_chunk = max(1, min(chunk_rows, num_tokens))
-    buffer = ops.empty((rows_per_chunk, linear_weight.shape[0]), hidden)
+    num_classes = linear_weight.shape[0]
+    buffer = ops.empty((rows_per_chunk, num_classes), hidden)
     w_t = linear_weight.T
     for start in range(0, num_tokens, rows_per_chunk):
         stop = min(start + rows_per_chunk, num_tokens)
@@ -215,9 +230,12 @@ def linear_cross_entropy_rows(
         z = buffer[: stop - start]
         # the logits GEMM by blocks of rows: a larger GEMM makes MKL allocate a workspace of
         # D×8192 floats that would count against the memory budget (∂H and ∂W GEMMs do not)
+        cols = ops.logits_gemm_cols or num_classes
         for r0 in range(0, stop - start, ops.logits_gemm_rows):
             r1 = min(r0 + ops.logits_gemm_rows, stop - start)
-            ops.matmul_into(h[r0:r1], w_t, z[r0:r1])
+            for c0 in range(0, num_classes, cols):
+                c1 = min(c0 + cols, num_classes)
+                ops.matmul_into(h[r0:r1], w_t[:, c0:c1], z[r0:r1, c0:c1])
         if linear_bias is not None:
             z += linear_bias
         chunk_stats = {}

@@ -174,7 +174,7 @@ def linear_cross_entropy(
         linear_bias: optional ``(V,)`` bias.
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`softxent.cross_entropy`.
-        chunk_size: tokens per chunk of logits; by default 1/14 of the
+        chunk_size: tokens per chunk of logits; by default 1/32 of the
             logits, between 8 and 256 MiB (at least 64 tokens).  Samples equal to ``ignore_index`` are skipped
             before any matmul.
         shift, return_stats: the training extras of :func:`softxent.cross_entropy`

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import _reduction
 from .._errors import InvalidArgumentError
 from .._linear_chunks import (
+    LOGITS_GEMM_COLS,
     LOGITS_GEMM_ROWS,
     ArrayOps,
     Gradients,
@@ -97,6 +98,7 @@ def _array_ops(device: torch.device) -> ArrayOps:
         add_column_sums=_add_column_sums,
         cross_entropy_rows=partial(_cross_entropy_rows, device),
         logits_gemm_rows=LOGITS_GEMM_ROWS if device.type == "cpu" else 1 << 62,
+        logits_gemm_cols=LOGITS_GEMM_COLS if device.type == "cpu" else 0,
     )
 
 
@@ -417,7 +419,7 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
             :func:`softxent.torch.cross_entropy` (``ignore_index=None`` disables it).
         chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
-            the device (1/14 of the logits on CPU, between 8 and 256 MiB; an eighth of the
+            the device (1/32 of the logits on CPU, between 8 and 256 MiB; an eighth of the
             free memory on CUDA).
         options: a ``torch.nn.LinearCrossEntropyOptions`` as PyTorch's takes
             (see :mod:`softxent.torch.linear_options`): ``batch_chunk_size`` and
