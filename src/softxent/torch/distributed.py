@@ -18,24 +18,38 @@ max M = max_r m_r (so precision never depends on the logits' magnitude):
     ℓ = (1−ε)·w_t·(log s − (z_t − M)) + (ε/V)·(W·log s − Σ_k w_k (z_k − M)) + λ·lse²
 
 (probability targets: ℓ = Y·log s − Σ_k y_k (z_k − M) + λ·lse²), exactly the
-single-process formulas of :mod:`softxent._reference`.  Each rank then writes
-the gradient of its own shard, g_j = r·((Σ y + 2λ·lse)·p_j − y_j) with
+single-process formulas of :mod:`softxent._reference`.  A row whose M is +inf or
+NaN (a +inf or NaN logit on any shard) gets a NaN loss and gradient, as
+``F.cross_entropy`` of the whole logits does.  Each rank then writes the
+gradient of its own shard, g_j = r·((Σ y + 2λ·lse)·p_j − y_j) with
 p_j = e^{z_j − M − log s} (× 1 − tanh² with softcap), in the forward pass; the
 backward multiplies it by the upstream gradient and needs no communication.
 
-The shard offsets come from one ``all_gather`` of the shard sizes, cached per
-group and local size, unless ``vocab_start`` is given (a DTensor's come from its
-layout); either way the packed statistics carry each rank's (start, size), so
-every rank checks that the shards tile [0, V) and raises the same error if not.
-The cache assumes a group's shard sizes do not change: where they do, pass
-``vocab_start`` (a rank whose size did not change would skip the sizes'
-collective while the others wait for it).
+**The ranks check each other in the same collective.**  Every rank's buffer
+starts with a 24-byte header (one statistics row): its shard (start, V_r), N,
+the compute dtype, the op, the target kind, the reduction, whether class
+weights are given, a digest of the other options and a checksum of the class
+indices.  All ranks gather the same headers, so they all reach the same
+verdict — the same :class:`~softxent.InvalidArgumentError` on every rank, or
+the loss — with no further communication.  An ``all_gather`` needs the same
+size on every rank, so the buffer's size never depends on the local N or
+dtype: it is (capacity + 1) rows of the *agreed* dtype, a state of each group
+that changes only from gathered headers and is therefore identical on every
+rank.  A rank whose N or dtype does not fit sends its header and zeros; if the
+headers agree, every rank adopts the new capacity and dtype and gathers again
+(a group's first call, and when N grows or the dtype changes); if they
+disagree, every rank raises.  The default shard offsets come from the shard
+sizes in the gathered headers in the same way (no separate collective, and a
+changed size means one more gather).  The steady state is one ``all_gather``
+of (N + 1) rows per forward.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+import zlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -48,26 +62,47 @@ from .._validate import check_target_range
 from . import fallback, ops
 from .linear import chunk_rows_for
 
-#: columns of the packed per-token statistics; one extra last row holds the shard (start, size)
+#: columns of the packed per-token statistics
 _M, _S, _ZT, _WT, _DOT, _Y = range(6)
 _COLUMNS = 6
-_START, _SIZE = 0, 1
+
+#: the header, 6 int32 (24 bytes: one float32 row, the first half of a float64 row) before the statistics
+_H_TAG, _H_START, _H_SIZE, _H_TOKENS, _H_DIGEST, _H_TARGETS = range(6)
+_HEADER_BYTES = 24
+_MAGIC, _VERSION = 0x5356, 1  # "SV": a softxent vocab-parallel buffer, and its layout's version
+_INT32_MAX = 2**31 - 1
+#: the statistics' dtypes by code (0: no agreement yet), the reductions and the ops, as the header encodes them
+_DTYPES = (None, torch.float32, torch.float64)
+_REDUCTIONS = ("none", "mean", "sum")
+_OPS = ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy")
 
 _shard_offsets: dict[tuple, int] = {}
 
 
-def _check_group(group):
+def _check_group(group, name: str = "vocab_parallel_cross_entropy"):
+    """The process group (default: the world), which must include this process."""
     if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidArgumentError(f"{name}: torch.distributed is not initialized (call init_process_group first)")
+    group = group if group is not None else dist.group.WORLD
+    try:
+        rank = dist.get_rank(group)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise InvalidArgumentError(f"{name}: group is not a process group of this process ({e})") from None
+    if rank < 0:  # torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER on the other ranks
         raise InvalidArgumentError(
-            "vocab_parallel_cross_entropy: torch.distributed is not initialized (call init_process_group first)"
+            f"{name}: this process (global rank {dist.get_rank()}) is not a member of the process group `group`; "
+            "call it only on the ranks of the group"
         )
-    return group if group is not None else dist.group.WORLD
+    return group
 
 
 def shard_start(local_size: int, group=None, device=None) -> int:
     """The first class of this rank's shard: the sum of the sizes of the lower ranks' shards
-    (one ``all_gather`` of the sizes, cached per group and local size)."""
-    group = _check_group(group)
+    (one ``all_gather`` of the sizes, cached per group and local size).
+
+    The vocab-parallel ops do not use it: they take the offsets from the shard sizes in their
+    own collective's headers, which also holds when the sizes change."""
+    group = _check_group(group, "shard_start")
     key = (id(group), dist.get_rank(group), local_size)
     if key not in _shard_offsets:
         sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
@@ -101,7 +136,12 @@ def _local_statistics(z: Tensor, target: Tensor, weight: Tensor | None, opts, is
             stats[:, _Y] = w.sum()
     else:
         wq = target.to(z.dtype) * w
-        stats[:, _DOT] = (e * wq).sum(dim=1)
+        terms = e * wq
+        if opts.label_smoothing > 0.0:
+            # y_k = w_k ((1−ε) q_k + ε/V) > 0 wherever w_k > 0: a class with q_k = 0 enters through
+            # the ε/V part only (PyTorch's 0·(−inf) = NaN arises only where y_k = 0)
+            terms.masked_fill_(wq == 0, 0.0)
+        stats[:, _DOT] = terms.sum(dim=1)
         stats[:, _ZT] = e @ w
         stats[:, _Y] = wq.sum(dim=1)
         stats[:, _WT] = w.sum()
@@ -115,23 +155,6 @@ def _finite_or_zero(m: Tensor) -> Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def _with_shard_row(stats: Tensor, start: int, size: int) -> Tensor:
-    """``stats`` (N, 6) with one last row holding this shard's (start, V_r)."""
-    header = stats.new_zeros(1, _COLUMNS)
-    header[0, _START] = start
-    header[0, _SIZE] = size
-    return torch.cat([stats, header])
-
-
-def _gather_statistics(stats: Tensor, group) -> Tensor:
-    """Every rank's (N + 1, 6) statistics, (R, N + 1, 6): the one collective of a forward."""
-    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, stats.contiguous(), group=group)
-    gathered = torch.stack(gathered)
-    _check_shards(gathered)
-    return gathered
-
-
 def _owned(target: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
     """(which class indices fall in this shard, their local index — 0 where not owned)."""
     local_t = target - start
@@ -139,17 +162,239 @@ def _owned(target: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
     return owned, torch.where(owned, local_t, torch.zeros_like(local_t))
 
 
-def _combine(gathered: Tensor, opts: CrossEntropyOptions, is_index: bool):
-    """(loss (N,), M, log s, lse, total Σy) from the (R, N, 6) statistics of every rank."""
-    vocab = gathered[:, -1, _SIZE].sum()
-    gathered = gathered[:, :-1]
+# --- the one collective: a header and the statistics, checked alike on every rank ---
+
+
+@dataclass
+class _Agreement:
+    """What the ranks of a group agreed on at their last gather: the capacity in tokens and the
+    dtype of the statistics (code), and every rank's shard size.  Updated only from gathered
+    headers, so the same on every rank — and so is the size of the next gather's buffers."""
+
+    rows: int = 0
+    dtype: int = 0
+    sizes: tuple[int, ...] = ()
+
+    def start_of(self, rank: int, size: int) -> int:
+        """The default offset of this rank's shard from the agreed sizes; −1 if its size changed."""
+        if rank < len(self.sizes) and self.sizes[rank] == size:
+            return sum(self.sizes[:rank])
+        return -1
+
+
+_agreements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_pinned: dict[int, tuple] = {}
+
+
+def _agreement(group) -> _Agreement:
+    try:
+        return _agreements.setdefault(group, _Agreement())
+    except TypeError:  # a group without weak references: keep it alive, so its id is never reused
+        return _pinned.setdefault(id(group), (group, _Agreement()))[1]
+
+
+@dataclass
+class _Call:
+    """One rank's side of a vocab-parallel forward: what its header tells the others."""
+
+    op: int  # index into _OPS
+    opts: CrossEntropyOptions
+    is_index: bool
+    target: Tensor  # (N,) class indices or (N, V_r) probabilities
+    weighted: bool
+    tokens: int
+    size: int  # V_r
+    dtype: torch.dtype  # of the statistics (the compute dtype)
+    device: torch.device
+    vocab_start: int | None  # None: from the shard sizes
+    features: int = 0  # D of the linear op's input
+    digest: int = field(init=False)
+
+    def __post_init__(self):
+        options = (
+            self.opts.ignore_index,
+            float(self.opts.label_smoothing).hex(),
+            float(self.opts.z_loss).hex(),
+            None if self.opts.softcap is None else float(self.opts.softcap).hex(),
+            self.features,
+            self.tokens,
+        )
+        self.digest = zlib.crc32(repr(options).encode()) & _INT32_MAX
+
+
+@dataclass
+class _Header:
+    """A rank's decoded header."""
+
+    magic: int
+    version: int
+    dtype: int
+    op: int
+    is_index: bool
+    default_start: bool
+    reduction: int
+    weighted: bool
+    start: int
+    size: int
+    tokens: int
+    digest: int
+    targets: int
+
+    @classmethod
+    def decode(cls, row: list[int]) -> _Header:
+        tag = row[_H_TAG]
+        return cls(
+            magic=(tag >> 16) & 0x7FFF, version=(tag >> 8) & 0xFF, dtype=tag & 3, op=(tag >> 2) & 1,
+            is_index=bool(tag >> 3 & 1), default_start=bool(tag >> 4 & 1), reduction=(tag >> 5) & 3,
+            weighted=bool(tag >> 7 & 1), start=row[_H_START], size=row[_H_SIZE], tokens=row[_H_TOKENS],
+            digest=row[_H_DIGEST], targets=row[_H_TARGETS],
+        )  # fmt: skip
+
+
+def _header(call: _Call, code: int, start: int) -> list[int]:
+    tag = (
+        (_MAGIC << 16) | (_VERSION << 8) | (call.weighted << 7) | (_REDUCTIONS.index(call.opts.reduction) << 5)
+        | ((call.vocab_start is None) << 4) | (call.is_index << 3) | (call.op << 2) | code
+    )  # fmt: skip
+    clip = _INT32_MAX
+    return [tag, min(start, clip), min(call.size, clip), min(call.tokens, clip), call.digest, 0]
+
+
+def _target_checksum(target: Tensor) -> Tensor:
+    """A 31-bit checksum of the class indices (N,), on their device (no host sync): any change of
+    one index, or a swap of two, changes it."""
+    n = target.shape[0]
+    mix = torch.arange(1, n + 1, dtype=torch.int64, device=target.device) * 0x2545F4914F6CDD1D  # wraps
+    h = ((target.to(torch.int64) + 1) * (mix | 1)).sum()
+    return (h ^ (h >> 31)) & _INT32_MAX
+
+
+def _pack(fields: list[int], checksum: Tensor | None, stats: Tensor | None, rows: int, code: int, device) -> Tensor:
+    """One rank's bytes: the header row, then ``rows`` rows of statistics in the agreed dtype
+    (``stats`` and zeros after it; all zeros when ``stats`` is None)."""
+    dtype = _DTYPES[code]
+    row_bytes = _COLUMNS * (dtype.itemsize if dtype is not None else 4)
+    buffer = torch.empty((rows + 1) * row_bytes, dtype=torch.uint8, device=device)
+    buffer[_HEADER_BYTES:row_bytes].zero_()
+    header = buffer[:_HEADER_BYTES].view(torch.int32)
+    header.copy_(torch.tensor(fields, dtype=torch.int32))
+    if checksum is not None:
+        header[_H_TARGETS] = checksum
+    if rows:
+        payload = buffer[row_bytes:].view(dtype).view(rows, _COLUMNS)
+        n = 0 if stats is None else stats.shape[0]
+        if stats is not None:
+            payload[:n] = stats
+        payload[n:].zero_()
+    return buffer
+
+
+def _disagreement(name: str, what: str, values: list, advice: str) -> None:
+    if len(set(values)) > 1:
+        listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise InvalidArgumentError(f"{name}: the ranks disagree on {what} ({listed}); {advice}")
+
+
+def _check_headers(headers: list[_Header]) -> str:
+    """Raise the same error on every rank where the ranks' calls disagree; the op's name otherwise."""
+    name = _OPS[headers[0].op]
+    _disagreement(
+        "vocab_parallel_cross_entropy", "the collective's format",
+        [f"softxent buffer v{h.version}" if h.magic == _MAGIC else "not a softxent buffer" for h in headers],
+        "every rank of the group must call the same vocab-parallel op, of the same softxent version, at the "
+        "same time",
+    )  # fmt: skip
+    _disagreement(name, "the op", [_OPS[h.op] for h in headers], "every rank must call the same op")
+    _disagreement(
+        name, "the kind of targets", ["class indices" if h.is_index else "probabilities" for h in headers],
+        "every rank must pass class indices, or every rank its shard of probabilities",
+    )  # fmt: skip
+    _disagreement(
+        name, "the dtype of the statistics", [str(_DTYPES[h.dtype]).replace("torch.", "") for h in headers],
+        "pass logits (or input) of the same dtype on every rank (float64 stays float64, other dtypes "
+        "accumulate in float32)",
+    )  # fmt: skip
+    _disagreement(
+        name, "the number of tokens N", [h.tokens for h in headers],
+        "every rank must pass the same tokens (the same leading dimensions and target)",
+    )  # fmt: skip
+    _disagreement(name, "the reduction", [repr(_REDUCTIONS[h.reduction]) for h in headers],
+                  "pass the same reduction on every rank")  # fmt: skip
+    _disagreement(
+        name, "whether class weights are given", ["yes" if h.weighted else "no" for h in headers],
+        "pass weight (this rank's shard of the class weights) on every rank or on none",
+    )  # fmt: skip
+    features = ", or the input's number of features" if headers[0].op == 1 else ""
+    _disagreement(
+        name, f"ignore_index, label_smoothing, z_loss or softcap{features} (digests of the options)",
+        [f"{h.digest:#010x}" for h in headers], "pass the same options on every rank",
+    )  # fmt: skip
+    if headers[0].is_index:
+        _disagreement(
+            name, "the class-index targets (checksums of the targets)", [f"{h.targets:#010x}" for h in headers],
+            "the targets of the tokens must be the same on every rank",
+        )  # fmt: skip
+    return name
+
+
+def _check_tiling(name: str, headers: list[_Header], tiling: list[int], sizes: tuple[int, ...]) -> None:
+    """The shards given an explicit ``vocab_start`` start where the shards of the lower ranks end."""
+    for rank, h in enumerate(headers):
+        if not h.default_start and h.start != tiling[rank]:
+            raise InvalidArgumentError(
+                f"{name}: the shards do not tile the vocabulary in rank order: rank {rank} starts at {h.start}, "
+                f"expected {tiling[rank]} (shard sizes {list(sizes)}); check vocab_start on every rank"
+            )
+
+
+def _gather_statistics(call: _Call, stats_of, group):
+    """Every rank's statistics (R, N, 6), V, this shard's start and ``stats_of(start)``.
+
+    ``stats_of(start)`` gives (this shard's statistics (N, 6), anything else the caller wants
+    back).  One ``all_gather`` of the header and the statistics; a second only where the agreed
+    capacity, dtype or shard sizes of the group do not fit this call on some rank, which every
+    rank sees in the same headers (a rank that does not fit sends its header and zeros)."""
+    state = _agreement(group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    code = _DTYPES.index(call.dtype)
+    checksum = _target_checksum(call.target) if call.is_index else None
+    for _ in range(2):
+        start = call.vocab_start if call.vocab_start is not None else state.start_of(rank, call.size)
+        fits = call.tokens <= state.rows and code == state.dtype and start >= 0
+        local = stats_of(start) if fits else (None, None)
+        buffer = _pack(_header(call, code, start), checksum, local[0], state.rows, state.dtype, call.device)
+        out = torch.empty(world, buffer.numel(), dtype=torch.uint8, device=call.device)
+        dist.all_gather(list(out.unbind(0)), buffer, group=group)
+        headers = [_Header.decode(row) for row in out[:, :_HEADER_BYTES].view(torch.int32).tolist()]
+        name = _check_headers(headers)  # from here on, every rank has the same N, dtype and options
+        sizes = tuple(h.size for h in headers)
+        tiling = [sum(sizes[:r]) for r in range(world)]
+        _check_tiling(name, headers, tiling, sizes)
+        stale = any(h.default_start and h.start != tiling[r] for r, h in enumerate(headers))
+        if call.tokens <= state.rows and code == state.dtype and not stale:  # every rank sent its statistics
+            row_bytes = _COLUMNS * call.dtype.itemsize
+            gathered = out[:, row_bytes:].view(call.dtype).view(world, state.rows, _COLUMNS)[:, : call.tokens]
+            state.sizes = sizes
+            if call.tokens * 4 < state.rows:  # a quarter used: shrink to this N
+                state.rows = call.tokens
+            return gathered, sum(sizes), start, local
+        if call.tokens > state.rows or code != state.dtype:
+            state.rows = call.tokens
+        state.dtype, state.sizes = code, sizes
+    raise AssertionError("unreachable: the second gather fits every rank")  # pragma: no cover
+
+
+def _combine(gathered: Tensor, vocab: Tensor, opts: CrossEntropyOptions, is_index: bool):
+    """(loss (N,), M, log s, lse, total Σy) from the (R, N, 6) statistics of every rank (V: a
+    0-d tensor of their dtype)."""
     m_r = gathered[:, :, _M]
     big_m = m_r.amax(dim=0)
     m_safe = _finite_or_zero(big_m)
     unset = m_r == float("-inf")  # an empty shard, or only −inf: contributes nothing
     rescale = torch.where(unset, torch.zeros_like(m_r), torch.exp(m_r - m_safe))
     s = (gathered[:, :, _S] * rescale).sum(dim=0)
-    log_s = torch.where(big_m == float("-inf"), torch.full_like(s, float("nan")), torch.log(s))
+    # only −inf (lse = −inf, p = NaN), a +inf logit (∞ − ∞) or a NaN anywhere in the row: NaN, as in PyTorch
+    log_s = torch.where(torch.isfinite(big_m), torch.log(s), torch.full_like(s, float("nan")))
     lse = big_m + log_s
     offset = torch.where(unset, torch.zeros_like(m_r), m_r - m_safe)  # m_r − M per rank
     eps = opts.label_smoothing
@@ -164,28 +409,15 @@ def _combine(gathered: Tensor, opts: CrossEntropyOptions, is_index: bool):
             total = total + eps / vocab * weight_sum
             loss = loss + eps / vocab * (weight_sum * log_s - dot)
     else:
-        y_dot = (1.0 - eps) * gathered[:, :, _DOT] + eps / vocab * gathered[:, :, _ZT]  # Σ y (z − m_r)
+        y_dot = (1.0 - eps) * gathered[:, :, _DOT]  # Σ y (z − m_r)
         y_r = (1.0 - eps) * gathered[:, :, _Y] + eps / vocab * gathered[:, :, _WT]  # Σ y
+        if eps > 0.0:  # (ε = 0: no 0·(−inf) from Σ w (z − m_r))
+            y_dot = y_dot + eps / vocab * gathered[:, :, _ZT]
         total = y_r.sum(dim=0)
         loss = total * log_s - (y_dot + y_r * offset).sum(dim=0)
     if opts.z_loss:
         loss = loss + opts.z_loss * lse * lse
-    return loss, big_m, log_s, lse, total, vocab
-
-
-def _check_shards(gathered: Tensor) -> None:
-    """The shards (start, size) of all ranks tile [0, V) in rank order."""
-    starts = gathered[:, -1, _START].tolist()
-    sizes = gathered[:, -1, _SIZE].tolist()
-    expected = 0
-    for rank, (start, size) in enumerate(zip(starts, sizes, strict=True)):
-        if int(start) != expected:
-            raise InvalidArgumentError(
-                f"vocab_parallel_cross_entropy: the shards do not tile the vocabulary in rank order: rank {rank} "
-                f"starts at {int(start)}, expected {expected} (shard sizes {[int(x) for x in sizes]}); "
-                "check vocab_start on every rank"
-            )
-        expected += int(size)
+    return loss, big_m, log_s, lse, total
 
 
 @dataclass
@@ -213,25 +445,28 @@ class _GlobalRows:
         return _shard_gradient(e, m_local, th, target, weight, opts, is_index, start, self, row_scale)
 
 
-def _global_rows(stats: Tensor, size: int, target: Tensor, weight, opts, is_index: bool, start: int, group):
-    """Gather every rank's statistics (this shard's ``stats`` (N, 6)), check the targets
-    against the whole vocabulary and combine: a :class:`_GlobalRows`."""
-    gathered = _gather_statistics(_with_shard_row(stats, start, size), group)
+def _global_rows(call: _Call, stats_of, weight, group):
+    """Gather every rank's statistics (``stats_of(start)`` of this shard, see
+    :func:`_gather_statistics`), check the targets against the whole vocabulary and combine:
+    (:class:`_GlobalRows`, this shard's start, ``stats_of(start)``)."""
+    opts, is_index, target = call.opts, call.is_index, call.target
+    gathered, vocab, start, local = _gather_statistics(call, stats_of, group)
     if is_index:
-        check_target_range(target, int(gathered[:, -1, _SIZE].sum()), opts.ignore_index)
-    loss, big_m, log_s, lse, total, vocab = _combine(gathered, opts, is_index)
+        check_target_range(target, vocab, opts.ignore_index)  # the same targets everywhere: the same verdict
+    vocab = gathered.new_tensor(float(vocab))
+    loss, big_m, log_s, lse, total = _combine(gathered, vocab, opts, is_index)
     valid = None
     if is_index and opts.ignore_index is not None:
         valid = target != opts.ignore_index
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     if is_index:
-        w_t = None if weight is None else gathered[:, :-1, _WT].sum(dim=0)  # each token's global weight
+        w_t = None if weight is None else gathered[:, :, _WT].sum(dim=0)  # each token's global weight
         scale = _mean_scale(opts, target, valid, w_t)
     elif opts.reduction == "mean":
         scale = 1.0 / target.shape[0] if target.shape[0] else 0.0
     else:
         scale = 1.0
-    return _GlobalRows(loss, big_m, log_s, lse, total, vocab, scale, valid)
+    return _GlobalRows(loss, big_m, log_s, lse, total, vocab, scale, valid), start, local
 
 
 def _reduce(rows: _GlobalRows, reduction: str) -> Tensor:
@@ -242,8 +477,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, group, start, opts: CrossEntropyOptions, is_index: bool):
         z, th = fallback.capped_logits(logits.detach().to(fallback.compute_dtype(logits.dtype)), opts.softcap)
-        stats, e = _local_statistics(z, target, weight, opts, is_index, start)
-        rows = _global_rows(stats, z.shape[1], target, weight, opts, is_index, start, group)
+        call = _Call(0, opts, is_index, target, weight is not None, z.shape[0], z.shape[1], z.dtype, z.device, start)
+        rows, start, (stats, e) = _global_rows(
+            call, lambda first: _local_statistics(z, target, weight, opts, is_index, first), weight, group
+        )
         ctx.reduction = opts.reduction
         ctx.set_materialize_grads(False)
         grad = None
@@ -329,6 +566,14 @@ def vocab_parallel_cross_entropy(
         gradient of each rank's shard is computed in the forward pass (one ``all_gather`` of
         6 numbers per token) and the backward needs no communication.
 
+    Raises:
+        InvalidArgumentError: on every rank alike, where the ranks disagree — on N, the dtype,
+            the options, the class-index targets or the shards' layout (the collective carries
+            what each rank was given; see the module's docstring) — and on a rank outside ``group``.
+
+    The first call of a group, and a call whose N exceeds what the group's ranks last agreed
+    on, gathers twice (the headers, then the statistics); every other call gathers once.
+
     Under ``torch.compile`` the call is a graph break (``fullgraph=True`` refuses it): the
     collective and the host-side checks run eagerly.
     """
@@ -348,11 +593,13 @@ def vocab_parallel_cross_entropy(
 
 def _prepare(local_logits, target, group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss,
              softcap, name: str = "local_logits", size: int | None = None):  # fmt: skip
-    """Check the arguments of the vocab-parallel ops: (group, options, is_index, vocab_start).
+    """Check the arguments of the vocab-parallel ops: (group, options, is_index, vocab_start);
+    ``vocab_start`` None (the default offset) is resolved in the forward's collective.
 
     ``local_logits`` is the logits shard (..., V_r), or for the linear op the input (..., D) with
     ``size`` = V_r, the rows of this rank's weight shard."""
-    group = _check_group(group)
+    group = _check_group(group, "vocab_parallel_cross_entropy" if name == "local_logits" else
+                         "vocab_parallel_linear_cross_entropy")  # fmt: skip
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point():
         raise InvalidTypeError(f"{name} must be a floating-point torch.Tensor")
     if not isinstance(target, Tensor):
@@ -378,9 +625,8 @@ def _prepare(local_logits, target, group, vocab_start, weight, ignore_index, red
         )
     if weight is not None and tuple(weight.shape) != (size,):
         raise InvalidArgumentError(f"weight must be this rank's shard of the class weights, shape ({size},)")
-    if vocab_start is None:
-        vocab_start = shard_start(size, group, local_logits.device)
-    elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
+                                    or vocab_start < 0):  # fmt: skip
         raise InvalidArgumentError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
     return group, opts, is_index, vocab_start
 
@@ -400,14 +646,21 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, linear_weight, linear_bias, target, weight, group, start, opts, is_index, chunk):
-        num_tokens, size = hidden.shape[0], linear_weight.shape[0]
-        stats = hidden.new_empty(num_tokens, _COLUMNS, dtype=fallback.compute_dtype(hidden.dtype))
-        with torch.no_grad():
-            for lo in range(0, num_tokens, chunk):
-                rows = slice(lo, min(lo + chunk, num_tokens))
-                z, _ = _chunk_logits(hidden, linear_weight, linear_bias, rows, opts)
-                stats[rows] = _local_statistics(z, target[rows], weight, opts, is_index, start)[0]
-        global_rows = _global_rows(stats, size, target, weight, opts, is_index, start, group)
+        (num_tokens, features), size = hidden.shape, linear_weight.shape[0]
+        acc = fallback.compute_dtype(hidden.dtype)
+
+        def stats_of(first: int):
+            stats = hidden.new_empty(num_tokens, _COLUMNS, dtype=acc)
+            with torch.no_grad():
+                for lo in range(0, num_tokens, chunk):
+                    rows = slice(lo, min(lo + chunk, num_tokens))
+                    z, _ = _chunk_logits(hidden, linear_weight, linear_bias, rows, opts)
+                    stats[rows] = _local_statistics(z, target[rows], weight, opts, is_index, first)[0]
+            return stats, None
+
+        call = _Call(1, opts, is_index, target, weight is not None, num_tokens, size, acc, hidden.device, start,
+                     features)  # fmt: skip
+        global_rows, start = _global_rows(call, stats_of, weight, group)[:2]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, linear_weight, linear_bias, target, weight)
         ctx.global_rows, ctx.group, ctx.start, ctx.opts, ctx.is_index, ctx.chunk = (
@@ -474,8 +727,9 @@ def vocab_parallel_linear_cross_entropy(
     ``input`` (..., D) and ``target`` (...) are the same on every rank.  The logits are
     computed ``chunk_size`` tokens at a time and never held whole, not even the shard's.
     Forward: one ``all_gather`` of 6 numbers per token.  Backward: the chunks' logits again,
-    ∂W and ∂b of this shard, and one ``all_reduce`` of ∂input.  Options as
-    :func:`vocab_parallel_cross_entropy`; probability targets are this rank's shard (..., V_r).
+    ∂W and ∂b of this shard, and one ``all_reduce`` of ∂input.  Options, checks and errors as
+    :func:`vocab_parallel_cross_entropy` (the input's number of features D is checked too);
+    probability targets are this rank's shard (..., V_r).
     """
     if not isinstance(local_linear_weight, Tensor) or local_linear_weight.dim() != 2:
         raise InvalidArgumentError("local_linear_weight must be a 2-D tensor (V_r, D): this rank's rows of W")
