@@ -1,0 +1,247 @@
+"""softxent.transformers under data parallelism: a patched tiny Llama wrapped in FSDP2
+(``fully_shard``) or DDP on 2 gloo processes gives each rank the unpatched model's loss
+and (sharded) gradients, step after step.
+
+One spawn runs every configuration (loopback address, a bounded wait: a hang fails the
+test instead of stalling CI); each rank has its own batch and saves its losses and
+gradients (FSDP2: its local shard of each gradient, after the reduce-scatter), and the
+tests compare the patched with the unpatched model on each rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import os
+import socket
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from softxent import transformers as sxtf  # noqa: E402
+
+WORLD = 2
+VOCAB = 256
+STEPS = 2
+#: (how fully_shard is applied, tied embeddings): the root only; each layer and the root; and
+#: lm_head on its own too (torchtitan's way; tied, it shares one group with the embeddings)
+FSDP_CONFIGS = [(mode, tied) for mode in ("root", "layers", "head") for tied in (False, True)]
+
+
+class Failed(str):
+    """What a configuration raised on a rank (its test fails with it)."""
+
+
+def _run(results: dict, key) -> dict:
+    run = results[key]
+    if isinstance(run, Failed):
+        pytest.fail(run)
+    return run
+
+
+def _model(tied: bool):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).float().train()
+
+
+def _shard(model, mode: str, tied: bool, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    if mode in ("layers", "head"):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+    if mode == "head":
+        # a tied weight must be in one FSDP group with every module that uses it
+        fully_shard([model.model.embed_tokens, model.lm_head] if tied else model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * rank + step)  # every rank its own data
+    ids = torch.randint(3, VOCAB, (2, 11), generator=g)
+    labels = ids.clone()
+    labels[rank, : 3 + rank] = -100
+    return ids, labels
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
+
+
+def _train(model, rank: int) -> dict:
+    """STEPS SGD steps: the losses, the last step's gradients (local shards) and what was seen."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses, logits_none = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            ids, labels = _batch(rank, step)
+            optimizer.zero_grad()
+            out = model(input_ids=ids, labels=labels)
+            out.loss.backward()
+            losses.append(out.loss.detach().clone())
+            logits_none.append(out.logits is None)
+            grads = {name: _local(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+            optimizer.step()
+    return {
+        "losses": torch.stack(losses),
+        "grads": grads,
+        "logits_none": logits_none,
+        "warnings": [str(w.message) for w in caught if "softxent" in str(w.message)],
+        "grad_types": {name: type(p.grad).__name__ for name, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def fsdp(mode, tied):
+        reference = _model(tied)
+        patched = copy.deepcopy(reference)
+        _shard(reference, mode, tied, mesh)
+        if tied:  # either order: patch then shard, shard then patch (the class is FSDPLlamaForCausalLM then)
+            _shard(patched, mode, tied, mesh)
+            sxtf.patch(patched)
+        else:
+            sxtf.patch(patched)
+            _shard(patched, mode, tied, mesh)
+        return {"reference": _train(reference, rank), "patched": _train(patched, rank)}
+
+    def ddp(tied):
+        reference = _model(tied)
+        patched = sxtf.patch(copy.deepcopy(reference))
+        return {
+            "reference": _train(DistributedDataParallel(reference), rank),
+            "patched": _train(DistributedDataParallel(patched), rank),
+        }
+
+    def tensor_parallel():  # ColwiseParallel's hooks on lm_head make the patched model run its original forward
+        reference = _model(False)
+        patched = sxtf.patch(copy.deepcopy(reference))
+        for model in (reference, patched):
+            parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
+        return {"reference": _train(reference, rank), "patched": _train(patched, rank)}
+
+    def unowned_dtensor():  # a DTensor weight that no FSDP2 lm_head unshards: a clear error, no guess
+        patched = sxtf.patch(_model(False))
+        weight = distribute_tensor(patched.lm_head.weight.detach(), mesh, [Shard(0)])
+        patched.lm_head.weight = torch.nn.Parameter(weight)
+        try:
+            patched(input_ids=_batch(rank, 0)[0], labels=_batch(rank, 0)[1])
+        except sxtf.UnsupportedModelError as e:
+            return str(e)
+        return None
+
+    jobs = {("fsdp", mode, tied): functools.partial(fsdp, mode, tied) for mode, tied in FSDP_CONFIGS}
+    jobs.update({("ddp", tied): functools.partial(ddp, tied) for tied in (False, True)})
+    jobs.update({"tp": tensor_parallel, "dtensor_error": unowned_dtensor})
+    results = {}
+    for key, job in jobs.items():
+        # a failure is recorded (for that configuration's test), and both ranks go on in step
+        try:
+            results[key] = job()
+        except Exception as e:  # noqa: BLE001
+            results[key] = Failed(f"rank {rank}: {type(e).__name__}: {e}")
+        dist.barrier()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("fsdp"))
+    context = mp.start_processes(
+        _worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline_s = 300.0
+    end = time.monotonic() + deadline_s
+    while not context.join(timeout=5):
+        if time.monotonic() > end:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{WORLD} gloo processes did not finish within {deadline_s} s")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _assert_same_training(reference: dict, patched: dict) -> None:
+    torch.testing.assert_close(patched["losses"], reference["losses"], rtol=1e-5, atol=1e-6)
+    assert patched["grads"].keys() == reference["grads"].keys() and len(patched["grads"]) > 10
+    for name, want in reference["grads"].items():
+        torch.testing.assert_close(patched["grads"][name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert patched["grad_types"] == reference["grad_types"]
+
+
+@pytest.mark.parametrize("mode,tied", FSDP_CONFIGS, ids=lambda x: str(x))
+def test_fsdp2_patched_model_gives_the_unpatched_losses_and_sharded_gradients(ranks, mode, tied):
+    losses = []
+    for results in ranks:
+        run = _run(results, ("fsdp", mode, tied))
+        _assert_same_training(run["reference"], run["patched"])
+        assert all(run["patched"]["logits_none"]), "the patched model must fuse the loss under FSDP2"
+        assert not any(run["reference"]["logits_none"])
+        assert run["patched"]["warnings"] == [], "FSDP2's own hooks on lm_head are not user hooks"
+        # the gradients are each rank's shard (a DTensor), reduce-scattered from both ranks' batches
+        assert set(run["patched"]["grad_types"].values()) == {"DTensor"}
+        losses.append(run["patched"]["losses"])
+    assert not torch.equal(losses[0], losses[1]), "each rank has its own batch"
+    # the reduce-scatter: each rank holds a different piece of the same averaged gradient
+    grads = [results[("fsdp", mode, tied)]["patched"]["grads"] for results in ranks]
+    name = "lm_head.weight" if not tied else "model.embed_tokens.weight"
+    assert grads[0][name].shape[0] + grads[1][name].shape[0] == VOCAB
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_ddp_patched_model_gives_the_unpatched_losses_and_gradients(ranks, tied):
+    for results in ranks:
+        run = _run(results, ("ddp", tied))
+        _assert_same_training(run["reference"], run["patched"])
+        assert all(run["patched"]["logits_none"]) and run["patched"]["warnings"] == []
+    for name, grad in ranks[0][("ddp", tied)]["patched"]["grads"].items():  # all-reduced: the same on each rank
+        torch.testing.assert_close(ranks[1][("ddp", tied)]["patched"]["grads"][name], grad, msg=name)
+
+
+def test_tensor_parallel_lm_head_runs_the_original_forward_with_one_warning(ranks):
+    for results in ranks:
+        run = _run(results, "tp")
+        torch.testing.assert_close(run["patched"]["losses"], run["reference"]["losses"], rtol=1e-6, atol=1e-6)
+        assert not any(run["patched"]["logits_none"])
+        assert len(run["patched"]["warnings"]) == 1 and "hook on lm_head" in run["patched"]["warnings"][0]
+
+
+def test_a_dtensor_weight_that_fsdp_does_not_unshard_is_refused_not_guessed(ranks):
+    for results in ranks:
+        message = _run(results, "dtensor_error")
+        assert message is not None and "does not guess" in message and "DTensor" in message
