@@ -15,7 +15,7 @@ their gradient).
 
 Semantics are SPEC §1's, as in :mod:`softxent` (NumPy): class axis ``axis`` (−1),
 class ``weight``, ``ignore_index`` (−100; None disables), reductions, ``label_smoothing``,
-``z_loss``, ``softcap``, probability targets (differentiable), ``shift`` and
+``z_loss``, ``softcap``, probability targets and class weights (both differentiable), ``shift`` and
 ``return_stats`` (:mod:`softxent._training`), a mean over no sample = 0.0.  16-bit inputs
 accumulate in float32; float64 (``jax_enable_x64``) stays float64.  Everything works under
 ``jit``, ``vmap``, ``grad``/``value_and_grad`` and on any JAX backend (CPU, GPU, TPU).
@@ -222,6 +222,21 @@ def cross_entropy(
     axes' shape, or probabilities of the logits' shape).  Its gradient (``jax.grad``) is
     the closed form above, computed from the row max and log Σe^{z−m} saved by the forward.
 
+    The class ``weight`` w is differentiable too: ℓ is linear in w, and with g the upstream
+    gradient (each sample's for ``"none"``), D the mean's denominator (1 for ``"sum"`` and
+    ``"none"``) and L the (mean) loss,
+
+    .. math::
+
+        \frac{\partial J}{\partial w_k} = \sum_i \frac{g_i}{D}\Bigl((1-ε)\,[t_i = k]\,(-\log p_{i t_i})
+            + \frac{ε}{C}\,(-\log p_{ik})\Bigr) - g\,\frac{L}{D}\,n_k
+
+    for class indices (sums over the samples that count; n_k of them have t_i = k; the
+    last term only for ``"mean"``, whose D = Σ_i w_{t_i} depends on w), and
+    Σ_i (g_i/D)·((1−ε)·q_ik + ε/C)·(−log p_ik) for probabilities q (D = N).  The z-loss
+    does not depend on w.  It is computed in the backward pass, only when w is
+    differentiated.
+
     Returns:
         the loss in the logits' dtype — a scalar, or for ``reduction="none"`` the target's
         (index) shape; ``(loss, stats)`` with ``return_stats``.
@@ -305,7 +320,11 @@ def linear_cross_entropy(
     with g_i the fused cross-entropy gradient of token i.  Tokens run in chunks of
     ``chunk_size`` (default :func:`default_chunk_rows`) under ``lax.scan``; a gradient
     (``jax.grad``) is computed in the same chunk pass as the loss, so the work is the three
-    GEMMs of the unfused version and memory one chunk of logits.  The matmuls run in the
+    GEMMs of the unfused version and memory one chunk of logits.  The class ``weight`` is
+    differentiable, with :func:`cross_entropy`'s formula; where it is differentiated, each
+    chunk adds its rows' part to a (V,) accumulator (a scatter of the targets' −log p, and a
+    column sum of −log p for label smoothing or probability targets), so no N×V array
+    exists for it either.  The matmuls run in the
     inputs' dtype with float32 accumulation (``preferred_element_type``).
 
     Returns:

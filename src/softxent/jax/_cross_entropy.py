@@ -2,7 +2,19 @@ r"""Cross-entropy on rows (M, C) as a ``jax.custom_vjp``: the forward keeps each
 and log Σe^{z−m} (two numbers per row), the backward is the fused
 g·r·((S + 2λ·lse)·p − y) — JAX never differentiates through a softmax.
 
-``spec`` carries the static options (hashable, so ``jit`` specializes on them)."""
+The class ``weight`` w is differentiable too.  With r_i = g_i/D (``mean``) or g_i, the
+backward gives
+
+    ∂J/∂w_k = Σ_i r_i·∂ℓ_i/∂w_k  −  [mean, class indices]  g·(L/D)·n_k
+
+where ∂ℓ_i/∂w_k is :func:`softxent.jax._rows.weight_gradient_rows`'s, L the mean loss and
+n_k the number of counted samples of class k: the mean L = Σ_i ℓ_i / D divides by
+D = Σ_{i counted} w_{t_i}, so ∂D/∂w_k = n_k and the quotient rule adds −L·n_k/D.  For
+probability targets D = N does not depend on w.
+
+``spec`` carries the static options (hashable, so ``jit`` specializes on them).  The rule is
+defined with ``symbolic_zeros``: the weight's gradient is computed only when the weight is
+differentiated."""
 
 from __future__ import annotations
 
@@ -11,9 +23,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from .._options import CrossEntropyOptions
-from ._rows import compute_dtype, forward_rows, gradient_rows, probability_target_gradient, row_statistics
+from ._rows import (
+    compute_dtype,
+    forward_rows,
+    gradient_rows,
+    probability_target_gradient,
+    row_statistics,
+    weight_gradient_rows,
+)
 
 
 class Spec(NamedTuple):
@@ -43,6 +63,39 @@ def mean_scale(target, weight, opts: CrossEntropyOptions, is_index: bool, ok, dt
     return jnp.where(count > 0, 1.0 / jnp.where(count > 0, total, 1.0), 0.0).astype(dtype)
 
 
+def mean_weight_gradient(target, num_classes: int, opts: CrossEntropyOptions, is_index: bool, ok, scale, loss):
+    r"""The quotient-rule part of the class weights' gradient of a ``mean`` over class indices
+    (None otherwise): with L = Σ_i ℓ_i / D the mean ``loss``, D = Σ_{i counted} w_{t_i} and
+    ``scale`` = 1/D,
+
+    .. math:: \frac{\partial L}{\partial w_k}\Big|_{D} = -\frac{\sum_i \ell_i}{D^2}\,n_k = -\frac{L}{D}\,n_k,
+        \qquad n_k = \#\{i \text{ counted}: t_i = k\}
+
+    (0 when no sample counts, as the mean then is).  ``ok`` (M,) marks the rows that exist
+    (not padding); ignored samples and out-of-range indices are not counted (an
+    out-of-range index makes L NaN, and this term with it)."""
+    if opts.reduction != "mean" or not is_index:
+        return None
+    counted = ok & (target >= 0) & (target < num_classes)
+    if opts.ignore_index is not None:
+        counted = counted & (target != opts.ignore_index)
+    counts = jnp.zeros((num_classes,), loss.dtype).at[jnp.where(counted, target, 0)].add(counted.astype(loss.dtype))
+    return -(loss * scale) * counts
+
+
+def perturbed(x):
+    """(value, whether it is differentiated) of a ``custom_vjp`` argument under ``symbolic_zeros``
+    (a ``CustomVJPPrimal`` leaf, or None)."""
+    if x is None:
+        return None, False
+    return x.value, x.perturbed
+
+
+def cotangent(ct):
+    """A cotangent under ``symbolic_zeros``: None for a symbolic zero, else the array."""
+    return None if isinstance(ct, SymbolicZero) else ct
+
+
 def _reduce(loss_rows, scale, reduction: str):
     return loss_rows if reduction == "none" else jnp.sum(loss_rows) * scale
 
@@ -69,13 +122,18 @@ def cross_entropy_rows(z, target, weight, spec: Spec):
 
 
 def _forward(z, target, weight, spec: Spec):
+    (z, _), (target, _), (weight, want_weight) = perturbed(z), perturbed(target), perturbed(weight)
     out, (parts, scale) = _primal(z, target, weight, spec)
-    return out, (z, target, weight, parts, scale)
+    # the weight's gradient is wanted: a marker in the residuals (their structure is static)
+    marker = jnp.zeros(0, bool) if want_weight else None
+    return out, (z, target, weight, parts, scale, marker)
 
 
 def _backward(spec: Spec, residuals, cotangents):
-    z, target, weight, parts, scale = residuals
-    ct = cotangents[0]
+    z, target, weight, parts, scale, want_weight = residuals
+    ct = cotangent(cotangents[0])
+    if ct is None:  # the loss is not differentiated (only the statistics are used)
+        return None, None, None
     acc = compute_dtype(z.dtype)
     zf = z.astype(acc)
     r = (
@@ -88,7 +146,15 @@ def _backward(spec: Spec, residuals, cotangents):
         dtarget = None
     else:
         dtarget = probability_target_gradient(zf, weight, spec.opts, parts, r).astype(target.dtype)
-    return dz, dtarget, None
+    dweight = None
+    if want_weight is not None:
+        dweight = weight_gradient_rows(zf, target, spec.opts, spec.is_index, parts, r)
+        loss = jnp.sum(parts.loss) * scale
+        quotient = mean_weight_gradient(target, z.shape[1], spec.opts, spec.is_index, parts.ok, scale, loss)
+        if quotient is not None:
+            dweight = dweight + ct.astype(acc) * quotient
+        dweight = dweight.astype(weight.dtype)
+    return dz, dtarget, dweight
 
 
-cross_entropy_rows.defvjp(_forward, _backward)
+cross_entropy_rows.defvjp(_forward, _backward, symbolic_zeros=True)

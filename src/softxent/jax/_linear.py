@@ -14,6 +14,14 @@ logits Z_r = H_r Wᵀ + b (c × V, float32 accumulation) and nothing N×V ever e
   (Wᵀ G_rᵀ)ᵀ, which XLA CPU runs about 1.4× faster than G_r W;
 * ``reduction="none"``: the backward runs the chunks again with each token's upstream
   gradient (one more logits GEMM).
+
+The class ``weight`` w is differentiable: where it is (``symbolic_zeros`` tells the forward),
+each step also adds Σ_{i∈r} r_i·∂ℓ_i/∂w (:func:`softxent.jax._rows.weight_gradient_rows`: a
+scatter-add of the target's −log p, and for label smoothing or probability targets one column
+sum of −log p over the chunk's rows) to a (V,) accumulator, so no N×V array is held for it
+either; a ``mean`` over class indices then adds the quotient-rule term −(L/D)·n_k
+(:func:`softxent.jax._cross_entropy.mean_weight_gradient`, D = Σ w_{t_i}, n_k the counted
+tokens of class k).
 """
 
 from __future__ import annotations
@@ -25,8 +33,15 @@ import jax
 import jax.numpy as jnp
 
 from .._options import CrossEntropyOptions
-from ._cross_entropy import mean_scale
-from ._rows import compute_dtype, forward_rows, gradient_rows, probability_target_gradient, row_statistics
+from ._cross_entropy import cotangent, mean_scale, mean_weight_gradient, perturbed
+from ._rows import (
+    compute_dtype,
+    forward_rows,
+    gradient_rows,
+    probability_target_gradient,
+    row_statistics,
+    weight_gradient_rows,
+)
 
 
 class LinearSpec(NamedTuple):
@@ -94,19 +109,22 @@ def _unchunked(x, num_tokens: int):
     return x.reshape((-1,) + x.shape[2:])[:num_tokens]
 
 
-def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=None):
+def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=None, want_weight: bool = False):
     """The chunk loop.  ``grad``: None (loss only), "scaled" (gradients × the mean's scale,
-    for an upstream scalar applied later) or "per_token" (× ``upstream`` (N,) × scale).
+    for an upstream scalar applied later) or "per_token" (× ``upstream`` (N,) × scale);
+    ``want_weight``: with ``grad``, the class weights' gradient too.
 
-    Returns (loss_rows (N,), lse (N,), argmax (N,), scale, dh, dw, db, dtarget)."""
+    Returns (loss_rows (N,), lse (N,), argmax (N,), scale, dh, dw, db, dtarget, dweight)."""
     acc = compute_dtype(jnp.result_type(h.dtype, w.dtype))
     opts = spec.opts
-    scale = mean_scale(target, weight, opts, spec.is_index, jnp.ones(h.shape[0], bool), acc)
+    ok_all = jnp.ones(h.shape[0], bool)
+    scale = mean_scale(target, weight, opts, spec.is_index, ok_all, acc)
     h_c, t_c, ok_c, num_tokens = _scan_inputs(h, target, spec)
     u_c = None
     if upstream is not None:
         u_c = _chunked(upstream.astype(acc), h_c.shape[0], h_c.shape[1])
     want_grad = grad is not None
+    want_weight = want_grad and want_weight and weight is not None
 
     def step(carry, chunk):
         h_r, t_r, ok_r, u_r = chunk
@@ -118,31 +136,44 @@ def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=N
         if not want_grad:
             return carry, outputs
         r = jnp.broadcast_to(scale, parts.ok.shape) if u_r is None else u_r * scale
+        dw, db, dweight = carry
+        if want_weight:
+            dweight = dweight + weight_gradient_rows(z, t_r, opts, spec.is_index, parts, r)
         g = gradient_rows(z, t_r, weight, opts, spec.is_index, parts, r, reuse=True)
         if not spec.is_index:
             outputs["dtarget"] = probability_target_gradient(z, weight, opts, parts, r).astype(target.dtype)
         g_mm = g.astype(h.dtype) if h.dtype != acc else g
         dh_t = jax.lax.dot_general(w.astype(g_mm.dtype), g_mm, _WT_GT, preferred_element_type=acc)
         outputs["dh"] = dh_t.T.astype(h.dtype)
-        dw, db = carry
         dw = _accumulate_dw(dw, g_mm, h_r.astype(g_mm.dtype), acc)
         if db is not None:
             db = db + jnp.sum(g, axis=0)
-        return (dw, db), outputs
+        return (dw, db, dweight), outputs
 
     carry = None
     if want_grad:
-        carry = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc))
+        carry = (
+            jnp.zeros(w.shape, acc),
+            None if b is None else jnp.zeros(b.shape, acc),
+            jnp.zeros(weight.shape, acc) if want_weight else None,
+        )
     carry, out = jax.lax.scan(step, carry, (h_c, t_c, ok_c, u_c))
     loss_rows = _unchunked(out["loss"], num_tokens)
     lse = _unchunked(out["lse"], num_tokens) if spec.want_stats else jnp.zeros(0, acc)
     argmax = _unchunked(out["argmax"], num_tokens) if spec.want_stats else jnp.zeros(0, jnp.int32)
     if not want_grad:
-        return loss_rows, lse, argmax, scale, None, None, None, None
-    dw, db = carry
+        return loss_rows, lse, argmax, scale, None, None, None, None, None
+    dw, db, dweight = carry
     dtarget = _unchunked(out["dtarget"], num_tokens) if not spec.is_index else None
     db = None if db is None else db.astype(b.dtype)
-    return loss_rows, lse, argmax, scale, _unchunked(out["dh"], num_tokens), dw.astype(w.dtype), db, dtarget
+    if want_weight:
+        loss = jnp.sum(loss_rows) * scale  # the mean (only used for "mean")
+        quotient = mean_weight_gradient(target, w.shape[0], opts, spec.is_index, ok_all, scale, loss)
+        if quotient is not None:  # "scaled": the upstream scalar multiplies it later, as the rest
+            dweight = dweight + quotient
+        dweight = dweight.astype(weight.dtype)
+    dh = _unchunked(out["dh"], num_tokens)
+    return loss_rows, lse, argmax, scale, dh, dw.astype(w.dtype), db, dtarget, dweight
 
 
 def _reduced(loss_rows, scale, reduction: str):
@@ -158,27 +189,34 @@ def linear_cross_entropy_rows(h, w, b, target, weight, spec: LinearSpec):
 
 
 def _forward(h, w, b, target, weight, spec: LinearSpec):
+    h, w, b, target = (perturbed(x)[0] for x in (h, w, b, target))
+    weight, want_weight = perturbed(weight)
     if spec.opts.reduction == "none":  # each token's upstream gradient is known only in backward
         loss_rows, lse, argmax, scale, *_ = _run(h, w, b, target, weight, spec, None)
-        return (loss_rows, lse, argmax), (h, w, b, target, weight, None)
-    loss_rows, lse, argmax, scale, dh, dw, db, dtarget = _run(h, w, b, target, weight, spec, "scaled")
+        # the weight's gradient is wanted: a marker in the residuals (their structure is static)
+        marker = jnp.zeros(0, bool) if want_weight else None
+        return (loss_rows, lse, argmax), (h, w, b, target, weight, None, marker)
+    loss_rows, lse, argmax, scale, *grads = _run(h, w, b, target, weight, spec, "scaled", want_weight=want_weight)
     return (_reduced(loss_rows, scale, spec.opts.reduction), lse, argmax), (h, w, b, target, weight,
-                                                                             (dh, dw, db, dtarget))  # fmt: skip
+                                                                             tuple(grads), None)  # fmt: skip
 
 
 def _backward(spec: LinearSpec, residuals, cotangents):
-    h, w, b, target, weight, computed = residuals
-    ct = cotangents[0]
+    h, w, b, target, weight, computed, want_weight = residuals
+    ct = cotangent(cotangents[0])
+    if ct is None:  # the loss is not differentiated (only the statistics are used)
+        return None, None, None, None, None
     if computed is None:
-        *_, dh, dw, db, dtarget = _run(h, w, b, target, weight, spec, "per_token", upstream=ct)
+        *_, dh, dw, db, dtarget, dweight = _run(
+            h, w, b, target, weight, spec, "per_token", upstream=ct, want_weight=want_weight is not None
+        )
     else:
-        dh, dw, db, dtarget = computed
 
         def times(x):
             return None if x is None else (x * ct.astype(x.dtype)).astype(x.dtype)
 
-        dh, dw, db, dtarget = times(dh), times(dw), times(db), times(dtarget)
-    return dh, dw, db, dtarget, None
+        dh, dw, db, dtarget, dweight = (times(x) for x in computed)
+    return dh, dw, db, dtarget, dweight
 
 
-linear_cross_entropy_rows.defvjp(_forward, _backward)
+linear_cross_entropy_rows.defvjp(_forward, _backward, symbolic_zeros=True)

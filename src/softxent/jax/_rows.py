@@ -8,7 +8,13 @@ logits), with the options of :mod:`softxent._reference`:
     ∂ℓ/∂z_j = (S + 2λ·lse)·p_j − y_j        (× 1 − tanh²(z_j/s) with softcap; S = Σ_k y_k)
 
 y is the effective target: (1−ε)·w_t·onehot(t) + (ε/C)·w for a class index t (w the class
-weights, 1 without), w ⊙ ((1−ε)·q + ε/C) for probabilities q.  ``ok`` (M,) marks the rows
+weights, 1 without), w ⊙ ((1−ε)·q + ε/C) for probabilities q.  ℓ is linear in w, so its
+gradient with respect to the class weights (:func:`weight_gradient_rows`) is
+
+    ∂ℓ/∂w_k = (1−ε)·[t = k]·(−log p_t) + (ε/C)·(−log p_k)     (class index t)
+    ∂ℓ/∂w_k = ((1−ε)·q_k + ε/C)·(−log p_k)                     (probabilities q)
+
+(the z-loss λ·lse² does not depend on w; softcap enters through p).  ``ok`` (M,) marks the rows
 that count (not ignored, not padding): the others get ℓ = 0 and a zero gradient row.  A
 class index outside [0, C) (possible only under ``jit``, where it cannot be checked) gives
 a NaN loss and a NaN gradient row, never a wrong number.
@@ -26,8 +32,10 @@ from .._options import CrossEntropyOptions
 
 class RowParts(NamedTuple):
     """What the forward pass knows: per row (M,) the loss, the max m, s = Σe^{z−m}, log s,
-    which rows count and which have a bad index; and e^{z−m} (M, C), which the gradient
-    reuses (a gradient pass then needs no exponential of its own)."""
+    which rows count and which have a bad index; e^{z−m} (M, C), which the gradient
+    reuses (a gradient pass then needs no exponential of its own); and for class-index
+    targets −log p_t (M,) (None for probabilities), which the class weights' gradient
+    reuses."""
 
     loss: jnp.ndarray
     m: jnp.ndarray
@@ -36,6 +44,7 @@ class RowParts(NamedTuple):
     ok: jnp.ndarray
     bad: jnp.ndarray
     e: jnp.ndarray
+    nlp_t: jnp.ndarray | None = None
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -98,8 +107,10 @@ def forward_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, o
         e = jnp.exp(shifted)
     s = jnp.sum(e, axis=1)
     log_s = jnp.log(s)
+    nlp_t = None
     if is_index:
-        loss = (1.0 - eps) * w_all[t] * (log_s - (z_t - m))
+        nlp_t = log_s - (z_t - m)
+        loss = (1.0 - eps) * w_all[t] * nlp_t
         if eps > 0.0:
             nlp = log_s[:, None] - shifted
             loss = loss + eps / num_classes * jnp.sum(nlp * w_all, axis=1)
@@ -111,7 +122,7 @@ def forward_rows(z, target, weight, opts: CrossEntropyOptions, is_index: bool, o
         lse = m + log_s
         loss = loss + opts.z_loss * lse * lse
     loss = jnp.where(bad, jnp.nan, jnp.where(ok, loss, 0.0))
-    return RowParts(loss=loss, m=m, s=s, log_s=log_s, ok=ok, bad=bad, e=e)
+    return RowParts(loss=loss, m=m, s=s, log_s=log_s, ok=ok, bad=bad, e=e, nlp_t=nlp_t)
 
 
 def gradient_rows(
@@ -165,6 +176,44 @@ def probability_target_gradient(z, weight, opts: CrossEntropyOptions, parts: Row
     nlp = parts.log_s[:, None] - (zc - parts.m[:, None])
     w_all = _class_weights(weight, z.shape[1], z.dtype)
     return jnp.where(parts.ok, r, 0.0)[:, None] * (1.0 - opts.label_smoothing) * w_all * nlp
+
+
+def weight_gradient_rows(z, target, opts: CrossEntropyOptions, is_index: bool, parts: RowParts, r):
+    r"""Σ_i r_i·∂ℓ_i/∂w (C,), the class weights' gradient of the rows' losses (in the compute
+    dtype), ``r`` (M,) each row's factor (upstream gradient × the mean's 1/D):
+
+    .. math::
+
+        \sum_i r_i \frac{\partial \ell_i}{\partial w_k} = (1-ε)\sum_{i:\,t_i=k} r_i\,(-\log p_{i t_i})
+            + \frac{ε}{C}\sum_i r_i\,(-\log p_{ik})
+        \quad\text{or, for probabilities,}\quad
+        \sum_i r_i\,\bigl((1-ε)\,q_{ik} + ε/C\bigr)(-\log p_{ik}).
+
+    −log p_ik = log s_i − (z_ik − m_i) is formed relative to the row max, as in the loss; the
+    one-hot part is a scatter-add of ``parts.nlp_t`` (no M×C array), the ε and probability
+    parts one column sum over the rows.  The rows that do not count add nothing (even with
+    NaN logits); a bad class index makes the whole gradient NaN.  For ``mean`` the factor
+    1/D also depends on w (D = Σ w_{t_i}): that term is
+    :func:`softxent.jax._cross_entropy.mean_weight_gradient`."""
+    num_classes = z.shape[1]
+    eps = opts.label_smoothing
+    counted = parts.ok & ~parts.bad
+    r = jnp.where(counted, r, 0.0)
+    dw = jnp.zeros((num_classes,), z.dtype)
+    if is_index:
+        t = jnp.where(counted, target, 0)
+        dw = dw.at[t].add(jnp.where(counted, r * ((1.0 - eps) * parts.nlp_t), 0.0))
+    if eps > 0.0 or not is_index:
+        zc, _ = capped(z, opts.softcap)
+        nlp = parts.log_s[:, None] - (zc - parts.m[:, None])
+        if is_index:
+            coef = jnp.broadcast_to((r * (eps / num_classes))[:, None], nlp.shape)
+        else:
+            coef = r[:, None] * ((1.0 - eps) * target.astype(z.dtype) + eps / num_classes)
+        # 0·(−log 0) counts as 0, as the gradient's r·y does
+        term = jnp.where(coef == 0, 0.0, coef * nlp)
+        dw = dw + jnp.sum(jnp.where(counted[:, None], term, 0.0), axis=0)
+    return jnp.where(jnp.any(parts.bad), jnp.nan, dw)
 
 
 def row_statistics(z, opts: CrossEntropyOptions, parts: RowParts):
