@@ -15,7 +15,7 @@ OPTIONS = [
     {"reduction": "sum", "label_smoothing": 0.1},
     {"reduction": "none"},
     {"z_loss": 1e-3, "softcap": 2.5},
-    {"ignore_index": None},
+    {"ignore_index": 3},  # a real class ignored
     {"weight": True, "label_smoothing": 0.2},
     {"weight": True, "reduction": "none", "z_loss": 1e-3},
 ]
@@ -349,3 +349,25 @@ def test_default_column_blocks_cover_a_vocabulary_wider_than_one_block():
     v = 2 * LOGITS_GEMM_COLS + 77
     leaves, t, _ = _problem((40,), 9, v, "index", dtype=torch.float64)
     _compare(leaves, t, {}, chunk_size=16)
+
+
+def test_ignore_index_none_means_minus_100_as_pytorch_linear_cross_entropy():
+    """PyTorch's F.linear_cross_entropy maps ignore_index=None (its default) to −100 for class
+    indices; softxent's torch API is a drop-in, so None must not turn ignoring off there."""
+    (h, w, b), t, _ = _problem((9,), 5, 7, "index", ignored=0.4)
+    assert (t == -100).any()
+    ours = sxt.linear_cross_entropy(h, w, t, linear_bias=b, ignore_index=None)
+    torch.testing.assert_close(ours, F.linear_cross_entropy(h, w, t, linear_bias=b, ignore_index=None))
+    torch.testing.assert_close(ours, sxt.linear_cross_entropy(h, w, t, linear_bias=b))
+    torch.testing.assert_close(ours, sxt.LinearCrossEntropyLoss()(h, w, t, b))
+    torch.testing.assert_close(ours, F.cross_entropy(F.linear(h, w, b), t))
+
+
+def test_ignore_index_with_probability_targets_raises_as_pytorch():
+    (h, w), q, _ = _problem((4,), 5, 7, "probs", bias=False)
+    with pytest.raises(RuntimeError, match="ignore_index cannot be specified when target contains probabilities"):
+        F.linear_cross_entropy(h, w, q, ignore_index=-100)
+    with pytest.raises(RuntimeError, match="ignore_index cannot be specified when target contains probabilities"):
+        sxt.linear_cross_entropy(h, w, q, ignore_index=-100)
+    assert h.grad is None
+    torch.testing.assert_close(sxt.linear_cross_entropy(h, w, q), F.linear_cross_entropy(h, w, q))

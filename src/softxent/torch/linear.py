@@ -383,7 +383,7 @@ def linear_cross_entropy(
     linear_bias: Tensor | None = None,
     weight: Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = -100,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -416,8 +416,13 @@ def linear_cross_entropy(
         target: class indices ``input.shape[:-1]`` (integer dtype) or
             probabilities ``input.shape[:-1] + (V,)`` (float dtype).
         linear_bias: ``(V,)`` (``(V, d1, …, dK)`` with a K-dimensional weight) or None.
-        weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
-            :func:`softxent.torch.cross_entropy` (``ignore_index=None`` disables it).
+        weight, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`softxent.torch.cross_entropy`.
+        ignore_index: as in PyTorch's ``F.linear_cross_entropy``: ``None`` (the default) means
+            −100 for class-index targets; with probability targets it must stay ``None``
+            (RuntimeError/ValueError otherwise, as PyTorch).  Unlike softxent's NumPy and JAX
+            APIs, ``None`` does not turn ignoring off here (a target of −100 is otherwise out
+            of range, so there is nothing to turn off).
         chunk_size: tokens per chunk; by default chosen from N, V, the dtype and
             the device (1/32 of the logits on CPU, between 8 and 256 MiB; an eighth of the
             free memory on CUDA).
@@ -442,8 +447,15 @@ def linear_cross_entropy(
     backward only scales them.  Double backward is not supported.
 
     A DTensor ``linear_weight`` sharded on the vocabulary rows (``Shard(0)`` of a 1-D mesh)
-    runs :func:`softxent.torch.distributed.vocab_parallel_linear_cross_entropy` on its shard.
+    runs :func:`softxent.torch.distributed.vocab_parallel_linear_cross_entropy` on its shard:
+    it is always taken as tensor parallelism (every rank holds the same ``input``).  An FSDP2
+    (``fully_shard``) weight has the same layout but each rank holds other data, which the op
+    cannot tell from its arguments: gather it first (call the loss inside the module's forward,
+    or ``FSDPModule.unshard()``), as :func:`softxent.transformers.patch` does.
     """
+    ignore_index_given = ignore_index is not None
+    if ignore_index is None:
+        ignore_index = -100  # PyTorch's F.linear_cross_entropy: None means the default −100
     if type(linear_weight).__name__ == "DTensor":
         from . import distributed
 
@@ -477,6 +489,8 @@ def linear_cross_entropy(
         )
     lead = tuple(input.shape[:-1])
     is_index = _check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
+    if not is_index and ignore_index_given:
+        raise InvalidArgumentError("ignore_index cannot be specified when target contains probabilities")
     target = training.shift_target(target, is_index, opts, shift)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.device != input.device:

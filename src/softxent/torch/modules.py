@@ -108,7 +108,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         weight: Tensor | None = None,
         *,
         reduction: str = "mean",
-        ignore_index: int | None = -100,
+        ignore_index: int | None = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
