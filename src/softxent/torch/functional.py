@@ -266,12 +266,30 @@ def _stats(stats, input, target, weight, is_index: bool, class_dim: int, opts, l
 
 
 def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, is_index: bool, class_dim: int, opts) -> Tensor:
-    """The op's loss in PyTorch's shape (``reduction="none"``: the target's sample shape) and dtype."""
+    """The op's loss in PyTorch's shape (``reduction="none"``: the target's sample shape) and dtype.
+
+    Per-sample losses of class-index targets laid out channels-last (a 4-D ``channels_last``
+    or 5-D ``channels_last_3d`` target, e.g. of a 5-D/6-D input) are laid out like the
+    target, as PyTorch's ``test_memory_format`` expects of a module's output."""
     if opts.reduction == "none":
         loss = loss.reshape(target.shape if is_index else target.shape[:class_dim] + target.shape[class_dim + 1 :])
+        if is_index:
+            loss = loss.contiguous(memory_format=_channels_last_format(target))
     if _autocast_enabled(input.device.type):
         return loss  # float32 (float64 stays float64), as PyTorch's autocast policy for cross_entropy
     return loss.to(input.dtype)
+
+
+def _channels_last_format(t: Tensor) -> torch.memory_format:
+    """``channels_last``/``channels_last_3d`` for a 4-D/5-D tensor laid out so (and not also
+    plain contiguous), else ``contiguous_format``."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def composite_needed(*tensors) -> bool:
