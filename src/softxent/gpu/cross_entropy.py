@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .._options import CrossEntropyOptions
+from . import launch
 from .launch import compute_type, row_config
 from .row_math import load_tile, normalizer, online_step, tanh
 
@@ -252,9 +253,15 @@ def cross_entropy_rows(
     ``stats``: contiguous (lse (M,), argmax (M,) int64) receiving each row's reported lse and
     first argmax (see :func:`softxent._reference.cross_entropy_rows`).
     """
+    with launch.on_device_of(logits):
+        return _cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats)
+
+
+def _cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats):
+    """:func:`cross_entropy_rows` with ``logits``' device current."""
     if grad_out is not None and grad_out.stride(-1) != 1 and grad_out.shape[-1] > 1:
         grad_rows = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
-        loss = cross_entropy_rows(logits, target, weight, opts, scale, grad_rows, stats)
+        loss = _cross_entropy_rows(logits, target, weight, opts, scale, grad_rows, stats)
         grad_out.copy_(grad_rows)
         return loss
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:

@@ -11,6 +11,7 @@ choices depend only on (C, element size), so they are cached.
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import torch
@@ -36,3 +37,12 @@ def row_config(num_classes: int, itemsize: int) -> tuple[int, int, int]:
     rows = max(1, MIN_TILE // block)
     num_warps = min(32, max(1, rows * block // ELEMENTS_PER_WARP))
     return rows, block, num_warps
+
+
+def on_device_of(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device the current one (Triton launches on the current
+    device and stream: tensors on ``cuda:1`` while ``cuda:0`` is current would otherwise be
+    read by a kernel on the wrong device); a no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

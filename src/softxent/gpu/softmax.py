@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .launch import compute_type, row_config
 from .row_math import load_tile, normalizer, online_step
 
@@ -154,16 +155,17 @@ def _launch(kernel, rows: int, num_classes: int, itemsize: int, dtype: torch.dty
     if rows == 0 or num_classes == 0:
         return
     rows_per_program, block, num_warps = row_config(num_classes, itemsize)
-    kernel[(triton.cdiv(rows, rows_per_program),)](
-        *args,
-        rows,
-        num_classes,
-        **constants,
-        ACC=compute_type(dtype),
-        ROWS=rows_per_program,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    with launch.on_device_of(args[0]):
+        kernel[(triton.cdiv(rows, rows_per_program),)](
+            *args,
+            rows,
+            num_classes,
+            **constants,
+            ACC=compute_type(dtype),
+            ROWS=rows_per_program,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
 
 
 def softmax_rows(z: torch.Tensor, log: bool = False) -> torch.Tensor:
