@@ -30,6 +30,7 @@ def test_bench_reports_every_contender_with_ratios_memory_and_error(tmp_path, ca
     skipped = {s["contender"]: s["reason"] for s in payload["skipped"]}
     assert "Liger-Kernel" in skipped and "Cut Cross-Entropy" in skipped
     assert payload["machine"]["torch"] and payload["machine"]["threads"] >= 1
+    assert payload["machine"]["vector_bits"] in (128, 256, 512)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "| softxent | forward+backward |" in out and "skipped Liger-Kernel" in out

@@ -39,3 +39,14 @@ class _Features:
 
     def flatten(self):
         return self.text
+
+
+def test_kernel_vector_bits_follows_the_features_numba_compiles_for(fresh_config):
+    fresh_config.setattr(binding, "get_host_cpu_features", lambda: _Features("+64bit,+avx2,-avx512f,+fma"))
+    assert vector_width.kernel_vector_bits() == 256
+    fresh_config.setattr(binding, "get_host_cpu_features", lambda: _Features("+64bit,+avx2,+avx512f,+fma"))
+    assert vector_width.kernel_vector_bits() == 256  # LLVM's 256-bit preference until softxent lifts it
+    assert vector_width.prefer_full_width_vectors()
+    assert vector_width.kernel_vector_bits() == 512
+    fresh_config.setattr(numba.config, "CPU_FEATURES", "+sse4.2,-avx2")
+    assert vector_width.kernel_vector_bits() == 128

@@ -31,6 +31,10 @@ def machine_description(device: torch.device) -> dict:
             info["cpu"] = names[0]
     except OSError:
         pass
+    if device.type == "cpu":
+        from ..cpu.vector_width import kernel_vector_bits
+
+        info["vector_bits"] = kernel_vector_bits()  # of the Numba kernels (AVX-512: 512, AVX2: 256)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -100,7 +104,10 @@ def write_chart(path: Path, rows: list[Row], machine: dict) -> None:
             )
         ax.set_xlim(0, max(ms) * 1.35)
     where = machine.get("gpu") or machine.get("cpu")
-    fig.suptitle(f"softxent bench on {where} ({machine.get('threads')} threads), torch {machine['torch']}", fontsize=10)
+    width = f", {machine['vector_bits']}-bit vectors" if "vector_bits" in machine else ""
+    fig.suptitle(
+        f"softxent bench on {where} ({machine.get('threads')} threads{width}), torch {machine['torch']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -171,7 +171,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype)
     machine = report.machine_description(device)
-    print(f"softxent bench on {machine.get('gpu') or machine['cpu']}, {machine['threads']} threads", file=sys.stderr)
+    width = f", Numba kernels with {machine['vector_bits']}-bit vectors" if "vector_bits" in machine else ""
+    where = machine.get("gpu") or machine["cpu"]
+    print(f"softxent bench on {where}, {machine['threads']} threads{width}", file=sys.stderr)
 
     rows, skipped = [], []
     for shape in shapes:

@@ -31,6 +31,7 @@ from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
 from .chunks import (
     CHUNK,
+    ahead_of_row,
     chunk_finish_general,
     chunk_finish_scaled,
     chunk_max,
@@ -77,11 +78,13 @@ def _first_nan(src):
 
 
 @njit(**EXACT_JIT)
-def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight):
+def cross_entropy_row(
+    z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight, want_argmax, ahead
+):
     """``(ℓ, lse, argmax)`` of one row (float64, float64, int) and, if ``want_grad``, its
-    gradient written into ``g``.  argmax is the first index of the (capped) row's max, as
-    ``torch.argmax`` (the first NaN when the row has one); the online max finds it for free:
-    a chunk is scanned (in L1) only when it raises the running max.
+    gradient written into ``g``.  argmax (only if ``want_argmax``, else 0) is the first index
+    of the (capped) row's max, as ``torch.argmax`` (the first NaN when the row has one); the
+    online max finds it cheaply: a chunk is scanned (in L1) only when it raises the running max.
 
     Everything is computed relative to the row max m (never as lse − z_t with
     lse rounded at the scale of the logits), so the precision does not depend
@@ -99,6 +102,8 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         eps, lam, cap: label smoothing ε, z-loss λ, softcap s (0 = none).
         scale: factor of this row's gradient.
         weight_sum: W = Σ_k w_k (C without weights); unused unless ε > 0.
+        ahead: the memory beyond the row that is prefetched while its exponentials run
+            (:func:`softxent.cpu.chunks.ahead_of_row`; may be empty).
     """
     num_classes = z.size
     num_chunks = (num_classes + CHUNK - 1) // CHUNK
@@ -129,23 +134,23 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
         if cap > 0.0:  # work keeps the capped logits; the final pass recomputes their exponentials
             chunk_softcap(zc, wc, cap)
             new_m = chunk_max(wc, m)
-            if new_m > m:
+            if want_argmax and new_m > m:
                 argmax = lo + _first_index_of(wc, new_m)
             if want_dots:
                 ref, dot, y_total = _fold_target_dots(
                     wc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
                 )
-            m, s = fold_chunk(wc, wc, m, new_m, s, False, False)
+            m, s = fold_chunk(wc, wc, m, new_m, s, False, False, ahead[lo:hi])
         else:
             new_m = chunk_max(zc, m)
-            if new_m > m:
+            if want_argmax and new_m > m:
                 argmax = lo + _first_index_of(zc, new_m)
             # the dot products read the logits before the exponentials may overwrite them
             if want_dots:
                 ref, dot, y_total = _fold_target_dots(
                     zc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
                 )
-            m, s = fold_chunk(zc, wc, m, new_m, s, want_grad, inplace)
+            m, s = fold_chunk(zc, wc, m, new_m, s, want_grad, inplace, ahead[lo:hi])
         chunk_max_at[c] = m
 
     m64 = np.float64(m)
@@ -154,7 +159,7 @@ def cross_entropy_row(z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad
     lse = m64 + log_s
     # the lse reported (torch.logsumexp's ±inf for rows whose max is ±inf; the loss is NaN there)
     lse_stat = m64 if m64 == math.inf or m64 == -math.inf else lse
-    if s != s:  # a NaN logit (or inf − inf): torch.argmax returns the first NaN, if any
+    if want_argmax and s != s:  # a NaN logit (or inf − inf): torch.argmax returns the first NaN, if any
         nan_at = _first_nan(z)
         if nan_at >= 0:
             argmax = nan_at
@@ -244,7 +249,8 @@ def cross_entropy_fwd_bwd_rows(
     (0 and −1 for ignored rows, which are not read).
     """
     want_stats = lse_out.size > 0
-    num_rows = z.shape[0]
+    num_rows, num_classes = z.shape
+    flat = z.reshape(-1)
     per_row_scale = scale.size > 1
     has_weight = w.size > 0
     for i in prange(num_rows):
@@ -259,8 +265,9 @@ def cross_entropy_fwd_bwd_rows(
                 fill_zero(g[i])
             continue
         loss[i], lse, argmax = cross_entropy_row(
-            z[i], g[i], t, q[i], w, eps, lam, cap, row_scale, weight_sum, want_grad, inplace, has_prob, has_weight
-        )
+            z[i], g[i], t, q[i], w, eps, lam, cap, row_scale, weight_sum, want_grad, inplace, has_prob, has_weight,
+            want_stats, ahead_of_row(flat, i * num_classes, num_classes),
+        )  # fmt: skip
         if want_stats:
             lse_out[i] = lse
             argmax_out[i] = argmax

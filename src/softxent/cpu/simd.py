@@ -120,6 +120,43 @@ def maxnum(typingctx, a, b):
     return a(a, a), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, arr, index, for_write):
+    """``llvm.prefetch`` of the cache line holding ``arr[index]`` (``for_write`` a literal bool)."""
+    if not isinstance(arr, types.Array) or not isinstance(for_write, types.BooleanLiteral):
+        return None
+    rw = 1 if for_write.literal_value else 0
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        address = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        # locality 3 (keep in every cache level), data cache
+        builder.call(fn, [address, ir.Constant(i32, rw), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, index, for_write), codegen
+
+
+#: bytes per cache line (every x86-64 CPU)
+CACHE_LINE = 64
+
+
+@njit(**EXACT_JIT)
+def prefetch_range(arr, lo, hi, for_write):
+    """Ask the CPU to bring ``arr[lo:hi]`` into cache (for writing if ``for_write``): issued
+    one chunk ahead, it overlaps the next chunk's memory reads with this chunk's ``exp`` work."""
+    step = max(1, CACHE_LINE // arr.itemsize)
+    for j in range(lo, hi, step):
+        if for_write:
+            _prefetch(arr, j, True)
+        else:
+            _prefetch(arr, j, False)
+
+
 # --- exp -------------------------------------------------------------------
 
 _LOG2E = f32(1.4426950408889634)
@@ -137,10 +174,11 @@ _Q6 = f32(0.001381467911414802)
 
 @njit(**HELPER_JIT)
 def _exp_le0_f32(d):
-    lo = _UNDERFLOW if d < _UNDERFLOW else d  # keeps NaN: `d < x` is False for NaN
-    t = lo * _LOG2E + _MAGIC
+    # no clamp of d: below _UNDERFLOW the bits computed are garbage, and the select at the
+    # end returns 0 there (NaN keeps its NaN: `d < x` is False for it)
+    t = d * _LOG2E + _MAGIC
     k = t - _MAGIC
-    r = lo - k * _LN2_HI
+    r = d - k * _LN2_HI
     r = r - k * _LN2_LO
     p = _Q6 * r + _Q5
     p = p * r + _Q4

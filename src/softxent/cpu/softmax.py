@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .chunks import CHUNK, chunk_finish_scaled, online_update
+from .chunks import CHUNK, ahead_of_row, chunk_finish_scaled, online_update
 from .simd import (
     EXACT_JIT,
     HELPER_JIT,
@@ -35,14 +35,15 @@ from .threading_layer import serialized
 
 
 @njit(**EXACT_JIT)
-def _row_stats(z, work, chunk_max_at, want_store):
-    """Online (m, s) of a row; stores e^{z − m_c} into ``work`` if asked."""
+def _row_stats(z, work, chunk_max_at, want_store, ahead):
+    """Online (m, s) of a row; stores e^{z − m_c} into ``work`` if asked (``ahead``: the memory
+    prefetched meanwhile, see :func:`softxent.cpu.chunks.ahead_of_row`)."""
     m = compute_neg_inf(z)
     s = compute_zero(z)
     for c in range(chunk_max_at.size):
         lo = c * CHUNK
         hi = min(lo + CHUNK, z.size)
-        m, s = online_update(z[lo:hi], work[lo:hi], m, s, want_store, False)
+        m, s = online_update(z[lo:hi], work[lo:hi], m, s, want_store, False, ahead[lo:hi])
         chunk_max_at[c] = m
     return m, s
 
@@ -50,10 +51,12 @@ def _row_stats(z, work, chunk_max_at, want_store):
 @njit(parallel=True, **EXACT_JIT)
 def logsumexp_kernel(z, out):
     """out_i = lse(z_i) for every row of ``z`` (M, C); ``out`` (M,) float64."""
+    flat = z.reshape(-1)
     for i in prange(z.shape[0]):
         row = z[i]
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
-        m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False)
+        ahead = ahead_of_row(flat, i * row.size, row.size)
+        m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False, ahead)
         if math.isinf(m):  # all −inf, or a +inf: ±inf unless the row holds a NaN
             has_nan = False
             for j in range(row.size):
@@ -67,12 +70,13 @@ def logsumexp_kernel(z, out):
 @njit(parallel=True, **EXACT_JIT)
 def softmax_kernel(z, out):
     """out_i = softmax(z_i) for every row; ``out`` has the dtype of ``z``."""
+    flat = z.reshape(-1)
     for i in prange(z.shape[0]):
         row = z[i]
         dst = out[i]
         work = work_row(dst, row.size)
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
-        m, s = _row_stats(row, work, chunk_max_at, True)
+        m, s = _row_stats(row, work, chunk_max_at, True, ahead_of_row(flat, i * row.size, row.size))
         if m == compute_neg_inf(row):
             s = s - s + math.nan  # all −inf: NaN, as PyTorch
         for c in range(chunk_max_at.size):
@@ -95,10 +99,12 @@ def _shift_row(src, dst, m, log_s):
 @njit(parallel=True, **EXACT_JIT)
 def log_softmax_kernel(z, out):
     """out_i = z_i − lse(z_i) for every row; ``out`` has the dtype of ``z``."""
+    flat = z.reshape(-1)
     for i in prange(z.shape[0]):
         row = z[i]
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
-        m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False)
+        ahead = ahead_of_row(flat, i * row.size, row.size)
+        m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False, ahead)
         log_s = math.nan if m == compute_neg_inf(row) else math.log(np.float64(s))
         _shift_row(row, out[i], m, as_compute(row, log_s))
 

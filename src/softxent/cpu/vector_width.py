@@ -37,3 +37,19 @@ def prefer_full_width_vectors() -> bool:
         return False
     numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
     return True
+
+
+def kernel_vector_bits() -> int:
+    """The vector width (bits) the Numba kernels are compiled for in this process: 512 where
+    :func:`prefer_full_width_vectors` applied (AVX-512), else 256 with AVX2 (LLVM's choice on
+    AVX-512 CPUs too when 256-bit vectors are preferred), else 128 (SSE)."""
+    import numba
+    from llvmlite import binding
+
+    chosen = numba.config.CPU_FEATURES
+    features = (chosen if chosen is not None else binding.get_host_cpu_features().flatten()).split(",")
+    if "+avx512f" in features and "-prefer-256-bit" in features:
+        return 512
+    if "+avx2" in features or "+avx512f" in features:
+        return 256
+    return 128
