@@ -8,7 +8,7 @@
 # installed: softxent runs from this tree (PYTHONPATH=src); the peers' wheels are taken from
 # $WHEELS, else .wheels/, else ../shared/wheels/, and installed into a temporary folder.
 # Writes OUT_DIR/{versions.txt, pytest-gpu.txt, ce-*.{json,md}, lce-*.{json,md}, summary.md}.
-# About 4 minutes on one H100.
+# Under 5 minutes on one H100 (the CUDA tests' quick tier included).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -35,8 +35,12 @@ for m in ("triton", "numpy", "numba", "liger_kernel", "cut_cross_entropy"):
 PY
 cat "$out/versions.txt"
 
-# correctness first: the kernels on CUDA (their CPU-interpreter twins run in CI)
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tail -15 \
+# correctness first, a quick tier (every CUDA test but the 256-case kernel grid, of which the plain
+# and every-option cases in float32 and bfloat16 run; the whole grid runs in CI under the interpreter):
+# the kernels, no host sync in a CE step (set_sync_debug_mode), the backward's scale kernel
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_no_host_sync.py \
+  tests/test_gpu_device_guard.py \
+  -k "not float64_reference or ((plain or everything) and (float32 or bfloat16))" 2>&1 | tail -15 \
   | tee "$out/pytest-gpu.txt"
 
 bench() {  # name, then bench arguments
@@ -50,6 +54,24 @@ bench lce-bf16 --suite lce --dtype bfloat16 --shape 8192x4096x128256 --reps 3
 bench lce-fp32 --suite lce --dtype float32 --shape 4096x1024x32000 --reps 3
 {
   echo "# softxent GPU run"; echo; echo '```'; cat "$out/versions.txt"; echo '```'
+  echo; echo "## forward+backward: ms, × copy (CE) or × the three-GEMM floor (linear + CE)"; echo
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("ce-bf16", "ce-fp32", "lce-bf16", "lce-fp32"):
+    path = out / f"{name}.json"
+    if not path.exists():
+        print(f"{name}: no result"); continue
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == "forward+backward"]
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        mine = [r for r in rows if r["problem"] == problem]
+        floor = next((r["ms"] for r in mine if r["contender"].startswith("three GEMMs")), None)
+        print(f"| {problem} | contender | ms | ratio |\n|---|---|---:|---:|")
+        for r in mine:
+            ratio = (f"{r['ms'] / floor:.2f}× floor" if floor else f"{r['fraction_of_baseline']:.2f} of copy")
+            print(f"| | {r['contender']} | {r['ms']:.2f} | {ratio} |")
+        print()
+PY
   for f in ce-bf16 ce-fp32 lce-bf16 lce-fp32; do echo; echo "## $f"; echo; cat "$out/$f.md"; done
 } >> "$out/summary.md"
 echo "wrote $out/summary.md"

@@ -264,7 +264,7 @@ def test_capture_safe_path_needs_no_host_sync_and_gives_nan_rows_for_bad_targets
     device), the same numbers as the eager path, and NaN rows instead of an error for class
     indices outside [0, C) — forced here on the Triton backend."""
     import softxent.torch as sxt
-    from softxent.torch import backends, ops
+    from softxent.torch import backends, deferred_checks, ops
 
     monkeypatch.setattr(backends, "FORCE_BACKEND", None if DEVICE == "cuda" else "triton")
     gen = torch.Generator().manual_seed(4)
@@ -289,7 +289,13 @@ def test_capture_safe_path_needs_no_host_sync_and_gives_nan_rows_for_bad_targets
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-13)
 
     bad = t.clone()
-    bad[1] = 13  # no host check can run: that row's loss (and so a reduced loss) is NaN
+    bad[1] = 13  # no host check can run: that row's loss (and so a reduced loss) is NaN ...
     loss = sxt.cross_entropy(x, bad, reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+    # ... and the next call reports it, once the device's check has reached the host
+    with pytest.raises(IndexError, match="class index 13, outside"):
+        sxt.cross_entropy(x, t)
     assert torch.isnan(sxt.cross_entropy(x, bad))
+    with pytest.raises(IndexError, match="class index 13, outside"):
+        deferred_checks.raise_pending()
+    deferred_checks.raise_pending()  # reported once

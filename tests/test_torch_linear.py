@@ -371,3 +371,22 @@ def test_ignore_index_with_probability_targets_raises_as_pytorch():
         sxt.linear_cross_entropy(h, w, q, ignore_index=-100)
     assert h.grad is None
     torch.testing.assert_close(sxt.linear_cross_entropy(h, w, q), F.linear_cross_entropy(h, w, q))
+
+
+def test_bias_inside_the_logits_gemm_gives_the_same_result(monkeypatch):
+    """CUDA adds the bias in the logits GEMM (addmm); the chunk loop with that operation, run here
+    on CPU tensors, equals the separate bias pass."""
+    real = linear_module._array_ops
+
+    def with_bias_in_gemm(device):
+        import dataclasses
+
+        return dataclasses.replace(real(device), matmul_bias_into=linear_module._matmul_bias_into)
+
+    monkeypatch.setattr(linear_module, "_array_ops", with_bias_in_gemm)
+    leaves, t, cw = _problem((5, 7), 9, 23, "index")
+    _compare(leaves, t, {"weight": cw, "z_loss": 1e-3}, chunk_size=6)
+    (h, w, b), t, _ = _problem((6,), 4, 5, "index", dtype=torch.float32)
+    out = torch.empty(6, 5, dtype=torch.float64)  # another dtype than the operands
+    linear_module._matmul_bias_into(h.detach(), w.detach().T, b.detach(), out)
+    torch.testing.assert_close(out, (h @ w.T + b).detach().double())

@@ -63,16 +63,21 @@ ROW_ALIGN = 16
 #: CUDA: a chunk of logits holds at most this fraction of the logits *in float32* (the
 #: bound on extra memory is 5 % of them; the rest is left to ∂H rows of skipped tokens)
 CUDA_CHUNK_FRACTION = 0.04
-#: CUDA: fewest rows per chunk, so that the three GEMMs of a chunk keep the tensor cores busy
-CUDA_MIN_CHUNK_ROWS = 256
+#: CUDA: chunks are a multiple of this many rows when they have that many (tensor-core tiles)
+CUDA_ROW_TILE = 128
+#: CUDA: fewest rows per chunk (or N), whatever the budget says
+CUDA_MIN_CHUNK_ROWS = 16
 
 
 def cuda_chunk_rows(num_tokens: int, num_classes: int, free_bytes: int, itemsize: int) -> int:
-    """Tokens per CUDA chunk: logits of 4 % of the float32 N×V logits (never more than an
-    eighth of the free memory), rounded down to a multiple of 128, at least 256 (or N)."""
+    """Tokens per CUDA chunk: logits of at most 4 % of the float32 N×V logits and an eighth of
+    the free memory, rounded down to a multiple of 128 (of 16 below 128 rows), at least 16 —
+    no larger floor, which would break the budget of small problems — and at most N."""
     budget = min(int(num_tokens * num_classes * 4 * CUDA_CHUNK_FRACTION), free_bytes // 8)
-    rows = budget // max(1, num_classes * itemsize) // 128 * 128
-    return max(1, min(max(rows, CUDA_MIN_CHUNK_ROWS), num_tokens))
+    rows = budget // max(1, num_classes * itemsize)
+    tile = CUDA_ROW_TILE if rows >= CUDA_ROW_TILE else ROW_ALIGN
+    rows = max(CUDA_MIN_CHUNK_ROWS, rows // tile * tile)
+    return max(1, min(rows, num_tokens))
 
 
 def cpu_chunk_bytes(num_tokens: int, num_classes: int, itemsize: int) -> int:
@@ -134,6 +139,8 @@ class ArrayOps:
         logits_gemm_cols: vocabulary columns per GEMM of a chunk's logits, written into a
             strided block of the chunk (0: all of them in one GEMM; the array library's
             ``matmul_into`` must then accept a strided ``out`` without a copy).
+        matmul_bias_into: ``matmul_bias_into(a, b, bias, out)`` → ``out = a @ b + bias`` in one
+            GEMM (the bias in its epilogue), or None: the bias is added in a pass of its own.
     """
 
     empty: Callable[..., Any]
@@ -143,6 +150,7 @@ class ArrayOps:
     cross_entropy_rows: Callable[..., Any]
     logits_gemm_rows: int = LOGITS_GEMM_ROWS
     logits_gemm_cols: int = 0
+    matmul_bias_into: Callable[[Any, Any, Any, Any], None] | None = None
 
 
 def active_tokens(target, opts: CrossEntropyOptions, nonzero):
@@ -231,12 +239,16 @@ def linear_cross_entropy_rows(
         # the logits GEMM by blocks of rows: a larger GEMM makes MKL allocate a workspace of
         # D×8192 floats that would count against the memory budget (∂H and ∂W GEMMs do not)
         cols = ops.logits_gemm_cols or num_classes
+        bias_in_gemm = linear_bias is not None and ops.matmul_bias_into is not None
         for r0 in range(0, stop - start, ops.logits_gemm_rows):
             r1 = min(r0 + ops.logits_gemm_rows, stop - start)
             for c0 in range(0, num_classes, cols):
                 c1 = min(c0 + cols, num_classes)
-                ops.matmul_into(h[r0:r1], w_t[:, c0:c1], z[r0:r1, c0:c1])
-        if linear_bias is not None:
+                if bias_in_gemm:
+                    ops.matmul_bias_into(h[r0:r1], w_t[:, c0:c1], linear_bias[c0:c1], z[r0:r1, c0:c1])
+                else:
+                    ops.matmul_into(h[r0:r1], w_t[:, c0:c1], z[r0:r1, c0:c1])
+        if linear_bias is not None and not bias_in_gemm:
             z += linear_bias
         chunk_stats = {}
         if stats is not None:

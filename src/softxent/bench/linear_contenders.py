@@ -95,7 +95,30 @@ def linear_cross_entropy_problem(
         problem.skipped.append(("torch F.linear_cross_entropy", f"not in torch {torch.__version__}"))
     _add_cut_cross_entropy(problem, add, leaves, target, device)
     _add_liger(problem, add, device)
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        _add_autocast_with_float32_weights(problem, hidden, linear_weight, target, dtype)
     return problem
+
+
+def _add_autocast_with_float32_weights(problem: Problem, hidden, linear_weight, target, dtype) -> None:
+    """How a Hugging Face model trains in mixed precision: float32 parameters, ``torch.autocast``
+    to ``dtype`` (the matmuls in ``dtype``, ∂W accumulated for the float32 weight)."""
+    leaves = [hidden.float().requires_grad_(), linear_weight.float().requires_grad_()]
+
+    def under_autocast(loss_fn):
+        def run(h, w, t):
+            with torch.autocast("cuda", dtype=dtype):
+                return loss_fn(h, w, t)
+
+        return run
+
+    for name, loss_fn in (
+        ("softxent linear_cross_entropy, autocast + fp32 weights", sxt.linear_cross_entropy),
+        ("naive, autocast + fp32 weights", naive_linear_cross_entropy),
+    ):
+        fb = _backward_into_leaves(under_autocast(loss_fn), leaves, target)
+        grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
+        problem.contenders.append(Contender(name, None, fb, gradient_bytes=grad_bytes, checked=False))
 
 
 def _three_gemms(hidden: torch.Tensor, linear_weight: torch.Tensor):

@@ -19,8 +19,9 @@ Per row z (C,) — one program per row, or per several short rows — with the o
 The gradient may overwrite the logits (``grad_out`` is ``logits``): each tile is
 read before it is written.  Ignored rows get ℓ = 0 and a zero gradient row; a
 class index outside [0, C) that is not ignored gives a NaN loss and a NaN
-gradient row — the host check before the launch raises first, so this only
-shows where no host check runs (inside a CUDA graph).
+gradient row — on CUDA no host check runs before the launch (no host sync):
+the loss shows NaN and :mod:`softxent.torch.deferred_checks` raises at the next
+call; elsewhere the host check raises first.
 """
 
 from __future__ import annotations
@@ -220,7 +221,20 @@ def _float_parameters(device, acc, scale, opts: CrossEntropyOptions, weight, num
     on_device = capturing or isinstance(scale, torch.Tensor) or (weight is not None and weight.device.type != "cpu")
     if not on_device:
         weight_sum = float(num_classes) if weight is None else float(weight.to(torch.float64).sum())
-        return torch.tensor([float(scale), opts.label_smoothing, opts.z_loss, cap, weight_sum], dtype=acc).to(device)
+        host = torch.tensor([float(scale), opts.label_smoothing, opts.z_loss, cap, weight_sum], dtype=acc)
+        if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy would wait
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    if not capturing:  # the numbers known on the host in one asynchronous copy, the rest on the device
+        host = torch.tensor([0.0, opts.label_smoothing, opts.z_loss, cap, float(num_classes)], dtype=acc)
+        params = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        if isinstance(scale, torch.Tensor):
+            params[0].copy_(scale.reshape(()))
+        else:
+            params[0].fill_(scale)
+        if weight is not None:
+            params[4].copy_(weight.to(torch.float64).sum())
+        return params
     params = torch.empty(5, dtype=acc, device=device)
     for i, value in enumerate((scale, opts.label_smoothing, opts.z_loss, cap)):
         if isinstance(value, torch.Tensor):

@@ -60,6 +60,14 @@ def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
+def _matmul_bias_into(a: Tensor, b: Tensor, bias: Tensor, out: Tensor) -> None:
+    """out = a @ b + bias in one GEMM (cuBLAS adds the bias in its epilogue)."""
+    if out.dtype == a.dtype == bias.dtype:
+        torch.addmm(bias, a, b, out=out)
+    else:
+        out.copy_(torch.addmm(bias.to(a.dtype), a, b))
+
+
 def _accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool) -> None:
     if acc.dtype != a.dtype:
         blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty, overwrite)
@@ -99,6 +107,7 @@ def _array_ops(device: torch.device) -> ArrayOps:
         cross_entropy_rows=partial(_cross_entropy_rows, device),
         logits_gemm_rows=LOGITS_GEMM_ROWS if device.type == "cpu" else 1 << 62,
         logits_gemm_cols=LOGITS_GEMM_COLS if device.type == "cpu" else 0,
+        matmul_bias_into=_matmul_bias_into if device.type == "cuda" else None,
     )
 
 

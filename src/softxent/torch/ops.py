@@ -15,6 +15,7 @@ to autograd) and raises a clear error.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from .. import _reduction
 from .._options import CrossEntropyOptions
 from .._validate import check_target_range
-from . import backends, cpu_bridge, cpu_buffers, fallback
+from . import backends, cpu_bridge, cpu_buffers, deferred_checks, fallback
 
 _NO_DOUBLE_BACKWARD = (
     "softxent.torch: double backward (create_graph=True) through {name} is not supported: "
@@ -71,10 +72,17 @@ FORCE_NO_HOST_SYNC = False
 
 
 def host_sync_allowed(device: torch.device) -> bool:
-    """False while a CUDA graph is being captured on the current stream (a host sync would fail)."""
+    """Whether the forward may read the targets' statistics back to the host before the launch.
+
+    Not on CUDA: there the class indices are checked on the device and reported by a later
+    call (:mod:`softxent.torch.deferred_checks`), 1/D stays on the device, and a step can be
+    captured in a CUDA graph — unless ``SOFTXENT_SYNC_CHECKS=1`` asks for the check before the
+    launch (never while a graph is being captured)."""
     if FORCE_NO_HOST_SYNC:
         return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if device.type != "cuda":
+        return True
+    return os.environ.get("SOFTXENT_SYNC_CHECKS", "0") not in ("", "0") and not torch.cuda.is_current_stream_capturing()
 
 
 def device_loss_scale(
@@ -90,12 +98,19 @@ def device_loss_scale(
     return torch.where(count > 0, 1.0 / weight_sum, torch.zeros_like(weight_sum))
 
 
+def _bad_indices(target: Tensor, num_classes: int, opts: CrossEntropyOptions) -> tuple[Tensor, Tensor]:
+    """(valid, bad) masks of the flattened class indices: not ``ignore_index``, and valid but
+    outside [0, C)."""
+    t = target.reshape(-1)
+    valid = torch.ones_like(t, dtype=torch.bool) if opts.ignore_index is None else t != opts.ignore_index
+    return valid, valid & ((t < 0) | (t >= num_classes))
+
+
 def _device_target_counts(target: Tensor, num_classes: int, opts: CrossEntropyOptions, weight, dtype: torch.dtype):
     """(out-of-range count, counted samples, their weight sum) of class indices as 0-d device
     tensors of ``dtype`` (the weight sum is the count without weights)."""
     t = target.reshape(-1)
-    valid = torch.ones_like(t, dtype=torch.bool) if opts.ignore_index is None else t != opts.ignore_index
-    bad = valid & ((t < 0) | (t >= num_classes))
+    valid, bad = _bad_indices(target, num_classes, opts)
     counted = valid & ~bad
     count = counted.sum(dtype=dtype)
     if weight is None:
@@ -126,12 +141,16 @@ def _forward(
     ``logits`` are rows (M, C), or class-major (N, C, S) with ``target`` (N, S) / (N, C, S).
     Returns (loss, grad, lse, argmax): the last two per sample (see :func:`empty_stats`)."""
     is_index = target.dim() == logits.dim() - 1
+    deferred_checks.raise_completed()  # an earlier call's class indices, checked on the device
     if host_sync_allowed(logits.device) or _is_cpu_kernel(rows_fn):
         loss_scale = _loss_scale(rows_fn, logits, target, weight, opts, is_index)
-    else:  # inside CUDA-graph capture: no host check (bad indices give NaN rows), 1/D stays on the device
+    else:  # CUDA: no host check (bad indices give NaN rows, reported later), 1/D stays on the device
         loss_scale = device_loss_scale(
             target, weight, opts, is_index, logits.shape[1], _num_samples(logits), fallback.compute_dtype(logits.dtype)
         )
+        if is_index and not (logits.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            bad = _bad_indices(target, logits.shape[1], opts)[1]
+            deferred_checks.record(target, bad, logits.shape[1], opts.ignore_index, "softxent.torch.cross_entropy")
     if grad is None and not compute_grad:
         grad = logits.new_empty(0)
     elif grad is None and _is_cpu_kernel(rows_fn):
@@ -285,10 +304,24 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tens
         return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
     if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
         return grad
+    if ctx.reduction != "none" and _scales_on_device(grad, upstream):
+        # the factor stays on the device: a kernel that does nothing when it is 1 (no host sync)
+        return backends.triton_module("scale").scale_unless_one_(grad, upstream)
     return grad.mul_(factor)
 
 
+def _scales_on_device(grad: Tensor, upstream: Tensor) -> bool:
+    """True where the Triton kernel scales ``grad`` by a one-element ``upstream`` on its device."""
+    return (
+        backends.name(grad.device) == "triton"
+        and upstream.numel() == 1
+        and upstream.device == grad.device
+        and grad.is_contiguous()
+    )
+
+
 def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
+    deferred_checks.raise_completed()
     grad, logits, weight = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
         raise RuntimeError(
