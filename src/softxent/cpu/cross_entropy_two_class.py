@@ -4,8 +4,11 @@ Binary segmentation (foreground/background masks) is the class-major case with
 the least work per byte, and there the general kernel of
 :mod:`softxent.cpu.cross_entropy_spatial` — a dozen short passes over per-position
 scratch arrays — spends more time on its passes than on the math.  This kernel
-keeps a position's two logits in registers and does everything in one
-vectorized loop over the contiguous positions of a sample: per position j,
+keeps a position's two logits in registers and does the exponential, the log
+and the gradient in one vectorized loop over the contiguous positions of a
+sample — in 32-bit lanes only (the targets turned to int32 first), so AVX2
+runs 8 positions at a time; a second short loop forms the float64 losses from
+the (m, x_t, log s) it kept: per position j,
 with x_c = z[n, c, j] and t = target[n, j]:
 
     m = max(x_0, x_1),   e_c = e^{x_c − m},   s = e_0 + e_1   (one exp: the max's e is 1),
@@ -25,7 +28,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .simd import EXACT_JIT, HELPER_JIT, LOOP_JIT, as_compute, compute_neg_inf, exp_le0, load, log_pos, maxnum, store
+from .simd import (
+    EXACT_JIT,
+    HELPER_JIT,
+    LOOP_JIT,
+    as_compute,
+    compute_neg_inf,
+    exp_le0,
+    load,
+    log_pos,
+    maxnum,
+    scratch_row,
+    store,
+)
 
 #: positions per task (one sample's block of contiguous positions)
 BLOCK = 4096
@@ -37,66 +52,83 @@ def applies(num_classes: int, has_prob: bool, eps: float, lam: float, cap: float
 
 
 @njit(**HELPER_JIT)
-def _loss(log_s, z_t, m, w_t):
-    """w_t·(log s − (z_t − m)) in float64; no 'reassoc' here: m + log s must never be formed."""
-    return w_t * (np.float64(log_s) - (np.float64(z_t) - np.float64(m)))
+def _targets(target, t32, ignore_index, has_ignore):
+    """t32_j = t_j as int32, −1 where ignored: the loops below then run on 32-bit lanes only."""
+    for j in range(target.size):
+        t = target[j]
+        t32[j] = np.int32(-1) if has_ignore and t == ignore_index else np.int32(t)
 
 
-@njit(**LOOP_JIT)
-def _position(src, x0, x1, t, w0, w1, ignore_index, has_ignore, has_weight):
-    """One position's (ℓ, e_0, e_1, s, w_t, counted), in the compute type of the array ``src``;
-    ℓ = 0 where ignored.  Inlined into the loops below."""
-    counted = not (has_ignore and t == ignore_index)
-    m = maxnum(maxnum(compute_neg_inf(src), x0), x1)  # NaN is ignored here and reaches s through exp
+@njit(inline="always", **LOOP_JIT)
+def _position(x0, x1, one, neg_inf):
+    """(m, e_0, e_1, s) of one position, in the compute type: m = max(x_0, x_1), e_c = e^{x_c − m},
+    s = e_0 + e_1 with one exponential (the max's is 1).  Inlined into the loops below."""
+    m = maxnum(maxnum(neg_inf, x0), x1)  # NaN is ignored here and reaches s through exp
     d0 = x0 - m
     d1 = x1 - m
-    # one exponential.  x_1 the max (d_1 = 0): e_1 = 1, e_0 = e^{d_0}.  Otherwise e_1 = e^{d_1} and
-    # e_0 = d_0 + 1: 1 where x_0 is the max (d_0 = 0), NaN where d_0 is (inf − inf, NaN) — as e^{d_0}
+    # x_1 the max (d_1 = 0): e_1 = 1, e_0 = e^{d_0}.  Otherwise e_1 = e^{d_1} and e_0 = d_0 + 1:
+    # 1 where x_0 is the max (d_0 = 0), NaN where d_0 is (inf − inf, NaN) — as e^{d_0}
     flip = d1 == 0.0
     e = exp_le0(d0 if flip else d1)
-    one = as_compute(src, 1.0)
     e0 = e if flip else d0 + one
     e1 = one if flip else e
-    s = e0 + e1
-    w_t = (w1 if t == 1 else w0) if has_weight else 1.0
-    loss = _loss(log_pos(s), x1 if t == 1 else x0, m, w_t)
-    return (loss if counted else 0.0), e0, e1, s, w_t, counted
+    return m, e0, e1, e0 + e1
 
 
 @njit(**LOOP_JIT)
-def _losses(z0, z1, target, ell, w0, w1, ignore_index, has_ignore, has_weight, want_ell):
-    """Σ_j ℓ_j of one block of positions; ℓ_j to ``ell`` with ``want_ell``."""
-    total = 0.0
-    for j in range(z0.size):
-        loss, _, _, _, _, _ = _position(z0, load(z0[j]), load(z1[j]), target[j], w0, w1, ignore_index, has_ignore,
-                                        has_weight)  # fmt: skip
-        total += loss
-        if want_ell:
-            ell[j] = loss
-    return total
-
-
-@njit(**LOOP_JIT)
-def _losses_and_gradients(z0, z1, target, g0, g1, ell, r, w0, w1, ignore_index, has_ignore, has_weight, want_ell):
-    """:func:`_losses`, and g_cj = factor_j·e_cj − [c = t_j]·r·w_t (0 where ignored) to ``g0``/``g1``."""
-    zero = as_compute(z0, 0.0)
-    total = 0.0
+def _normalizers(z0, z1, t32, m_out, z_t_out, log_s_out):
+    """Per position j, in the compute type (float32 lanes for 32- and 16-bit logits): m, x_t and
+    log s, kept for the float64 losses of :func:`_losses`."""
+    one = as_compute(z0, 1.0)
+    neg_inf = compute_neg_inf(z0)
     for j in range(z0.size):
         x0 = load(z0[j])
-        t = target[j]
-        loss, e0, e1, s, w_t, counted = _position(z0, x0, load(z1[j]), t, w0, w1, ignore_index, has_ignore,
-                                                  has_weight)  # fmt: skip
-        total += loss
-        if want_ell:
-            ell[j] = loss
-        onehot = as_compute(z0, r * w_t)
+        x1 = load(z1[j])
+        m, _, _, s = _position(x0, x1, one, neg_inf)
+        m_out[j] = m
+        z_t_out[j] = x1 if t32[j] == 1 else x0
+        log_s_out[j] = log_pos(s)
+
+
+@njit(**LOOP_JIT)
+def _normalizers_and_gradients(z0, z1, t32, m_out, z_t_out, log_s_out, g0, g1, onehot0, onehot1):
+    """:func:`_normalizers`, and g_c = (r·w_t/s)·e_c − [c = t]·r·w_t to ``g0``/``g1`` (0 where
+    ignored; ``onehot_c`` = r·w_c rounded to the compute type).  A loop of its own: with a
+    gradient array that could alias the logits, LLVM would not vectorize the loss-only one."""
+    one = as_compute(z0, 1.0)
+    zero = as_compute(z0, 0.0)
+    neg_inf = compute_neg_inf(z0)
+    for j in range(z0.size):
+        x0 = load(z0[j])
+        x1 = load(z1[j])
+        t = t32[j]
+        m, e0, e1, s = _position(x0, x1, one, neg_inf)
+        m_out[j] = m
+        z_t_out[j] = x1 if t == 1 else x0
+        log_s_out[j] = log_pos(s)
+        onehot = onehot1 if t == 1 else onehot0
         factor = onehot / s
         v0 = factor * e0 - (onehot if t == 0 else zero)
         v1 = factor * e1 - (onehot if t == 1 else zero)
-        v0 = v0 if counted else zero  # selects outside store(): inside, they stop the vectorizer
-        v1 = v1 if counted else zero
+        v0 = v0 if t >= 0 else zero  # selects outside store(): inside, they stop the vectorizer
+        v1 = v1 if t >= 0 else zero
         store(g0, j, v0)
         store(g1, j, v1)
+
+
+@njit(**HELPER_JIT)
+def _losses(t32, m, z_t, log_s, ell, w0, w1, has_weight, want_ell):
+    """ℓ_j = w_t·(log s − (z_t − m)) in float64 (0 where ignored); returns Σ_j ℓ_j.  No
+    'reassoc' here: m + log s must never be formed."""
+    total = 0.0
+    for j in range(t32.size):
+        t = t32[j]
+        w_t = (w1 if t == 1 else w0) if has_weight else 1.0
+        loss = w_t * (np.float64(log_s[j]) - (np.float64(z_t[j]) - np.float64(m[j])))
+        loss = loss if t >= 0 else 0.0
+        total += loss
+        if want_ell:
+            ell[j] = loss
     return total
 
 
@@ -119,17 +151,24 @@ def cross_entropy_two_class_kernel(z, g, target, w, r, ignore_index, has_ignore,
     w0 = w[0] if has_weight else 1.0
     w1 = w[1] if has_weight else 1.0
     want_ell = loss.size > 0
+    zrow = z[0, 0]
+    onehot0 = as_compute(zrow, r * w0)
+    onehot1 = as_compute(zrow, r * w1)
     for task in prange(num_samples * blocks_per_sample):
         n = task // blocks_per_sample
         s0 = (task % blocks_per_sample) * BLOCK
         s1 = min(s0 + BLOCK, num_positions)
+        width = s1 - s0
         ell = loss[n * num_positions + s0 : n * num_positions + s1] if want_ell else loss
-        z0, z1, t = z[n, 0, s0:s1], z[n, 1, s0:s1], target[n, s0:s1]
+        t32 = np.empty(width, np.int32)
+        m, z_t, log_s = scratch_row(zrow, width), scratch_row(zrow, width), scratch_row(zrow, width)
+        _targets(target[n, s0:s1], t32, ignore_index, has_ignore)
         if want_grad:
-            partial[task] = _losses_and_gradients(z0, z1, t, g[n, 0, s0:s1], g[n, 1, s0:s1], ell, r, w0, w1,
-                                                  ignore_index, has_ignore, has_weight, want_ell)  # fmt: skip
+            _normalizers_and_gradients(z[n, 0, s0:s1], z[n, 1, s0:s1], t32, m, z_t, log_s, g[n, 0, s0:s1],
+                                       g[n, 1, s0:s1], onehot0, onehot1)  # fmt: skip
         else:
-            partial[task] = _losses(z0, z1, t, ell, w0, w1, ignore_index, has_ignore, has_weight, want_ell)
+            _normalizers(z[n, 0, s0:s1], z[n, 1, s0:s1], t32, m, z_t, log_s)
+        partial[task] = _losses(t32, m, z_t, log_s, ell, w0, w1, has_weight, want_ell)
 
 
 def num_tasks(num_samples: int, num_positions: int) -> int:
