@@ -14,14 +14,13 @@ import copy
 import datetime
 import functools
 import os
-import socket
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_processes import run_ranks
 
 transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
 if not dist.is_available():
@@ -174,26 +173,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    context = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline_s = 300.0
-    end = time.monotonic() + deadline_s
-    while not context.join(timeout=5):
-        if time.monotonic() > end:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"{WORLD} gloo processes did not finish within {deadline_s} s")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp")), deadline_s=300.0)
 
 
 def _assert_same_training(reference: dict, patched: dict) -> None:

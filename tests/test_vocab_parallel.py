@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import softxent.torch as sxt
+from gloo_processes import run_ranks
 from softxent.torch.distributed import (
     shard_start,
     vocab_parallel_cross_entropy,
@@ -195,23 +193,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, out_dir: str, deadline_s: float = 240.0) -> list[dict]:
-    context = mp.start_processes(
-        _worker, args=(world, _free_port(), out_dir), nprocs=world, join=False, start_method="spawn"
-    )
-    end = time.monotonic() + deadline_s
-    while not context.join(timeout=5):
-        if time.monotonic() > end:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"{world} gloo processes did not finish within {deadline_s} s")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_ranks(_worker, world, out_dir, deadline_s)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
