@@ -12,6 +12,10 @@ cross-entropy, N×V logits split evenly over 1, 2, 4 gloo processes on this
 machine) reports ms per step and bytes handed to collectives for softxent, a
 Megatron-style three-all-reduce baseline, ``loss_parallel()`` and gathering the
 logits (:mod:`softxent.bench.distributed`); it writes ``bench.json`` and ``bench.md``.
+Suite ``distill`` (fused linear + distillation, N×D student and teacher, V classes)
+times softxent's ``linear_distill_loss`` with a FusedTeacher and a TopK teacher
+against the naive F.linear ×2 + F.kl_div (timed alternately), its torch.compile and
+Liger-Kernel's LigerFusedLinearJSD where installed (:mod:`softxent.bench.distill_suite`).
 ``--backend jax`` times softxent.jax against optax under ``jax.jit`` instead
 (:mod:`softxent.bench.jax_suite`): suites ``ce`` and ``lce``, XLA's temporary bytes as memory.
 """
@@ -22,11 +26,11 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"]}
+DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"], "distill": ["4096x1024x32000"]}
 #: segmentation's (N, C, H, W) logits with few classes: ``--shape 32x2x256x256`` etc.
 SEGMENTATION_SHAPES = ["32x2x256x256", "16x21x256x256", "8x150x128x128"]
-SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV"}
-DEFAULT_REPS = {"ce": 5, "lce": 3, "dist": 10}
+SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV", "distill": "NxDxV"}
+DEFAULT_REPS = {"ce": 5, "lce": 3, "dist": 10, "distill": 3}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -43,10 +47,10 @@ def _shape(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
-        choices=("ce", "lce", "dist"),
+        choices=("ce", "lce", "dist", "distill"),
         default="ce",
         help="ce: cross-entropy on given logits; lce: fused linear + cross-entropy; "
-        "dist: vocabulary-parallel cross-entropy over gloo processes",
+        "dist: vocabulary-parallel cross-entropy over gloo processes; distill: fused linear + distillation",
     )
     parser.add_argument(
         "--backend",
@@ -118,7 +122,7 @@ def _jax(args: argparse.Namespace, reps: int) -> int:
         from softxent.bench import jax_suite
     except ImportError as error:
         raise SystemExit(f"--backend jax needs JAX and optax: pip install 'softxent[jax]' ({error})") from None
-    if args.suite == "dist":
+    if args.suite in ("dist", "distill"):
         raise SystemExit("--backend jax runs the suites ce and lce")
     if args.dtype == "float64":
         raise SystemExit("--backend jax times float32, bfloat16 and float16")
@@ -179,6 +183,10 @@ def main(args: argparse.Namespace) -> int:
     for shape in shapes:
         if args.suite == "ce":
             problem = contenders.cross_entropy_problem(shape, dtype, device)
+        elif args.suite == "distill":
+            from softxent.bench import distill_suite
+
+            problem = distill_suite.distill_problem(*shape, dtype, device)
         else:
             problem = linear_contenders.linear_cross_entropy_problem(*shape, dtype, device)
         rows.extend(runner.run_problem(problem, reps))

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._distill_stats import DistillStats
+from .._distill_teacher import FusedTeacher, TopK
 from .._errors import InvalidArgumentError, InvalidTypeError
 from .._options import CrossEntropyOptions, check_chunk_size, make_options
 from .._training import CrossEntropyStats, check_shift, summarize
@@ -44,6 +46,7 @@ from .._validate import (
     normalize_axis,
 )
 from ._cross_entropy import Spec, cross_entropy_rows, mean_scale
+from ._distill import distill_loss, distill_loss_grad, linear_distill_loss, linear_distill_loss_grad
 from ._linear import LinearSpec, linear_cross_entropy_rows
 from ._softmax import log_softmax_rows, logsumexp_rows, softmax_rows
 
@@ -57,6 +60,13 @@ __all__ = [
     "linear_cross_entropy_grad",
     "CrossEntropyStats",
     "default_chunk_rows",
+    "distill_loss",
+    "distill_loss_grad",
+    "linear_distill_loss",
+    "linear_distill_loss_grad",
+    "TopK",
+    "FusedTeacher",
+    "DistillStats",
 ]
 
 #: a chunk of logits holds about this fraction of all the (float32) logits, within the bounds below:

@@ -1,0 +1,566 @@
+r"""Distillation losses for PyTorch: ``softxent::distill`` and ``softxent::linear_distill``.
+
+Both are ``torch.library`` custom ops whose forward computes the loss **and** the student's
+gradient (the rows kernel :func:`softxent.torch.distill_rows.distill_rows`, blocks of PyTorch ops
+that run on every device); backward only scales it by the upstream gradient, as the cross-entropy
+ops do.  The linear form runs the fused linear + cross-entropy's chunk loop
+(:mod:`softxent._distill_chunks`): per chunk of counted tokens the student's logits (and a
+:class:`~softxent.FusedTeacher`'s, by its own GEMM) go into reused buffers, the kernel turns the
+student's into G = ∂loss/∂Z in place, and
+
+.. math::
+
+    \partial H = G\,W, \qquad \partial W \mathrel{+}= G^\top H, \qquad
+    \partial b \mathrel{+}= \textstyle\sum_i G_i
+
+so neither model's N×V logits ever exist.  For ``reduction="none"`` the upstream gradient differs
+per token: the logits form scales each saved row, the linear form runs the chunks again in backward.
+
+The teacher is a constant: its tensors are detached and get no gradient.  Under ``torch.autocast``
+the matmuls (student's and fused teacher's) run in the autocast dtype, the softmax statistics, the
+loss and ∂W, ∂b in float32.  ``torch.compile`` traces through the ops (``fullgraph=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._distill_chunks import TeacherRows, chunk_rows, counted_tokens, linear_distill_rows
+from .._distill_options import DistillOptions, flat_options, make_distill_options, options_from_flat
+from .._distill_stats import DistillStats, summarize
+from .._distill_teacher import (
+    FusedTeacher,
+    TopK,
+    check_dense_teacher_shape,
+    check_fused_teacher_shapes,
+    check_labels,
+    check_target,
+    check_topk_shapes,
+    check_topk_values,
+    teacher_kind,
+)
+from .._errors import InvalidArgumentError, InvalidTypeError
+from .._linear_chunks import Gradients
+from .._options import check_chunk_size
+from .._reduction import reduced_loss_scale
+from .._validate import check_linear_shapes
+from . import ops
+from .distill_rows import distill_rows
+from .fallback import compute_dtype
+from .functional import _autocast_enabled, _check_input
+from .linear import _array_ops, _empty, accumulation_dtype, chunk_rows_for
+
+__all__ = ["TopK", "FusedTeacher", "DistillStats", "distill_loss", "linear_distill_loss"]
+
+_NONE7 = (None,) * 7
+
+
+def _teacher_tensors(teacher: TopK | FusedTeacher | Tensor | None) -> tuple:
+    """The teacher as the ops' seven optional tensors (read back by :func:`_teacher_rows`):
+    (logits, hidden, weight, bias, indices, logprobs, unused) — detached: the teacher is a constant."""
+    if teacher is None:
+        return _NONE7
+    if isinstance(teacher, FusedTeacher):
+        bias = None if teacher.bias is None else teacher.bias.detach()
+        return (None, teacher.hidden.detach(), teacher.weight.detach(), bias, None, None, None)
+    if isinstance(teacher, TopK):
+        return (None, None, None, None, teacher.indices.detach(), teacher.logprobs.detach(), None)
+    return (teacher.detach(), None, None, None, None, None, None)
+
+
+def _teacher_rows(ops_table, valid, labels, tensors, num_classes: int, opts: DistillOptions, teacher_dtype):
+    """:class:`~softxent._distill_chunks.TeacherRows` of the op's teacher tensors (value checks here:
+    they need the data, which a traced caller does not have)."""
+    logits, hidden, weight, bias, indices, logprobs, _ = tensors
+    if indices is not None:
+        check_topk_values(
+            indices, logprobs, num_classes, opts.topk_rest,
+            sort_last=lambda x: x.sort(dim=-1).values, row_mass=lambda lp: lp.double().exp().sum(dim=-1),
+        )  # fmt: skip
+        return TeacherRows(ops_table, valid, labels, indices=indices, logprobs=logprobs)
+    if hidden is not None:
+        layer = (
+            hidden.to(teacher_dtype).contiguous(),
+            weight.to(teacher_dtype).contiguous(),
+            None if bias is None else bias.to(teacher_dtype),
+        )
+        return TeacherRows(ops_table, valid, labels, fused=layer)
+    return TeacherRows(ops_table, valid, labels, logits=logits)
+
+
+def _checked_scale(valid: Tensor, labels: Tensor | None, num_classes: int, opts: DistillOptions) -> float:
+    """Check the labels; the factor of Σℓ (1/(counted tokens) for a mean, 0 when none counts)."""
+    if labels is not None:
+        check_labels(labels, valid, num_classes)
+    count = int(valid.sum())
+    return reduced_loss_scale(opts.reduction, (float(count), count))
+
+
+def _empty_stats(like: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(divergence, student argmax, teacher argmax) (num_rows,), filled with 0, −1, −1."""
+    acc = compute_dtype(like.dtype)
+    return (
+        torch.zeros(num_rows, dtype=acc, device=like.device),
+        torch.full((num_rows,), -1, dtype=torch.int64, device=like.device),
+        torch.full((num_rows,), -1, dtype=torch.int64, device=like.device),
+    )
+
+
+def _fake_stats(like: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    acc = compute_dtype(like.dtype)
+    return (
+        like.new_empty(num_rows, dtype=acc),
+        like.new_empty(num_rows, dtype=torch.int64),
+        like.new_empty(num_rows, dtype=torch.int64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# softxent::distill — the student's logits (M, V)
+
+
+@torch.library.custom_op("softxent::distill", mutates_args=())
+def distill_op(
+    student: Tensor,
+    teacher_logits: Tensor | None,
+    topk_indices: Tensor | None,
+    topk_logprobs: Tensor | None,
+    valid: Tensor,
+    labels: Tensor | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    use_ignore_index: bool,
+    reduction: str,
+    topk_rest: str,
+    temperature_scaling: bool,
+    want_grad: bool,
+    want_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ∂loss/∂student (or empty), divergence, student argmax, teacher argmax (or empty)) of
+    rows ``student`` (M, V); the loss is reduced (1/(counted rows) for a mean) or (M,)."""
+    opts = options_from_flat(
+        divergence, beta, temperature, alpha, ignore_index, use_ignore_index, reduction, topk_rest, temperature_scaling
+    )
+    num_rows, num_classes = student.shape
+    scale_of_sum = _checked_scale(valid, labels, num_classes, opts)
+    tensors = (teacher_logits, None, None, None, topk_indices, topk_logprobs, None)
+    chunk = _teacher_rows(None, valid, labels, tensors, num_classes, opts, None)[:]
+    grad = torch.empty_like(student) if want_grad else student.new_empty(0)
+    stats = _empty_stats(student, num_rows if want_stats else 0)
+    loss_rows = distill_rows(
+        student, chunk, None, opts, scale_of_sum if want_grad else None, grad if want_grad else None,
+        stats if want_stats else None,
+    )  # fmt: skip
+    acc = compute_dtype(student.dtype)
+    loss = loss_rows if reduction == "none" else (loss_rows.sum(dtype=torch.float64) * scale_of_sum).to(acc)
+    return loss, grad, *stats
+
+
+@distill_op.register_fake
+def _distill_fake(student, teacher_logits, topk_indices, topk_logprobs, valid, labels, *flat_and_flags):
+    *flat, want_grad, want_stats = flat_and_flags
+    acc = compute_dtype(student.dtype)
+    loss = student.new_empty((student.shape[0],) if flat[6] == "none" else (), dtype=acc)
+    grad = torch.empty_like(student) if want_grad else student.new_empty(0)
+    return loss, grad, *_fake_stats(student, student.shape[0] if want_stats else 0)
+
+
+def _setup_distill(ctx, inputs, output):
+    ctx.reduction = inputs[12]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(output[1])
+
+
+def _backward_distill(ctx, grad_loss, *_grads_of_data):
+    (grad,) = ctx.saved_tensors
+    dstudent = None
+    if ctx.needs_input_grad[0]:
+        dstudent = ops.scale_saved_gradient(ctx, grad, grad_loss, "distill_loss")
+    return (dstudent,) + (None,) * 16
+
+
+distill_op.register_autograd(_backward_distill, setup_context=_setup_distill)
+
+
+# ---------------------------------------------------------------------------------------------
+# softxent::linear_distill — the student's hidden states (N, D) and output layer (V, D)
+
+
+def _run_linear(
+    hidden, weight, bias, teacher_tensors, valid, labels, grad_output, opts: DistillOptions,
+    chunk_size: int, matmul_dtype, teacher_dtype, wanted, want_stats: bool,
+):  # fmt: skip
+    """The op's body: (loss, ∂hidden, ∂weight, ∂bias, divergence, student argmax, teacher argmax)."""
+    num_tokens, num_classes = hidden.shape[0], weight.shape[0]
+    scale_of_sum = _checked_scale(valid, labels, num_classes, opts)
+    want_grad = any(wanted)
+    scale = None
+    if want_grad:
+        scale = scale_of_sum if grad_output is None else grad_output.to(torch.float64) * scale_of_sum
+        if isinstance(scale, Tensor) and scale.device.type != "cpu":
+            scale = scale.to(compute_dtype(hidden.dtype))
+    device = hidden.device
+    array_ops = _array_ops(device)
+    teacher = _teacher_rows(array_ops, valid, labels, teacher_tensors, num_classes, opts, teacher_dtype)
+    tokens = counted_tokens(valid, lambda mask: mask.nonzero().reshape(-1))
+    acc = compute_dtype(matmul_dtype)
+    loss_rows = torch.zeros(num_tokens, dtype=acc, device=device)
+    h = hidden.to(matmul_dtype).contiguous()
+    w = weight.to(matmul_dtype).contiguous()
+    b = None if bias is None else bias.to(matmul_dtype)
+    grads = None
+    if want_grad:
+        grads = Gradients(
+            hidden=_empty(h.shape, h) if wanted[0] else None,
+            weight=_empty(w.shape, w, accumulation_dtype(device, matmul_dtype, weight.dtype)) if wanted[1] else None,
+            bias=_empty(b.shape, w, accumulation_dtype(device, matmul_dtype, bias.dtype)) if wanted[2] else None,
+        )
+        if tokens is not None and grads.hidden is not None:
+            grads.hidden.zero_()  # the rows of skipped tokens
+    itemsize = torch.empty((), dtype=matmul_dtype).element_size()
+    if chunk_size:
+        chunk = chunk_size
+    elif device.type == "cuda":  # a fused teacher's chunk is a second buffer: half the cross-entropy's rows
+        chunk = chunk_rows_for(device, num_tokens, num_classes, itemsize * (2 if teacher.fused is not None else 1))
+    else:
+        chunk = chunk_rows(num_tokens, num_classes, itemsize, teacher.fused is not None)
+    stats = _empty_stats(h.new_empty(0, dtype=acc), num_tokens if want_stats else 0)
+    linear_distill_rows(
+        array_ops, distill_rows, h, w, b, teacher, opts, loss_rows,
+        chunk_rows=chunk, tokens=tokens, scale=scale, grads=grads, stats=stats if want_stats else None,
+    )  # fmt: skip
+    if opts.reduction == "none":
+        loss = loss_rows
+    else:
+        loss = (loss_rows.sum(dtype=torch.float64) * scale_of_sum).to(acc)
+    grads = grads or Gradients()
+    empty = hidden.new_empty(0)
+    d_hidden = empty if grads.hidden is None else grads.hidden.to(hidden.dtype)
+    d_weight = hidden.new_empty(0) if grads.weight is None else grads.weight.to(weight.dtype)
+    d_bias = hidden.new_empty(0) if grads.bias is None else grads.bias.to(bias.dtype)
+    return loss, d_hidden, d_weight, d_bias, *stats
+
+
+@torch.library.custom_op("softxent::linear_distill", mutates_args=())
+def linear_distill_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    topk_indices: Tensor | None,
+    topk_logprobs: Tensor | None,
+    valid: Tensor,
+    labels: Tensor | None,
+    grad_output: Tensor | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    use_ignore_index: bool,
+    reduction: str,
+    topk_rest: str,
+    temperature_scaling: bool,
+    chunk_size: int,
+    matmul_dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    want_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ∂hidden, ∂weight, ∂bias, divergence, student argmax, teacher argmax) of the student
+    ``hidden (N, D) @ weight.T + bias`` against the teacher; gradients are empty unless asked for
+    and scaled per token by ``grad_output`` (N,) when given; ``chunk_size`` 0 chooses it."""
+    opts = options_from_flat(
+        divergence, beta, temperature, alpha, ignore_index, use_ignore_index, reduction, topk_rest, temperature_scaling
+    )
+    teacher = (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logprobs, None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _run_linear(
+            hidden, weight, bias, teacher, valid, labels, grad_output, opts, chunk_size, matmul_dtype, teacher_dtype,
+            (grad_hidden, grad_weight, grad_bias), want_stats,
+        )  # fmt: skip
+
+
+@linear_distill_op.register_fake
+def _linear_distill_fake(hidden, weight, bias, *rest):
+    reduction = rest[15]
+    matmul_dtype, _, grad_hidden, grad_weight, grad_bias, want_stats = rest[-6:]
+    acc = compute_dtype(matmul_dtype)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc)
+    return (
+        loss,
+        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if grad_bias else hidden.new_empty(0),
+        *_fake_stats(hidden.new_empty(0, dtype=acc), hidden.shape[0] if want_stats else 0),
+    )
+
+
+_NUM_LINEAR_INPUTS = 28
+
+
+def _setup_linear(ctx, inputs, output):
+    hidden, weight, bias, *teacher, valid, labels, grad_output = inputs[:12]
+    ctx.mark_non_differentiable(*output[4:])
+    ctx.set_materialize_grads(False)
+    ctx.reduction = inputs[18]
+    ctx.options = inputs[12:24]  # the flat options, chunk_size and the matmul dtypes
+    # the forward pass returned ∂loss/∂inputs (up to one scalar) unless the loss has a value per
+    # token (reduction="none") or the gradients were asked for another grad_output
+    ctx.computed = tuple(inputs[24:27]) if ctx.reduction != "none" and grad_output is None else (False,) * 3
+    ctx.save_for_backward(hidden, weight, bias, *teacher, valid, labels, *output[1:4])
+
+
+def _backward_linear(ctx, grad_loss, *_grads_of_data):
+    none = (None,) * _NUM_LINEAR_INPUTS
+    if grad_loss is None:
+        return none
+    if torch.is_grad_enabled():
+        raise RuntimeError(ops._NO_DOUBLE_BACKWARD.format(name="linear_distill_loss"))
+    hidden, weight, bias, *rest = ctx.saved_tensors
+    teacher, (valid, labels), computed = rest[:6], rest[6:8], rest[8:]
+    wanted = [ctx.needs_input_grad[i] for i in range(3)]
+    if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
+        grads = [
+            ops.scale_saved_gradient(ctx, g, grad_loss, "linear_distill_loss") if need else None
+            for g, need in zip(computed, wanted, strict=True)
+        ]
+    else:
+        per_token = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss.reshape(1).expand(hidden.shape[0])
+        outputs = linear_distill_op(
+            hidden, weight, bias, *teacher, valid, labels, per_token, *ctx.options, *wanted, False
+        )
+        grads = [g if need else None for g, need in zip(outputs[1:4], wanted, strict=True)]
+    return tuple(grads) + none[3:]
+
+
+linear_distill_op.register_autograd(_backward_linear, setup_context=_setup_linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public functions: validate → rows layout → op → shape the result
+
+
+def _counted(lead: tuple[int, ...], target: Tensor | None, opts: DistillOptions, shift: bool, device):
+    """(valid (N,) bool, labels (N,) int64 or None) — see :func:`softxent.numpy_distill.counted`."""
+    if target is not None:
+        if not isinstance(target, Tensor):
+            raise InvalidTypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise InvalidTypeError(f"target must hold integer class indices, got {target.dtype}")
+        if target.device != device:
+            raise InvalidArgumentError(f"target is on {target.device} but the student is on {device}")
+    shift = check_target(lead, None if target is None else target.shape, opts.alpha, shift, opts.ignore_index)
+    valid = torch.ones(lead, dtype=torch.bool, device=device)
+    if shift:
+        valid[..., -1] = False
+    if target is None:
+        return valid.reshape(-1), None
+    labels = target.to(torch.int64)
+    if shift:
+        labels = torch.cat([labels[..., 1:], torch.zeros_like(labels[..., :1])], dim=-1)
+    if opts.ignore_index is not None:
+        valid = valid & (labels != opts.ignore_index)
+    return valid.reshape(-1), labels.reshape(-1)
+
+
+def _check_teacher(teacher, lead: tuple[int, ...], num_classes: int, linear: bool, device) -> tuple:
+    """Check the teacher's types, shapes and device; its seven op tensors in rows form."""
+    kind = teacher_kind(teacher, linear)
+    num_tokens = math.prod(lead)
+    if kind == "dense":
+        _check_input(teacher, "teacher")
+        check_dense_teacher_shape(lead + (num_classes,), teacher.shape)
+        teacher = teacher.reshape(num_tokens, num_classes)
+    elif kind == "topk":
+        indices, logprobs = teacher
+        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise InvalidTypeError("teacher.indices must be a tensor of integer token ids")
+        _check_input(logprobs, "teacher.logprobs")
+        k = check_topk_shapes(lead, num_classes, indices.shape, logprobs.shape)
+        teacher = TopK(indices.reshape(num_tokens, k).to(torch.int64), logprobs.reshape(num_tokens, k))
+    else:
+        hidden, weight, bias = teacher
+        for name, t in (("teacher.hidden", hidden), ("teacher.weight", weight)) + (
+            (("teacher.bias", bias),) if bias is not None else ()
+        ):
+            _check_input(t, name)
+        check_fused_teacher_shapes(lead, num_classes, hidden.shape, weight.shape, None if bias is None else bias.shape)
+        teacher = FusedTeacher(hidden.reshape(num_tokens, hidden.shape[-1]), weight, bias)
+    tensors = _teacher_tensors(teacher)
+    for t in tensors:
+        if t is not None and t.device != device:
+            raise InvalidArgumentError(f"the teacher's tensors are on {t.device} but the student is on {device}")
+    return tensors
+
+
+def _finish(loss: Tensor, stats, valid: Tensor, lead, opts: DistillOptions, dtype, return_stats: bool):
+    if opts.reduction == "none":
+        loss = loss.reshape(lead)
+    loss = loss.to(dtype)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        out = summarize(stats[0], stats[1], stats[2], valid, lead)
+    return loss, DistillStats(divergence=out.divergence, agreement=out.agreement.to(stats[0].dtype))
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher,
+    target: Tensor | None = None,
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    return_stats: bool = False,
+    temperature_scaling: bool = True,
+    topk_rest: str = "renormalize",
+):
+    r"""Knowledge-distillation loss of a student's logits against a teacher — :func:`softxent.distill_loss`
+    for tensors (the classes on the last dimension).
+
+    .. math::
+
+        \ell = (1-α)\,T^2\,D(p_t, p_s) + α\,\mathrm{CE}(z_s, y), \qquad p = \operatorname{softmax}(z/T)
+
+    with D = KL(p_t‖p_s) (``"kl"``), KL(p_s‖p_t) (``"reverse_kl"``) or β·KL(p_t‖m) + (1−β)·KL(p_s‖m),
+    m = β·p_t + (1−β)·p_s (``"jsd"``).  The gradient ∂ℓ/∂z_s (for ``"kl"`` (1−α)·T·(p_s − p_t) +
+    α·(softmax(z_s) − onehot(y))) is computed in the forward pass; backward only scales it.
+
+    Args:
+        student_logits: ``(…, V)`` float tensor (float16, bfloat16, float32, float64).
+        teacher: the teacher's logits ``(…, V)`` or a :class:`~softxent.TopK` ``(…, k)`` — constants,
+            detached (no gradient reaches them).
+        target: optional class indices ``(…)``; see :func:`softxent.distill_loss` for this and every
+            option (``divergence``, ``beta``, ``temperature``, ``alpha``, ``ignore_index``,
+            ``reduction``, ``shift``, ``return_stats``, ``temperature_scaling``, ``topk_rest``).
+
+    Returns:
+        the loss in the student's dtype (float32 under autocast): a scalar, or the token shape for
+        ``reduction="none"``; ``(loss, stats)`` with ``return_stats``.
+    """
+    opts = make_distill_options(
+        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
+    )  # fmt: skip
+    _check_input(student_logits, "student_logits")
+    if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
+        raise InvalidArgumentError(
+            f"student_logits must have shape (…, V) with V >= 1, got {tuple(student_logits.shape)}"
+        )
+    lead, num_classes = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    valid, labels = _counted(lead, target, opts, shift, student_logits.device)
+    teacher_logits, *_, indices, logprobs, _ = _check_teacher(teacher, lead, num_classes, False, student_logits.device)
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _, *stats = distill_op(
+        student_logits.reshape(-1, num_classes), teacher_logits, indices, logprobs, valid, labels,
+        *flat_options(opts), want_grad, return_stats,
+    )  # fmt: skip
+    dtype = torch.float32 if _autocast_enabled(student_logits.device.type) else student_logits.dtype
+    return _finish(loss, stats, valid, lead, opts, dtype, return_stats)
+
+
+def _matmul_dtype(device_type: str, *tensors: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for the device, else the tensors' promoted dtype."""
+    if _autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher,
+    target: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    return_stats: bool = False,
+    temperature_scaling: bool = True,
+    topk_rest: str = "renormalize",
+    chunk_size: int | None = None,
+):
+    r""":func:`distill_loss` of the student logits ``student_hidden @ student_weight.T + student_bias``,
+    never holding them — nor, with a :class:`~softxent.FusedTeacher`, the teacher's.
+
+    .. math::
+
+        Z_r = H_r W^\top + b,\quad G_r = \partial\ell_r/\partial Z_r, \quad
+        \partial H_r = G_r W,\quad \partial W \mathrel{+}= G_r^\top H_r,\quad \partial b \mathrel{+}= \textstyle\sum G_r
+
+    one chunk r of counted tokens at a time, in the forward pass for ``"mean"``/``"sum"`` (backward
+    only scales the gradients; for ``"none"`` it runs the chunks again with each token's upstream
+    gradient).
+
+    Args:
+        student_hidden: ``(…, D)``; student_weight: ``(V, D)``; student_bias: ``(V,)`` or None.
+        teacher: the teacher's logits ``(…, V)``, a :class:`~softxent.TopK` ``(…, k)`` or a
+            :class:`~softxent.FusedTeacher` ``(hidden (…, D_t), weight (V, D_t), bias)`` — constants
+            (detached).
+        target and the options: as :func:`softxent.distill_loss`.
+        chunk_size: tokens per chunk (default: as :func:`softxent.torch.linear_cross_entropy`, for a
+            fused teacher, whose chunk of logits is a second buffer, 3/4 of that on CPU, half on CUDA).
+
+    Returns:
+        the loss (a scalar, or the token shape for ``"none"``) in the student's dtype — float32 under
+        ``torch.autocast``, where the matmuls run in the autocast dtype and the statistics and ∂W, ∂b
+        accumulate in float32; ``(loss, stats)`` with ``return_stats``.
+    """
+    opts = make_distill_options(
+        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
+    )  # fmt: skip
+    chunk = check_chunk_size(chunk_size)
+    _check_input(student_hidden, "student_hidden")
+    _check_input(student_weight, "student_weight")
+    if student_bias is not None:
+        _check_input(student_bias, "student_bias")
+    bias_shape = None if student_bias is None else student_bias.shape
+    num_classes = check_linear_shapes(student_hidden.shape, student_weight.shape, bias_shape, "student_hidden")
+    device = student_hidden.device
+    for name, t in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if t is not None and t.device != device:
+            raise InvalidArgumentError(f"{name} is on {t.device} but student_hidden is on {device}")
+    lead = tuple(student_hidden.shape[:-1])
+    valid, labels = _counted(lead, target, opts, shift, device)
+    teacher_tensors = _check_teacher(teacher, lead, num_classes, True, device)
+    matmul_dtype = _matmul_dtype(device.type, student_hidden, student_weight)
+    fused = [t for t in teacher_tensors[1:3] if t is not None]
+    teacher_dtype = _matmul_dtype(device.type, *fused) if fused else matmul_dtype
+    grad_mode = torch.is_grad_enabled()
+    wanted = [grad_mode and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
+    if opts.reduction == "none":
+        wanted = [False] * 3  # computed in backward, with each token's upstream gradient
+    hidden = student_hidden.reshape(math.prod(lead), student_hidden.shape[-1])  # not -1: D may be 0
+    loss, *_, div, s_top, t_top = linear_distill_op(
+        hidden, student_weight, student_bias, *teacher_tensors[:6], valid, labels, None, *flat_options(opts),
+        chunk, matmul_dtype, teacher_dtype, *wanted, return_stats,
+    )  # fmt: skip
+    autocast = _autocast_enabled(device.type)
+    dtype = torch.float32 if autocast else torch.promote_types(student_hidden.dtype, student_weight.dtype)
+    return _finish(loss, (div, s_top, t_top), valid, lead, opts, dtype, return_stats)
