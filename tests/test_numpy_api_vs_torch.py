@@ -18,14 +18,15 @@ SHAPES = [
     ((2, 6, 3, 2), 1),
     ((4, 3, 9), -1),
 ]
-OPTION_GRID = list(
-    itertools.product(
+OPTION_GRID = [
+    dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    for reduction, label_smoothing, z_loss, softcap in itertools.product(
         ["mean", "sum", "none"],  # reduction
         [0.0, 0.2],  # label_smoothing
         [0.0, 1e-2],  # z_loss
         [None, 4.0],  # softcap
     )
-)
+]
 
 
 def make_case(shape, axis, kind, ignore_index, use_weight, seed):
@@ -57,16 +58,9 @@ CASES = [
 @pytest.mark.parametrize("use_weight", [False, True])
 def test_loss_and_gradient_match_torch_for_every_option(shape, axis, kind, ignore_index, use_weight):
     logits, target, weight = make_case(shape, axis, kind, ignore_index, use_weight, seed=sum(shape))
-    for reduction, label_smoothing, z_loss, softcap in OPTION_GRID:
-        options = dict(
-            axis=axis,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-        )
+    for grid_options in OPTION_GRID:
+        reduction = grid_options["reduction"]
+        options = dict(axis=axis, weight=weight, ignore_index=ignore_index, **grid_options)
         rng = np.random.default_rng(0)
         loss_shape = np.asarray(target).shape if kind == "index" else np.moveaxis(target, axis, -1).shape[:-1]
         grad_output = rng.normal(size=loss_shape) if reduction == "none" else 0.75

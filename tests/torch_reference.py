@@ -14,20 +14,9 @@ import torch.nn.functional as F
 UNUSED_IGNORE_INDEX = -987654321  # stands for ignore_index=None in F.cross_entropy
 
 
-def torch_cross_entropy(
-    logits,
-    target,
-    *,
-    axis=-1,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    softcap=None,
-    grad_output=None,
-):
-    """(loss, dlogits) as float64 NumPy arrays, from PyTorch autograd."""
+def torch_cross_entropy(logits, target, *, axis=-1, weight=None, grad_output=None, **options):
+    """(loss, dlogits) as float64 NumPy arrays, from PyTorch autograd; ``options`` are those of
+    :func:`reference_loss` (ignore_index, reduction, label_smoothing, z_loss, softcap)."""
     z = torch.tensor(np.moveaxis(np.asarray(logits, np.float64), axis, 1), requires_grad=True)
     is_index = np.issubdtype(np.asarray(target).dtype, np.integer)
     if is_index:
@@ -35,16 +24,7 @@ def torch_cross_entropy(
     else:
         t = torch.tensor(np.moveaxis(np.asarray(target, np.float64), axis, 1))
     w = None if weight is None else torch.tensor(np.asarray(weight, np.float64))
-    loss = reference_loss(
-        z,
-        t,
-        weight=w,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    )
+    loss = reference_loss(z, t, weight=w, **options)
     g = torch.ones_like(loss) if grad_output is None else torch.tensor(np.asarray(grad_output, np.float64))
     if z.numel():
         loss.backward(g)

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from ._errors import InvalidArgumentError, InvalidTypeError
-from ._options import _real, make_options
+from ._options import make_options, real_number, unit_interval
 
 #: "kl" = KL(p_t‖p_s) (forward), "reverse_kl" = KL(p_s‖p_t), "jsd" = β·KL(p_t‖m) + (1−β)·KL(p_s‖m)
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -82,13 +82,9 @@ def make_distill_options(
         raise InvalidArgumentError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not isinstance(topk_rest, str) or topk_rest not in TOPK_RESTS:
         raise InvalidArgumentError(f"topk_rest must be one of {TOPK_RESTS}, got {topk_rest!r}")
-    beta = _real("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise InvalidArgumentError(f"beta must be in [0, 1] (the teacher's weight in the JSD mixture), got {beta!r}")
-    alpha = _real("alpha", alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise InvalidArgumentError(f"alpha must be in [0, 1] (the weight of the hard-label loss), got {alpha!r}")
-    temperature = _real("temperature", temperature)
+    beta = unit_interval("beta", beta, "the teacher's weight in the JSD mixture")
+    alpha = unit_interval("alpha", alpha, "the weight of the hard-label loss")
+    temperature = real_number("temperature", temperature)
     if not 0.0 < temperature < math.inf:
         raise InvalidArgumentError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not isinstance(temperature_scaling, bool):
@@ -103,6 +99,36 @@ def make_distill_options(
         topk_rest=topk_rest,
         temperature_scaling=temperature_scaling,
     )
+
+
+def distill_options(
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    ignore_index: int | None,
+    reduction: str,
+    topk_rest: str,
+    temperature_scaling: bool,
+) -> DistillOptions:
+    """:func:`make_distill_options` of the options in :class:`DistillOptions`' order, for the
+    frontends whose functions take them one by one."""
+    return make_distill_options(
+        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
+    )  # fmt: skip
+
+
+def split_options(options: dict) -> tuple[DistillOptions, bool, bool]:
+    """The keyword options of a ``*_grad`` function: (checked options, shift, return_stats);
+    a TypeError for a keyword that is none of them."""
+    options = dict(options)
+    shift = options.pop("shift", False)
+    return_stats = options.pop("return_stats", False)
+    unknown = set(options) - set(DistillOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    return make_distill_options(**options), shift, return_stats
 
 
 def flat_options(opts: DistillOptions) -> tuple:
@@ -123,18 +149,11 @@ def flat_options(opts: DistillOptions) -> tuple:
     )
 
 
-def options_from_flat(
-    divergence: str,
-    beta: float,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    use_ignore_index: bool,
-    reduction: str,
-    topk_rest: str,
-    temperature_scaling: bool,
-) -> DistillOptions:
-    """:func:`flat_options` read back (the values were validated when the options were made)."""
+def options_from_flat(*flat) -> DistillOptions:
+    """:func:`flat_options` read back: (divergence, beta, temperature, alpha, ignore_index,
+    use_ignore_index, reduction, topk_rest, temperature_scaling) — the values were validated when
+    the options were made."""
+    divergence, beta, temperature, alpha, ignore_index, use_ignore_index, reduction, topk_rest, scaling = flat
     return DistillOptions(
         divergence=divergence,
         beta=beta,
@@ -143,5 +162,5 @@ def options_from_flat(
         ignore_index=ignore_index if use_ignore_index else None,
         reduction=reduction,
         topk_rest=topk_rest,
-        temperature_scaling=temperature_scaling,
+        temperature_scaling=scaling,
     )

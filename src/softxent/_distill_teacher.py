@@ -31,6 +31,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 
 #: "ignore" accepts top-k masses up to 1 + this (log-probabilities rounded in 16-bit or float32)
@@ -200,3 +202,47 @@ def check_topk_values(
                 f"teacher.logprobs hold a probability mass of {float(mass.max()):.4f} > 1 at some position "
                 "(topk_rest='ignore' uses them as given)"
             )
+
+
+def teacher_arrays(
+    teacher,
+    kind: str,
+    lead: Sequence[int],
+    num_classes: int,
+    topk_rest: str,
+    *,
+    float_array,
+    as_array,
+    is_integer,
+    host_values,
+) -> tuple:
+    """The checked arrays of a teacher of form ``kind`` (:func:`teacher_kind`) in rows form, N tokens:
+    (logits (N, V), None, None), (indices (N, k), logprobs (N, k), None) or a fused teacher's
+    (hidden (N, D_t), weight, bias or None) — for the NumPy and JAX frontends.
+
+    ``float_array(x, name)`` is the frontend's floating array of ``x`` (an error naming ``name``
+    otherwise), ``as_array(x)`` its array, ``is_integer(dtype)`` tests a dtype, and
+    ``host_values(indices, logprobs)`` gives the top-k values as NumPy arrays for
+    :func:`check_topk_values`, or None where they cannot be read (under ``jit``).
+    """
+    num_tokens = math.prod(lead)
+    if kind == "dense":
+        logits = float_array(teacher, "teacher")
+        check_dense_teacher_shape(tuple(lead) + (num_classes,), logits.shape)
+        return logits.reshape(num_tokens, num_classes), None, None
+    if kind == "topk":
+        indices, logprobs = as_array(teacher.indices), float_array(teacher.logprobs, "teacher.logprobs")
+        if not is_integer(indices.dtype):
+            raise InvalidTypeError(f"teacher.indices must hold integer token ids, got {indices.dtype}")
+        k = check_topk_shapes(lead, num_classes, indices.shape, logprobs.shape)
+        values = host_values(indices, logprobs)
+        if values is not None:
+            check_topk_values(
+                *values, num_classes, topk_rest,
+                sort_last=lambda x: np.sort(x, axis=-1), row_mass=lambda lp: np.exp(lp.astype(np.float64)).sum(axis=-1),
+            )  # fmt: skip
+        return indices.reshape(num_tokens, k), logprobs.reshape(num_tokens, k), None
+    hidden, weight = float_array(teacher.hidden, "teacher.hidden"), float_array(teacher.weight, "teacher.weight")
+    bias = None if teacher.bias is None else float_array(teacher.bias, "teacher.bias")
+    check_fused_teacher_shapes(lead, num_classes, hidden.shape, weight.shape, None if bias is None else bias.shape)
+    return hidden.reshape(num_tokens, hidden.shape[-1]), weight, bias

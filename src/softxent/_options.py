@@ -70,14 +70,12 @@ def make_options(
             )
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise InvalidArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    label_smoothing = _real("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise InvalidArgumentError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    z_loss = _real("z_loss", z_loss)
+    label_smoothing = unit_interval("label_smoothing", label_smoothing)
+    z_loss = real_number("z_loss", z_loss)
     if not 0.0 <= z_loss < math.inf:  # comparisons, not math.isfinite: torch.compile(dynamic=True) traces them
         raise InvalidArgumentError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None:
-        softcap = _real("softcap", softcap)
+        softcap = real_number("softcap", softcap)
         if softcap == math.inf:
             softcap = None  # s·tanh(z/s) → z as s → ∞: an infinite cap is no cap
         elif not SOFTCAP_MIN <= softcap <= SOFTCAP_MAX:
@@ -94,6 +92,16 @@ def make_options(
     )
 
 
+def cross_entropy_options(
+    ignore_index: int | None, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None
+) -> CrossEntropyOptions:
+    """:func:`make_options` of the five options in their order, for the frontends whose functions
+    take them one by one."""
+    return make_options(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+
+
 def check_chunk_size(chunk_size) -> int:
     """Tokens per chunk of a fused linear + cross-entropy: a positive int, or None
     for the automatic choice (returned as 0)."""
@@ -104,7 +112,17 @@ def check_chunk_size(chunk_size) -> int:
     return min(int(chunk_size), MAX_CHUNK_SIZE)  # at least N tokens: one chunk
 
 
-def _real(name: str, value: object) -> float:
+def real_number(name: str, value: object) -> float:
+    """``value`` as a float; a TypeError naming ``name`` unless it is a real number (bools are not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
+
+
+def unit_interval(name: str, value: object, meaning: str = "") -> float:
+    """:func:`real_number` in [0, 1], else a ValueError naming ``name`` (and what it is, ``meaning``)."""
+    value = real_number(name, value)
+    if not 0.0 <= value <= 1.0:
+        what = f" ({meaning})" if meaning else ""
+        raise InvalidArgumentError(f"{name} must be in [0, 1]{what}, got {value!r}")
+    return value

@@ -47,6 +47,25 @@ def check_target_shape(logits_shape: Sequence[int], axis: int, target_shape: Seq
         )
 
 
+def target_is_index(
+    logits_shape: Sequence[int],
+    axis: int,
+    target_shape: Sequence[int],
+    dtype,
+    is_integer: bool,
+    is_floating: bool,
+    ignore_index: int | None,
+) -> bool:
+    """Whether the target holds class indices (an integer ``dtype``) rather than probabilities (a
+    floating one), checked with its shape (:func:`check_target_shape`) and ``ignore_index``
+    (:func:`check_ignore_index_for_probabilities`)."""
+    if not (is_integer or is_floating):
+        raise InvalidTypeError(f"target must hold integer class indices or floating class probabilities, got {dtype}")
+    check_target_shape(logits_shape, axis, target_shape, is_integer)
+    check_ignore_index_for_probabilities(is_integer, ignore_index)
+    return is_integer
+
+
 def check_target_range(target, num_classes: int, ignore_index: int | None) -> None:
     """Every class index is in ``[0, C)`` or equals ``ignore_index``."""
     bad = (target < 0) | (target >= num_classes)

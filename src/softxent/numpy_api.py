@@ -11,18 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _backend
+from . import numpy_backend
 from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
-from ._options import CrossEntropyOptions, make_options
+from ._options import CrossEntropyOptions, cross_entropy_options
 from ._reduction import loss_scale as reduction_scale
 from ._training import CrossEntropyStats, check_shift, shifted_labels, summarize
-from ._validate import (
-    check_ignore_index_for_probabilities,
-    check_target_range,
-    check_target_shape,
-    check_weight_shape,
-    normalize_axis,
-)
+from ._validate import check_target_range, check_weight_shape, normalize_axis, target_is_index
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_grad"]
 
@@ -84,7 +78,7 @@ def logsumexp(z, axis: int = -1, keepdims: bool = False) -> np.ndarray:
     z = _as_logits(z, "z")
     axis = normalize_axis(axis, z.ndim)
     rows, moved_shape = _rows(z, axis)
-    out = _backend.logsumexp_rows(rows).astype(z.dtype).reshape(moved_shape[:-1])
+    out = numpy_backend.logsumexp_rows(rows).astype(z.dtype).reshape(moved_shape[:-1])
     return np.expand_dims(out, axis) if keepdims else out
 
 
@@ -107,7 +101,7 @@ def log_softmax(z, axis: int = -1) -> np.ndarray:
     z = _as_logits(z, "z")
     axis = normalize_axis(axis, z.ndim)
     rows, moved_shape = _rows(z, axis)
-    out = _backend.log_softmax_rows(rows, np.empty(rows.shape, z.dtype))
+    out = numpy_backend.log_softmax_rows(rows, np.empty(rows.shape, z.dtype))
     return _unrows(out, moved_shape, axis)
 
 
@@ -129,7 +123,7 @@ def softmax(z, axis: int = -1) -> np.ndarray:
     z = _as_logits(z, "z")
     axis = normalize_axis(axis, z.ndim)
     rows, moved_shape = _rows(z, axis)
-    out = _backend.softmax_rows(rows, np.empty(rows.shape, z.dtype))
+    out = numpy_backend.softmax_rows(rows, np.empty(rows.shape, z.dtype))
     return _unrows(out, moved_shape, axis)
 
 
@@ -164,16 +158,10 @@ def prepare_target(
     """
     num_classes = logits_shape[axis]
     target = np.asarray(target)
-    if np.issubdtype(target.dtype, np.integer):
-        is_index = True
-    elif np.issubdtype(target.dtype, np.floating):
-        is_index = False
-    else:
-        raise InvalidTypeError(
-            f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
-        )
-    check_target_shape(logits_shape, axis, target.shape, is_index)
-    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    is_integer, is_floating = (np.issubdtype(target.dtype, kind) for kind in (np.integer, np.floating))
+    is_index = target_is_index(
+        logits_shape, axis, target.shape, target.dtype, is_integer, is_floating, opts.ignore_index
+    )
     shift = check_shift(shift, is_index, opts.ignore_index, target.ndim)
     if weight is not None:
         weight = np.asarray(weight)
@@ -205,17 +193,7 @@ def _prepare(logits, target, axis, weight, opts: CrossEntropyOptions, shift: boo
         raise InvalidArgumentError(f"logits must have at least one class along axis {axis}, shape {z.shape}")
     target_rows, weight, is_index = prepare_target(z.shape, axis, target, weight, opts, shift)
     rows, moved_shape = _rows(z, axis)
-    return _CrossEntropyCall(
-        rows=rows,
-        target=target_rows,
-        weight=weight,
-        opts=opts,
-        is_index=is_index,
-        axis=axis,
-        moved_shape=moved_shape,
-        loss_shape=moved_shape[:-1],
-        dtype=z.dtype,
-    )
+    return _CrossEntropyCall(rows, target_rows, weight, opts, is_index, axis, moved_shape, moved_shape[:-1], z.dtype)
 
 
 def stats_buffers(num_rows: int, want: bool) -> tuple[np.ndarray, np.ndarray] | None:
@@ -240,11 +218,24 @@ def training_stats(stats, target_rows, is_index, opts, loss_scale, loss_shape, d
         )
 
 
-def _reduce(call: _CrossEntropyCall, loss_rows: np.ndarray, loss_scale: float):
-    if call.opts.reduction == "none":
-        return loss_rows.astype(call.dtype).reshape(call.loss_shape)
+def reduced_loss(loss_rows: np.ndarray, reduction: str, loss_scale: float, loss_shape: tuple[int, ...], dtype):
+    """The loss of per-row losses: the rows in ``loss_shape`` for ``"none"``, else Σℓ × ``loss_scale``
+    (1/D for a mean), in ``dtype``."""
+    if reduction == "none":
+        return loss_rows.astype(dtype).reshape(loss_shape)
     with np.errstate(invalid="ignore"):  # 0·inf: weights summing to 0 give NaN, as in PyTorch
-        return call.dtype.type(loss_rows.sum() * loss_scale)
+        return dtype.type(loss_rows.sum() * loss_scale)
+
+
+def results(loss, grads: tuple = (), stats=None):
+    """What a public function returns: the loss alone, or ``(loss, *grads)`` and the statistics
+    last when there are any (``stats`` None: not asked for)."""
+    out = (loss, *grads) + (() if stats is None else (stats,))
+    return out if len(out) > 1 else loss
+
+
+def _reduce(call: _CrossEntropyCall, loss_rows: np.ndarray, loss_scale: float):
+    return reduced_loss(loss_rows, call.opts.reduction, loss_scale, call.loss_shape, call.dtype)
 
 
 def cross_entropy(
@@ -303,25 +294,26 @@ def cross_entropy(
         >>> round(float(sx.cross_entropy(logits, np.array([0, 1]))), 6)
         0.132384
     """
-    opts = make_options(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    )
-    call = _prepare(logits, target, axis, weight, opts, shift)
-    stats = stats_buffers(call.rows.shape[0], return_stats)
-    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, stats=stats)
+    opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _run(_prepare(logits, target, axis, weight, opts, shift), None, False, return_stats)
+
+
+def _run(call: _CrossEntropyCall, grad_output, want_grad: bool, return_stats: bool):
+    """The kernel over the call's rows: the loss, the gradient with ``want_grad``, the statistics."""
     loss_scale = call.loss_scale
+    scale = grad_rows = None
+    if want_grad:
+        scale = row_scale(grad_output, call.loss_shape, call.opts.reduction, loss_scale)
+        grad_rows = np.empty(call.rows.shape, call.dtype)
+    stats = stats_buffers(call.rows.shape[0], return_stats)
+    loss_rows = numpy_backend.cross_entropy_rows(
+        call.rows, call.target, call.weight, call.opts, scale, grad_rows, stats=stats
+    )
     loss = _reduce(call, loss_rows, loss_scale)
-    if not return_stats:
-        return loss
-    return loss, _call_stats(call, stats, loss_scale)
-
-
-def _call_stats(call: _CrossEntropyCall, stats, loss_scale: float) -> CrossEntropyStats:
-    return training_stats(stats, call.target, call.is_index, call.opts, loss_scale, call.loss_shape, call.dtype)
+    grads = (_unrows(grad_rows, call.moved_shape, call.axis),) if want_grad else ()
+    if return_stats:
+        stats = training_stats(stats, call.target, call.is_index, call.opts, loss_scale, call.loss_shape, call.dtype)
+    return results(loss, grads, stats)
 
 
 def cross_entropy_grad(
@@ -364,25 +356,8 @@ def cross_entropy_grad(
         >>> g  # p − y
         array([[ 0.5, -0.5]])
     """
-    opts = make_options(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    )
-    call = _prepare(logits, target, axis, weight, opts, shift)
-    loss_scale = call.loss_scale
-    scale = _row_scale(call, grad_output, loss_scale)
-    grad_rows = np.empty(call.rows.shape, call.dtype)
-    stats = stats_buffers(call.rows.shape[0], return_stats)
-    loss_rows = _backend.cross_entropy_rows(call.rows, call.target, call.weight, opts, scale, grad_rows, stats=stats)
-    result = (_reduce(call, loss_rows, loss_scale), _unrows(grad_rows, call.moved_shape, call.axis))
-    return result + (_call_stats(call, stats, loss_scale),) if return_stats else result
-
-
-def _row_scale(call: _CrossEntropyCall, grad_output, loss_scale: float):
-    return row_scale(grad_output, call.loss_shape, call.opts.reduction, loss_scale)
+    opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _run(_prepare(logits, target, axis, weight, opts, shift), grad_output, True, return_stats)
 
 
 def row_scale(grad_output, loss_shape: tuple[int, ...], reduction: str, loss_scale: float):

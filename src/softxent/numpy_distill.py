@@ -8,32 +8,17 @@ so that neither model's N×V logits ever exist.  Inputs are never modified.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ._distill_chunks import TeacherRows, chunk_rows, counted_tokens, linear_distill_rows
-from ._distill_options import DistillOptions, make_distill_options
+from ._distill_options import DistillOptions, distill_options, split_options
 from ._distill_reference import distill_rows
 from ._distill_stats import DistillStats, summarize
-from ._distill_teacher import (
-    FusedTeacher,
-    TopK,
-    check_dense_teacher_shape,
-    check_fused_teacher_shapes,
-    check_labels,
-    check_target,
-    check_topk_shapes,
-    check_topk_values,
-    teacher_kind,
-)
+from ._distill_teacher import FusedTeacher, TopK, check_labels, check_target, teacher_arrays, teacher_kind
 from ._errors import InvalidArgumentError, InvalidTypeError
-from ._linear_chunks import Gradients
-from ._options import check_chunk_size
 from ._reduction import reduced_loss_scale
-from ._validate import check_linear_shapes
-from .numpy_api import float_array, row_scale
-from .numpy_linear import NUMPY_OPS
+from .numpy_api import float_array, reduced_loss, results, row_scale
+from .numpy_linear import NUMPY_OPS, numpy_layer
 
 __all__ = [
     "TopK",
@@ -72,39 +57,16 @@ def teacher_rows(teacher, lead: tuple[int, ...], num_classes: int, opts, valid, 
     """The checked teacher in rows form, as a :class:`~softxent._distill_chunks.TeacherRows`;
     a fused teacher's layer in the ``compute`` dtype."""
     kind = teacher_kind(teacher, linear)
-    num_tokens = valid.shape[0]
+    arrays = teacher_arrays(
+        teacher, kind, lead, num_classes, opts.topk_rest,
+        float_array=float_array, as_array=np.asarray, is_integer=lambda dtype: np.issubdtype(dtype, np.integer),
+        host_values=lambda indices, logprobs: (indices, logprobs),
+    )  # fmt: skip
     if kind == "dense":
-        logits = float_array(teacher, "teacher")
-        check_dense_teacher_shape(lead + (num_classes,), logits.shape)
-        return TeacherRows(NUMPY_OPS, valid, labels, logits=logits.reshape(num_tokens, num_classes))
+        return TeacherRows(NUMPY_OPS, valid, labels, logits=arrays[0])
     if kind == "topk":
-        indices, logprobs = np.asarray(teacher.indices), float_array(teacher.logprobs, "teacher.logprobs")
-        if not np.issubdtype(indices.dtype, np.integer):
-            raise InvalidTypeError(f"teacher.indices must hold integer token ids, got {indices.dtype}")
-        k = check_topk_shapes(lead, num_classes, indices.shape, logprobs.shape)
-        check_topk_values(
-            indices,
-            logprobs,
-            num_classes,
-            opts.topk_rest,
-            sort_last=lambda x: np.sort(x, axis=-1),
-            row_mass=lambda lp: np.exp(lp.astype(np.float64)).sum(axis=-1),
-        )
-        return TeacherRows(
-            NUMPY_OPS,
-            valid,
-            labels,
-            indices=indices.reshape(num_tokens, k).astype(np.int64),
-            logprobs=logprobs.reshape(num_tokens, k),
-        )
-    hidden, weight = float_array(teacher.hidden, "teacher.hidden"), float_array(teacher.weight, "teacher.weight")
-    bias = None if teacher.bias is None else float_array(teacher.bias, "teacher.bias")
-    check_fused_teacher_shapes(lead, num_classes, hidden.shape, weight.shape, None if bias is None else bias.shape)
-    layer = (
-        np.ascontiguousarray(hidden.reshape(num_tokens, hidden.shape[-1]), dtype=compute),
-        np.ascontiguousarray(weight, dtype=compute),
-        None if bias is None else np.ascontiguousarray(bias, dtype=compute),
-    )
+        return TeacherRows(NUMPY_OPS, valid, labels, indices=arrays[0].astype(np.int64), logprobs=arrays[1])
+    layer = tuple(None if x is None else np.ascontiguousarray(x, dtype=compute) for x in arrays)
     return TeacherRows(NUMPY_OPS, valid, labels, fused=layer)
 
 
@@ -114,13 +76,10 @@ def _loss_scale(opts: DistillOptions, valid) -> float:
     return reduced_loss_scale(opts.reduction, (float(count), count))
 
 
-def _reduce(loss_rows, opts: DistillOptions, scale_of_sum: float, lead, dtype):
-    if opts.reduction == "none":
-        return loss_rows.astype(dtype).reshape(lead)
-    return dtype.type(loss_rows.sum() * scale_of_sum)
-
-
-def _stats(stats, valid, lead, dtype) -> DistillStats:
+def _stats(stats, valid, lead, dtype) -> DistillStats | None:
+    """The statistics of a pass, or None where they were not asked for (no ``stats`` buffers)."""
+    if stats is None:
+        return None
     divergence, student_top, teacher_top = stats
     out = summarize(divergence.astype(dtype), student_top, teacher_top, valid, lead)
     return DistillStats(divergence=out.divergence, agreement=np.float64(out.agreement))
@@ -148,64 +107,34 @@ def _run_logits(student_logits, teacher, target, opts: DistillOptions, shift, re
     grad = np.empty(rows.shape, z.dtype) if want_grad else None
     stats = _stats_buffers(rows.shape[0], return_stats)
     loss_rows = distill_rows(rows, teacher_chunk, None, opts, scale, grad, stats)
-    result = (_reduce(loss_rows, opts, scale_of_sum, lead, z.dtype),)
-    if want_grad:
-        result += (grad.reshape(z.shape),)
-    if return_stats:
-        result += (_stats(stats, valid, lead, z.dtype),)
-    return result if len(result) > 1 else result[0]
+    loss = reduced_loss(loss_rows, opts.reduction, scale_of_sum, lead, z.dtype)
+    return results(loss, (grad.reshape(z.shape),) if want_grad else (), _stats(stats, valid, lead, z.dtype))
 
 
 def _run_linear(hidden, weight, teacher, target, bias, opts, chunk_size, shift, return_stats, want_grad, grad_output):
-    hidden = float_array(hidden, "student_hidden")
-    weight = float_array(weight, "student_weight")
-    bias = None if bias is None else float_array(bias, "student_bias")
-    chunk_size = check_chunk_size(chunk_size)
-    num_classes = check_linear_shapes(
-        hidden.shape, weight.shape, None if bias is None else bias.shape, "student_hidden"
-    )
-    lead = hidden.shape[:-1]
-    dtypes = [hidden.dtype, weight.dtype] + ([] if bias is None else [bias.dtype])
-    # float16 matmuls have no BLAS in NumPy: compute in float32 (float64 if any input is)
-    compute = np.float64 if np.float64 in dtypes else np.float32
+    layer = numpy_layer(hidden, weight, bias, chunk_size, ("student_hidden", "student_weight", "student_bias"))
+    lead, num_classes = layer.lead, layer.num_classes
     valid, labels = counted(lead, target, opts, shift)
-    teacher = teacher_rows(teacher, lead, num_classes, opts, valid, labels, True, compute)
+    teacher = teacher_rows(teacher, lead, num_classes, opts, valid, labels, True, layer.compute)
     if labels is not None:
         check_labels(labels, valid, num_classes)
     scale_of_sum = _loss_scale(opts, valid)
     scale = row_scale(grad_output, lead, opts.reduction, scale_of_sum) if want_grad else None
 
-    num_tokens = math.prod(lead)
-    h = np.ascontiguousarray(hidden.reshape(num_tokens, hidden.shape[-1]), dtype=compute)  # not -1: D may be 0
-    w = np.ascontiguousarray(weight, dtype=compute)
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=compute)
+    num_tokens = layer.h.shape[0]
     tokens = counted_tokens(valid, np.flatnonzero)
-    zeros = np.zeros if tokens is not None else np.empty
-    loss_rows = zeros(num_tokens, np.float64)
-    grads = None
-    if want_grad:
-        grads = Gradients(
-            hidden=zeros(h.shape, compute),
-            weight=np.empty(w.shape, compute),
-            bias=None if b is None else np.empty_like(b),
-        )
-    chunk = chunk_size or chunk_rows(num_tokens, num_classes, np.dtype(compute).itemsize, teacher.fused is not None)
+    loss_rows, grads = layer.buffers(tokens, want_grad)
+    fused = teacher.fused is not None
+    chunk = layer.chunk_size or chunk_rows(num_tokens, num_classes, layer.compute.itemsize, fused)
     stats = _stats_buffers(num_tokens, return_stats)
     linear_distill_rows(
-        NUMPY_OPS, distill_rows, h, w, b, teacher, opts, loss_rows,
+        NUMPY_OPS, distill_rows, layer.h, layer.w, layer.b, teacher, opts, loss_rows,
         chunk_rows=chunk, tokens=tokens, scale=scale, grads=grads, stats=stats,
     )  # fmt: skip
-    out_dtype = np.result_type(*dtypes)
-    result = (_reduce(loss_rows, opts, scale_of_sum, lead, out_dtype),)
-    if want_grad:
-        result += (
-            grads.hidden.astype(hidden.dtype, copy=False).reshape(hidden.shape),
-            grads.weight.astype(weight.dtype, copy=False),
-            None if b is None else grads.bias.astype(bias.dtype, copy=False),
-        )
-    if return_stats:
-        result += (_stats(stats, valid, lead, out_dtype),)
-    return result if len(result) > 1 else result[0]
+    out_dtype = layer.out_dtype
+    loss = reduced_loss(loss_rows, opts.reduction, scale_of_sum, lead, out_dtype)
+    grads = layer.gradients(grads) if want_grad else ()
+    return results(loss, grads, _stats(stats, valid, lead, out_dtype))
 
 
 def distill_loss(
@@ -271,10 +200,9 @@ def distill_loss(
         >>> round(float(sx.distill_loss(z_s, z_t)), 6)  # KL between softmax([1, 0]) and softmax([0, 1])
         0.462117
     """
-    opts = make_distill_options(
-        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
-    )  # fmt: skip
+    opts = distill_options(
+        divergence, beta, temperature, alpha, ignore_index, reduction, topk_rest, temperature_scaling
+    )
     return _run_logits(student_logits, teacher, target, opts, shift, return_stats, False, None)
 
 
@@ -296,7 +224,7 @@ def distill_loss_grad(student_logits, teacher, target=None, *, grad_output=None,
         ``(loss, dstudent_logits)`` (the gradient in the logits' shape and dtype);
         ``(loss, dstudent_logits, stats)`` with ``return_stats=True``.
     """
-    opts, shift, return_stats = _options(options)
+    opts, shift, return_stats = split_options(options)
     return _run_logits(student_logits, teacher, target, opts, shift, return_stats, True, grad_output)
 
 
@@ -349,10 +277,9 @@ def linear_distill_loss(
         >>> round(float(sx.linear_distill_loss(h, W, teacher)), 6)
         0.462117
     """
-    opts = make_distill_options(
-        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
-    )  # fmt: skip
+    opts = distill_options(
+        divergence, beta, temperature, alpha, ignore_index, reduction, topk_rest, temperature_scaling
+    )
     args = (student_hidden, student_weight, teacher, target, student_bias, opts, chunk_size, shift, return_stats)
     return _run_linear(*args, False, None)
 
@@ -378,19 +305,8 @@ def linear_distill_loss_grad(
         dtypes (``dstudent_bias`` None without a bias); a fifth element, the statistics, with
         ``return_stats=True``.
     """
-    opts, shift, return_stats = _options(options)
+    opts, shift, return_stats = split_options(options)
     return _run_linear(
         student_hidden, student_weight, teacher, target, student_bias, opts, chunk_size, shift, return_stats, True,
         grad_output,
     )  # fmt: skip
-
-
-def _options(options: dict) -> tuple[DistillOptions, bool, bool]:
-    """The keyword options of the ``*_grad`` functions: (options, shift, return_stats)."""
-    options = dict(options)
-    shift = options.pop("shift", False)
-    return_stats = options.pop("return_stats", False)
-    unknown = set(options) - set(DistillOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
-    return make_distill_options(**options), shift, return_stats

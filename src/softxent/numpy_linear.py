@@ -10,10 +10,11 @@ buffer (:mod:`softxent._linear_chunks`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import _backend
+from . import numpy_backend
 from ._linear_chunks import (
     ArrayOps,
     Gradients,
@@ -22,10 +23,10 @@ from ._linear_chunks import (
     blocked_accumulate_matmul,
     linear_cross_entropy_rows,
 )
-from ._options import check_chunk_size, make_options
+from ._options import check_chunk_size, cross_entropy_options
 from ._reduction import loss_scale
 from ._validate import check_linear_shapes
-from .numpy_api import float_array, prepare_target, row_scale, training_stats
+from .numpy_api import float_array, prepare_target, reduced_loss, results, row_scale, training_stats
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_grad"]
 
@@ -53,7 +54,7 @@ def _add_column_sums(acc, g, overwrite: bool) -> None:
 
 
 def _cross_entropy_rows(z, target, weight, opts, scale=None, grad_out=None, stats=None):
-    return _backend.cross_entropy_rows(
+    return numpy_backend.cross_entropy_rows(
         z, target, weight, opts, scale, grad_out, inplace=grad_out is not None, stats=stats
     )
 
@@ -67,77 +68,104 @@ NUMPY_OPS = ArrayOps(
 )
 
 
-def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, want_grad, extras):
-    hidden = float_array(hidden, "hidden")
-    linear_weight = float_array(linear_weight, "linear_weight")
-    if linear_bias is not None:
-        linear_bias = float_array(linear_bias, "linear_bias")
+@dataclass(frozen=True)
+class NumpyLayer:
+    """The checked inputs of a fused linear + loss: the caller's arrays, and the hidden states
+    (N, D), weight and bias as contiguous arrays of the dtype the matmuls run in."""
+
+    hidden: np.ndarray  # (…, D) as given
+    weight: np.ndarray
+    bias: np.ndarray | None
+    h: np.ndarray  # (N, D), compute dtype
+    w: np.ndarray
+    b: np.ndarray | None
+    chunk_size: int  # 0: automatic
+    num_classes: int
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The token shape (the loss's for ``reduction="none"``)."""
+        return self.hidden.shape[:-1]
+
+    @property
+    def compute(self) -> np.dtype:
+        """float32, or float64 if any input is (float16 matmuls have no BLAS in NumPy)."""
+        return self.h.dtype
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """The dtype of the loss: the inputs' result type."""
+        return np.result_type(*(x.dtype for x in (self.hidden, self.weight, self.bias) if x is not None))
+
+    def buffers(self, tokens, want_grad: bool) -> tuple[np.ndarray, Gradients | None]:
+        """(per-token float64 losses, gradient accumulators or None) for the chunk loop; zeros where
+        some ``tokens`` are skipped (None: every token is computed)."""
+        zeros = np.zeros if tokens is not None else np.empty
+        loss_rows = zeros(self.h.shape[0], np.float64)
+        if not want_grad:
+            return loss_rows, None
+        grads = Gradients(
+            hidden=zeros(self.h.shape, self.compute),
+            weight=np.empty(self.w.shape, self.compute),
+            bias=None if self.b is None else np.empty(self.b.shape, self.compute),
+        )
+        return loss_rows, grads
+
+    def gradients(self, grads: Gradients) -> tuple:
+        """(dhidden, dweight, dbias or None) in the inputs' shapes and dtypes."""
+        return (
+            grads.hidden.astype(self.hidden.dtype, copy=False).reshape(self.hidden.shape),
+            grads.weight.astype(self.weight.dtype, copy=False),
+            None if self.b is None else grads.bias.astype(self.bias.dtype, copy=False),
+        )
+
+
+def numpy_layer(hidden, weight, bias, chunk_size, names=("hidden", "linear_weight", "linear_bias")) -> NumpyLayer:
+    """Check the layer of a fused linear + loss (float arrays called ``names``, shapes, ``chunk_size``)."""
+    hidden, weight = float_array(hidden, names[0]), float_array(weight, names[1])
+    bias = None if bias is None else float_array(bias, names[2])
     chunk_size = check_chunk_size(chunk_size)
-    num_classes = check_linear_shapes(
-        hidden.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape
+    num_classes = check_linear_shapes(hidden.shape, weight.shape, None if bias is None else bias.shape, names[0])
+    dtypes = [hidden.dtype, weight.dtype] + ([] if bias is None else [bias.dtype])
+    compute = np.float64 if np.float64 in dtypes else np.float32
+    num_tokens = math.prod(hidden.shape[:-1])
+    return NumpyLayer(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        h=np.ascontiguousarray(hidden.reshape(num_tokens, hidden.shape[-1]), dtype=compute),  # not -1: D may be 0
+        w=np.ascontiguousarray(weight, dtype=compute),
+        b=None if bias is None else np.ascontiguousarray(bias, dtype=compute),
+        chunk_size=chunk_size,
+        num_classes=num_classes,
     )
-    lead = hidden.shape[:-1]
+
+
+def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, want_grad, extras):
+    layer = numpy_layer(hidden, linear_weight, linear_bias, chunk_size)
+    lead, num_classes = layer.lead, layer.num_classes
     shift, return_stats = extras
     target_rows, weight, is_index = prepare_target(lead + (num_classes,), len(lead), target, weight, opts, shift)
     scale_of_sum = loss_scale(opts.reduction, target_rows, weight, opts.ignore_index, is_index)
     scale = row_scale(grad_output, lead, opts.reduction, scale_of_sum) if want_grad else None
 
-    # float16 matmuls have no BLAS in NumPy: compute in float32 (float64 if any input is)
-    dtypes = [hidden.dtype, linear_weight.dtype] + ([] if linear_bias is None else [linear_bias.dtype])
-    compute = np.float64 if np.float64 in dtypes else np.float32
-    h = np.ascontiguousarray(hidden.reshape(math.prod(lead), hidden.shape[-1]), dtype=compute)  # not -1: D may be 0
-    w = np.ascontiguousarray(linear_weight, dtype=compute)
-    b = None if linear_bias is None else np.ascontiguousarray(linear_bias, dtype=compute)
-    num_tokens = h.shape[0]
-
+    num_tokens = layer.h.shape[0]
     tokens = active_tokens(target_rows, opts, np.flatnonzero)
-    zeros = np.zeros if tokens is not None else np.empty
-    loss_rows = zeros(num_tokens, np.float64)
-    grads = None
-    if want_grad:
-        grads = Gradients(
-            hidden=zeros(h.shape, compute),
-            weight=np.empty(w.shape, compute),
-            bias=None if b is None else np.empty(b.shape, compute),
-        )
-    chunk = chunk_size or auto_chunk_rows(num_tokens, num_classes, np.dtype(compute).itemsize)
+    loss_rows, grads = layer.buffers(tokens, want_grad)
+    chunk = layer.chunk_size or auto_chunk_rows(num_tokens, num_classes, layer.compute.itemsize)
     stats = None
     if return_stats:
         stats = (np.zeros(num_tokens), np.full(num_tokens, -1, np.int64))  # skipped tokens: 0 and −1
     linear_cross_entropy_rows(
-        NUMPY_OPS,
-        h,
-        w,
-        b,
-        target_rows,
-        weight,
-        opts,
-        loss_rows,
-        chunk_rows=chunk,
-        tokens=tokens,
-        scale=scale,
-        grads=grads,
-        stats=stats,
-    )
+        NUMPY_OPS, layer.h, layer.w, layer.b, target_rows, weight, opts, loss_rows,
+        chunk_rows=chunk, tokens=tokens, scale=scale, grads=grads, stats=stats,
+    )  # fmt: skip
 
-    out_dtype = np.result_type(*dtypes)
-    if opts.reduction == "none":
-        loss = loss_rows.astype(out_dtype).reshape(lead)
-    else:
-        with np.errstate(invalid="ignore"):  # 0·inf: weights summing to 0 give NaN, as in PyTorch
-            loss = out_dtype.type(loss_rows.sum() * scale_of_sum)
-    extra = ()
+    out_dtype = layer.out_dtype
+    loss = reduced_loss(loss_rows, opts.reduction, scale_of_sum, lead, out_dtype)
     if return_stats:
-        extra = (training_stats(stats, target_rows, is_index, opts, scale_of_sum, lead, out_dtype),)
-    if not want_grad:
-        return (loss,) + extra if extra else loss
-    dbias = None if b is None else grads.bias.astype(linear_bias.dtype, copy=False)
-    return (
-        loss,
-        grads.hidden.astype(hidden.dtype, copy=False).reshape(hidden.shape),
-        grads.weight.astype(linear_weight.dtype, copy=False),
-        dbias,
-    ) + extra
+        stats = training_stats(stats, target_rows, is_index, opts, scale_of_sum, lead, out_dtype)
+    return results(loss, layer.gradients(grads) if want_grad else (), stats)
 
 
 def linear_cross_entropy(
@@ -190,9 +218,7 @@ def linear_cross_entropy(
         >>> round(float(sx.linear_cross_entropy(h, W, np.array([0, 1]))), 6)
         0.551445
     """
-    opts = make_options(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
-    )
+    opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     extras = (shift, return_stats)
     return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, None, False, extras)
 
@@ -233,8 +259,6 @@ def linear_cross_entropy_grad(
         inputs' shapes and dtypes; ``dlinear_bias`` is None without a bias; with
         ``return_stats``, a fifth element: the statistics.
     """
-    opts = make_options(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
-    )
+    opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     extras = (shift, return_stats)
     return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, True, extras)

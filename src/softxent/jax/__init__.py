@@ -26,28 +26,20 @@ index outside [0, C) gives a NaN loss and NaN gradient row instead (it cannot ra
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._distill_stats import DistillStats
 from .._distill_teacher import FusedTeacher, TopK
-from .._errors import InvalidArgumentError, InvalidTypeError
-from .._options import CrossEntropyOptions, check_chunk_size, make_options
+from .._errors import InvalidArgumentError
+from .._options import CrossEntropyOptions, cross_entropy_options
 from .._training import CrossEntropyStats, check_shift, summarize
-from .._validate import (
-    check_ignore_index_for_probabilities,
-    check_linear_shapes,
-    check_target_range,
-    check_target_shape,
-    check_weight_shape,
-    normalize_axis,
-)
+from .._validate import check_target_range, check_weight_shape, normalize_axis, target_is_index
+from ._arguments import float_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
 from ._cross_entropy import Spec, cross_entropy_rows, mean_scale
 from ._distill import distill_loss, distill_loss_grad, linear_distill_loss, linear_distill_loss_grad
-from ._linear import LinearSpec, linear_cross_entropy_rows
+from ._linear import LinearSpec, default_chunk_rows, linear_cross_entropy_rows
 from ._softmax import log_softmax_rows, logsumexp_rows, softmax_rows
 
 __all__ = [
@@ -69,23 +61,6 @@ __all__ = [
     "DistillStats",
 ]
 
-#: a chunk of logits holds about this fraction of all the (float32) logits, within the bounds below:
-#: the chunk's logits, exponentials and gradient share one buffer (``_rows.in_place``), so 1/16
-#: plus the dW slice stays inside a 10 % budget
-CHUNK_FRACTION = 1 / 16
-CHUNK_MIN_BYTES, CHUNK_MAX_BYTES = 2 << 20, 64 << 20
-
-
-def default_chunk_rows(num_tokens: int, num_classes: int, buffers: int = 1) -> int:
-    """Tokens per chunk of :func:`linear_cross_entropy`: float32 logits of 1/16 of all of them
-    (÷ ``buffers``, the chunk-sized buffers the options hold), between 2 and 64 MiB, a multiple
-    of 16 rows (at least 16, at most N) — or, where one exists, a divisor of N down to half
-    that many rows: chunks that tile N need no padded copy of the hidden states."""
-    budget = min(max(int(num_tokens * num_classes * 4 * CHUNK_FRACTION), CHUNK_MIN_BYTES), CHUNK_MAX_BYTES)
-    rows = max(1, min(max(16, budget // max(1, buffers) // max(1, 4 * num_classes) // 16 * 16), num_tokens))
-    tiling = (r for r in range(rows, rows // 2, -1) if num_tokens % r == 0)
-    return next(tiling, rows)
-
 
 def _chunk_buffers(opts: CrossEntropyOptions, is_index: bool) -> int:
     """Chunk-sized buffers a linear cross-entropy step holds: one (logits, exponentials and
@@ -93,15 +68,6 @@ def _chunk_buffers(opts: CrossEntropyOptions, is_index: bool) -> int:
     (label smoothing, probability targets), two more with softcap (capped logits, tanh)."""
     again = opts.label_smoothing > 0.0 or not is_index
     return 1 + int(again) + (2 if opts.softcap is not None else 0)
-
-
-def _float_array(x, name: str):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise InvalidTypeError(
-            f"{name} must be a floating-point array (float16, bfloat16, float32, float64), got {x.dtype}"
-        )
-    return x
 
 
 def _rows(z, axis: int):
@@ -114,7 +80,7 @@ def _unrows(rows, moved_shape, axis: int):
 
 
 def _class_axis_op(op, z, axis: int, name: str = "z"):
-    z = _float_array(z, name)
+    z = float_array(z, name)
     if z.ndim == 0:
         return op(z.reshape(1, 1)).reshape(())
     axis = normalize_axis(axis, z.ndim)
@@ -139,7 +105,7 @@ def log_softmax(z, axis: int = -1):
 def logsumexp(z, axis: int = -1, keepdims: bool = False):
     r"""log Σ_k e^{z_k} along ``axis``, as m + log Σ_k e^{z_k − m}; its vector-Jacobian
     product is g·softmax(z).  No classes give −inf; ±inf maxima give ±inf, NaN propagates."""
-    z = _float_array(z, "z")
+    z = float_array(z, "z")
     if z.ndim == 0:
         return z
     axis = normalize_axis(axis, z.ndim)
@@ -160,18 +126,12 @@ def _prepare_target(logits_shape, axis: int, target, weight, opts: CrossEntropyO
     """Checked (target_rows, weight, is_index): (M,) class indices or (M, C) probabilities."""
     num_classes = logits_shape[axis]
     target = jnp.asarray(target)
-    if jnp.issubdtype(target.dtype, jnp.integer):
-        is_index = True
-    elif jnp.issubdtype(target.dtype, jnp.floating):
-        is_index = False
-    else:
-        raise InvalidTypeError(
-            f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
-        )
-    check_target_shape(logits_shape, axis, target.shape, is_index)
-    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    is_integer, is_floating = (jnp.issubdtype(target.dtype, kind) for kind in (jnp.integer, jnp.floating))
+    is_index = target_is_index(
+        logits_shape, axis, target.shape, target.dtype, is_integer, is_floating, opts.ignore_index
+    )
     if weight is not None:
-        weight = _float_array(weight, "weight")
+        weight = float_array(weight, "weight")
         check_weight_shape(weight.shape, num_classes)
     shift = check_shift(shift, is_index, opts.ignore_index, target.ndim)
     if not is_index:
@@ -197,12 +157,6 @@ def _stats(lse, argmax, target_rows, weight, opts: CrossEntropyOptions, is_index
     scale = mean_scale(target_rows, weight, opts, is_index, ok, lse.dtype)
     out = summarize(lse, argmax, labels, counted, opts.z_loss, scale, opts.reduction, loss_shape)
     return CrossEntropyStats(z_loss=out.z_loss.astype(dtype), accuracy=out.accuracy.astype(lse.dtype), lse=out.lse)
-
-
-def _options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CrossEntropyOptions:
-    return make_options(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
-    )
 
 
 def cross_entropy(
@@ -251,8 +205,8 @@ def cross_entropy(
         the loss in the logits' dtype — a scalar, or for ``reduction="none"`` the target's
         (index) shape; ``(loss, stats)`` with ``return_stats``.
     """
-    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    z = _float_array(logits, "logits")
+    opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    z = float_array(logits, "logits")
     if z.ndim == 0:
         raise InvalidArgumentError("logits must have at least one dimension (the classes), got a scalar")
     axis = normalize_axis(axis, z.ndim)
@@ -262,7 +216,7 @@ def cross_entropy(
     rows, moved = _rows(z, axis)
     loss, lse, argmax = cross_entropy_rows(rows, target_rows, weight, Spec(opts, is_index, return_stats))
     loss_shape = moved[:-1]
-    loss = (loss.reshape(loss_shape) if opts.reduction == "none" else loss).astype(z.dtype)
+    loss = shaped_loss(loss, opts.reduction, loss_shape, z.dtype)
     if not return_stats:
         return loss
     return loss, _stats(lse, argmax, target_rows, weight, opts, is_index, loss_shape, z.dtype)
@@ -276,31 +230,11 @@ def cross_entropy_grad(logits, target, *, grad_output=None, **options):
 
     ``(loss, dlogits, stats)`` with ``return_stats=True``.
     """
-    return_stats = options.get("return_stats", False)
-    z = _float_array(logits, "logits")
 
-    def fn(x):
-        out = cross_entropy(x, target, **options)
-        return (out[0], out[1]) if return_stats else (out, None)
+    def loss(z):
+        return cross_entropy(z, target, **options)
 
-    (loss, stats), vjp = _vjp_with_aux(fn, z)
-    (dz,) = vjp(_upstream(grad_output, loss))
-    return (loss, dz, stats) if return_stats else (loss, dz)
-
-
-def _vjp_with_aux(fn, *primals):
-    """jax.vjp of ``fn`` returning (output, aux)."""
-    loss, vjp, aux = jax.vjp(fn, *primals, has_aux=True)
-    return (loss, aux), vjp
-
-
-def _upstream(grad_output, loss):
-    if grad_output is None:
-        return jnp.ones_like(loss)
-    g = jnp.asarray(grad_output)
-    if g.shape != loss.shape:
-        raise InvalidArgumentError(f"grad_output must have the loss's shape {loss.shape}, got {g.shape}")
-    return g.astype(loss.dtype)
+    return loss_and_grads(loss, (float_array(logits, "logits"),), grad_output, options.get("return_stats", False))
 
 
 def linear_cross_entropy(
@@ -341,21 +275,15 @@ def linear_cross_entropy(
         the loss in the inputs' dtype (a scalar, or ``hidden.shape[:-1]`` for ``"none"``);
         ``(loss, stats)`` with ``return_stats``.
     """
-    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    h = _float_array(hidden, "hidden")
-    w = _float_array(linear_weight, "linear_weight")
-    b = None if linear_bias is None else _float_array(linear_bias, "linear_bias")
-    chunk = check_chunk_size(chunk_size)
-    num_classes = check_linear_shapes(h.shape, w.shape, None if b is None else b.shape)
-    lead = h.shape[:-1]
+    opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    layer = layer_inputs(hidden, linear_weight, linear_bias, chunk_size)
+    lead, num_classes, num_tokens = layer.lead, layer.num_classes, layer.num_tokens
     target_rows, weight, is_index = _prepare_target(lead + (num_classes,), len(lead), target, weight, opts, shift)
-    num_tokens = math.prod(lead)
-    chunk = chunk or default_chunk_rows(num_tokens, num_classes, _chunk_buffers(opts, is_index))
+    chunk = layer.chunk_size or default_chunk_rows(num_tokens, num_classes, _chunk_buffers(opts, is_index))
     spec = LinearSpec(opts, is_index, return_stats, min(chunk, max(num_tokens, 1)))
-    rows = h.reshape(num_tokens, h.shape[-1])
-    loss, lse, argmax = linear_cross_entropy_rows(rows, w, b, target_rows, weight, spec)
-    dtype = jnp.result_type(*(x.dtype for x in (h, w) + (() if b is None else (b,))))
-    loss = (loss.reshape(lead) if opts.reduction == "none" else loss).astype(dtype)
+    loss, lse, argmax = linear_cross_entropy_rows(layer.rows, layer.w, layer.b, target_rows, weight, spec)
+    dtype = layer.dtype
+    loss = shaped_loss(loss, opts.reduction, lead, dtype)
     if not return_stats:
         return loss
     return loss, _stats(lse, argmax, target_rows, weight, opts, is_index, lead, dtype)
@@ -366,16 +294,9 @@ def linear_cross_entropy_grad(hidden, linear_weight, target, *, linear_bias=None
     the upstream gradient ``grad_output`` (default 1): ∂H = G W, ∂W = Gᵀ H, ∂b = Σ_i G_i with
     G the chunks' fused cross-entropy gradient; ``dlinear_bias`` is None without a bias; a
     fifth element, the statistics, with ``return_stats=True``."""
-    return_stats = options.get("return_stats", False)
-    h, w = _float_array(hidden, "hidden"), _float_array(linear_weight, "linear_weight")
-    primals = (h, w) if linear_bias is None else (h, w, _float_array(linear_bias, "linear_bias"))
 
-    def fn(h_, w_, b_=None):
-        out = linear_cross_entropy(h_, w_, target, linear_bias=b_, **options)
-        return (out[0], out[1]) if return_stats else (out, None)
+    def loss(h, w, b=None):
+        return linear_cross_entropy(h, w, target, linear_bias=b, **options)
 
-    (loss, stats), vjp = _vjp_with_aux(fn, *primals)
-    grads = vjp(_upstream(grad_output, loss))
-    if linear_bias is None:
-        grads = (*grads, None)
-    return (loss, *grads, stats) if return_stats else (loss, *grads)
+    primals = layer_primals(hidden, linear_weight, linear_bias)
+    return loss_and_grads(loss, primals, grad_output, options.get("return_stats", False), num_grads=3)

@@ -96,8 +96,31 @@ def cotangent(ct):
     return None if isinstance(ct, SymbolicZero) else ct
 
 
-def _reduce(loss_rows, scale, reduction: str):
+def scaled(x, ct):
+    """A gradient computed for an upstream 1, times the upstream scalar ``ct`` (None stays None)."""
+    return None if x is None else (x * ct.astype(x.dtype)).astype(x.dtype)
+
+
+def reduced(loss_rows, scale, reduction: str):
+    """The rows for ``"none"``, else Σℓ × ``scale`` (1/D for a mean) — traced."""
     return loss_rows if reduction == "none" else jnp.sum(loss_rows) * scale
+
+
+def empty_stats(acc) -> tuple:
+    """The (lse, argmax) statistics of a call that did not ask for them: empty arrays."""
+    return jnp.zeros(0, acc), jnp.zeros(0, jnp.int32)
+
+
+def row_gradients(
+    z, target, weight, opts: CrossEntropyOptions, is_index: bool, parts, r, want_weight: bool, reuse=False
+):
+    """(∂/∂z (M, C), ∂/∂target for probabilities or None, the class weights' per-row part (C,) or
+    None) of rows whose forward gave ``parts``, each row scaled by ``r`` (M,) — see
+    :mod:`softxent.jax._rows`.  ``reuse``: the logits' gradient may overwrite ``parts.e``."""
+    dweight = weight_gradient_rows(z, target, opts, is_index, parts, r) if want_weight else None
+    g = gradient_rows(z, target, weight, opts, is_index, parts, r, reuse=reuse)
+    dtarget = None if is_index else probability_target_gradient(z, weight, opts, parts, r)
+    return g, dtarget, dweight
 
 
 def _primal(z, target, weight, spec: Spec):
@@ -108,8 +131,8 @@ def _primal(z, target, weight, spec: Spec):
     ok = jnp.ones(z.shape[0], bool)
     parts = forward_rows(zf, target, weight, spec.opts, spec.is_index, ok)
     scale = mean_scale(target, weight, spec.opts, spec.is_index, ok, acc)
-    loss = _reduce(parts.loss, scale, spec.opts.reduction)
-    stats = row_statistics(zf, spec.opts, parts) if spec.want_stats else (jnp.zeros(0, acc), jnp.zeros(0, jnp.int32))
+    loss = reduced(parts.loss, scale, spec.opts.reduction)
+    stats = row_statistics(zf, spec.opts, parts) if spec.want_stats else empty_stats(acc)
     return (loss, *stats), (parts, scale)
 
 
@@ -141,14 +164,13 @@ def _backward(spec: Spec, residuals, cotangents):
         if spec.opts.reduction == "none"
         else jnp.broadcast_to(ct.astype(acc) * scale, parts.ok.shape)
     )
-    dz = gradient_rows(zf, target, weight, spec.opts, spec.is_index, parts, r).astype(z.dtype)
-    if spec.is_index:
-        dtarget = None
-    else:
-        dtarget = probability_target_gradient(zf, weight, spec.opts, parts, r).astype(target.dtype)
-    dweight = None
-    if want_weight is not None:
-        dweight = weight_gradient_rows(zf, target, spec.opts, spec.is_index, parts, r)
+    dz, dtarget, dweight = row_gradients(
+        zf, target, weight, spec.opts, spec.is_index, parts, r, want_weight is not None
+    )
+    dz = dz.astype(z.dtype)
+    if dtarget is not None:
+        dtarget = dtarget.astype(target.dtype)
+    if dweight is not None:
         loss = jnp.sum(parts.loss) * scale
         quotient = mean_weight_gradient(target, z.shape[1], spec.opts, spec.is_index, parts.ok, scale, loss)
         if quotient is not None:

@@ -31,24 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._distill_options import DistillOptions, make_distill_options
+from .._distill_options import DistillOptions, distill_options
 from .._distill_stats import DistillStats, summarize
-from .._distill_teacher import (
-    check_dense_teacher_shape,
-    check_fused_teacher_shapes,
-    check_labels,
-    check_target,
-    check_topk_shapes,
-    check_topk_values,
-    teacher_kind,
-)
+from .._distill_teacher import check_labels, check_target, teacher_arrays, teacher_kind
 from .._errors import InvalidArgumentError, InvalidTypeError
-from .._options import check_chunk_size
-from .._validate import check_linear_shapes
-from ._linear import _WT_GT, _accumulate_dw, _chunked, _logits, _unchunked
+from ._arguments import concrete, float_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
+from ._cross_entropy import reduced, scaled
+from ._linear import chunk_layout, chunk_logits, chunked, default_chunk_rows, layer_carry, layer_gradients, unchunked
 from ._rows import compute_dtype
 
 __all__ = ["distill_loss", "distill_loss_grad", "linear_distill_loss", "linear_distill_loss_grad"]
+
+
+#: the names of the student's layer in error messages
+STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
 
 
 class DistillSpec(NamedTuple):
@@ -151,10 +147,6 @@ def _mean_scale(valid, reduction: str, dtype):
     return jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0).astype(dtype)
 
 
-def _reduced(loss_rows, scale, reduction: str):
-    return loss_rows if reduction == "none" else jnp.sum(loss_rows) * scale
-
-
 def _empty_stats(acc):
     return jnp.zeros(0, acc), jnp.zeros(0, jnp.int32), jnp.zeros(0, jnp.int32)
 
@@ -169,7 +161,7 @@ def _logits_run(z, t1, t2, valid, labels, spec: DistillSpec, want_grad: bool):
     scale = _mean_scale(valid, spec.opts.reduction, acc)
     r = jnp.broadcast_to(scale, valid.shape) if want_grad else None
     loss_rows, g, stats = distill_rows(z, teacher, valid, labels, spec.opts, r, spec.want_stats)
-    out = (_reduced(loss_rows, scale, spec.opts.reduction), *(stats or _empty_stats(acc)))
+    out = (reduced(loss_rows, scale, spec.opts.reduction), *(stats or _empty_stats(acc)))
     return out, g
 
 
@@ -186,9 +178,9 @@ def _logits_forward(z, t1, t2, valid, labels, spec: DistillSpec):
 
 
 def _logits_backward(spec: DistillSpec, g, cotangents):
-    ct = cotangents[0].astype(g.dtype)
+    ct = cotangents[0]
     factor = ct[:, None] if spec.opts.reduction == "none" else ct
-    return (g * factor).astype(g.dtype), None, None, None, None
+    return scaled(g, factor), None, None, None, None
 
 
 distill_logits.defvjp(_logits_forward, _logits_backward)
@@ -205,8 +197,7 @@ def _linear_run(h, w, b, t1, t2, t3, valid, labels, spec: DistillSpec, grad: str
     opts = spec.opts
     scale = _mean_scale(valid, opts.reduction, acc)
     num_tokens = h.shape[0]
-    rows = max(1, min(spec.chunk_rows, num_tokens))
-    chunks = max(1, -(-num_tokens // rows))
+    chunks, rows = chunk_layout(num_tokens, spec.chunk_rows)
     per_token = {"h": h, "valid": valid, "labels": labels}
     if spec.kind == "fused":
         per_token["t1"] = t1  # the teacher's hidden states; its layer (t2, t3) is the same for every chunk
@@ -214,13 +205,13 @@ def _linear_run(h, w, b, t1, t2, t3, valid, labels, spec: DistillSpec, grad: str
         per_token["t1"], per_token["t2"] = t1, t2
     if upstream is not None:
         per_token["u"] = upstream.astype(acc)
-    xs = {name: _chunked(x, chunks, rows) for name, x in per_token.items() if x is not None}
+    xs = {name: chunked(x, chunks, rows) for name, x in per_token.items() if x is not None}
     want_grad = grad is not None
 
     def step(carry, x):
-        z = _logits(x["h"], w, b, acc)
+        z = chunk_logits(x["h"], w, b, acc)
         if spec.kind == "fused":
-            teacher = _logits(x["t1"], t2, t3, acc)
+            teacher = chunk_logits(x["t1"], t2, t3, acc)
         else:
             teacher = x["t1"] if spec.kind == "dense" else (x["t1"], x["t2"])
         labels_r = x.get("labels", jnp.zeros(x["valid"].shape, jnp.int32))
@@ -233,23 +224,18 @@ def _linear_run(h, w, b, t1, t2, t3, valid, labels, spec: DistillSpec, grad: str
             outputs["stats"] = stats
         if not want_grad:
             return carry, outputs
-        dw, db = carry
-        g_mm = g.astype(h.dtype) if h.dtype != acc else g
-        outputs["dh"] = jax.lax.dot_general(w.astype(g_mm.dtype), g_mm, _WT_GT, preferred_element_type=acc).T
-        dw = _accumulate_dw(dw, g_mm, x["h"].astype(g_mm.dtype), acc)
-        if db is not None:
-            db = db + jnp.sum(g, axis=0)
+        outputs["dh"], dw, db = layer_gradients(g, x["h"], w, *carry, acc)
         return (dw, db), outputs
 
-    carry = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc)) if want_grad else None
+    carry = layer_carry(w, b, acc) if want_grad else None
     carry, out = jax.lax.scan(step, carry, xs)
-    loss_rows = _unchunked(out["loss"], num_tokens)
-    stats = tuple(_unchunked(s, num_tokens) for s in out["stats"]) if spec.want_stats else _empty_stats(acc)
-    outputs = (_reduced(loss_rows, scale, opts.reduction), *stats)
+    loss_rows = unchunked(out["loss"], num_tokens)
+    stats = tuple(unchunked(s, num_tokens) for s in out["stats"]) if spec.want_stats else _empty_stats(acc)
+    outputs = (reduced(loss_rows, scale, opts.reduction), *stats)
     if not want_grad:
         return outputs, None
     dw, db = carry
-    dh = _unchunked(out["dh"], num_tokens).astype(h.dtype)
+    dh = unchunked(out["dh"], num_tokens).astype(h.dtype)
     return outputs, (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
 
 
@@ -275,7 +261,7 @@ def _linear_backward(spec: DistillSpec, residuals, cotangents):
     if grads is None:
         grads = _linear_run(*inputs, spec, "per_token", upstream=ct)[1]
     else:
-        grads = tuple(None if g is None else (g * ct.astype(g.dtype)).astype(g.dtype) for g in grads)
+        grads = tuple(scaled(g, ct) for g in grads)
     return (*grads, None, None, None, None, None)
 
 
@@ -284,19 +270,6 @@ distill_linear.defvjp(_linear_forward, _linear_backward)
 
 # ---------------------------------------------------------------------------------------------
 # the public functions
-
-
-def _float_array(x, name: str):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise InvalidTypeError(
-            f"{name} must be a floating-point array (float16, bfloat16, float32, float64), got {x.dtype}"
-        )
-    return x
-
-
-def _concrete(*arrays) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in arrays)
 
 
 def _counted(lead, target, opts: DistillOptions, shift: bool, num_classes: int):
@@ -318,40 +291,28 @@ def _counted(lead, target, opts: DistillOptions, shift: bool, num_classes: int):
     if opts.ignore_index is not None:
         valid = valid & (labels != opts.ignore_index)
     valid, labels = valid.reshape(-1), labels.reshape(-1)
-    if _concrete(labels):
+    if concrete(labels):
         check_labels(np.asarray(labels), np.asarray(valid), num_classes)
     return valid, labels
 
 
 def _teacher_arrays(teacher, kind: str, lead, num_classes: int, opts: DistillOptions):
     """The teacher in rows form as (t1, t2, t3), stop_gradient'ed: it is a constant."""
-    num_tokens = math.prod(lead)
-    if kind == "dense":
-        logits = _float_array(teacher, "teacher")
-        check_dense_teacher_shape(lead + (num_classes,), logits.shape)
-        arrays = (logits.reshape(num_tokens, num_classes), None, None)
-    elif kind == "topk":
-        indices, logprobs = jnp.asarray(teacher.indices), _float_array(teacher.logprobs, "teacher.logprobs")
-        if not jnp.issubdtype(indices.dtype, jnp.integer):
-            raise InvalidTypeError(f"teacher.indices must hold integer token ids, got {indices.dtype}")
-        k = check_topk_shapes(lead, num_classes, indices.shape, logprobs.shape)
-        if _concrete(indices, logprobs):
-            check_topk_values(
-                np.asarray(indices), np.asarray(logprobs, np.float64), num_classes, opts.topk_rest,
-                sort_last=lambda x: np.sort(x, axis=-1), row_mass=lambda lp: np.exp(lp).sum(axis=-1),
-            )  # fmt: skip
-        arrays = (indices.reshape(num_tokens, k), logprobs.reshape(num_tokens, k), None)
-    else:
-        hidden, weight = _float_array(teacher.hidden, "teacher.hidden"), _float_array(teacher.weight, "teacher.weight")
-        bias = None if teacher.bias is None else _float_array(teacher.bias, "teacher.bias")
-        check_fused_teacher_shapes(lead, num_classes, hidden.shape, weight.shape, None if bias is None else bias.shape)
-        arrays = (hidden.reshape(num_tokens, hidden.shape[-1]), weight, bias)
+
+    def host_values(indices, logprobs):
+        return (np.asarray(indices), np.asarray(logprobs, np.float64)) if concrete(indices, logprobs) else None
+
+    arrays = teacher_arrays(
+        teacher, kind, lead, num_classes, opts.topk_rest,
+        float_array=float_array, as_array=jnp.asarray, is_integer=lambda dtype: jnp.issubdtype(dtype, jnp.integer),
+        host_values=host_values,
+    )  # fmt: skip
     return tuple(None if a is None else jax.lax.stop_gradient(a) for a in arrays)
 
 
 def _finish(outputs, valid, lead, opts: DistillOptions, dtype, return_stats: bool):
     loss, *stats = outputs
-    loss = (loss.reshape(lead) if opts.reduction == "none" else loss).astype(dtype)
+    loss = shaped_loss(loss, opts.reduction, lead, dtype)
     if not return_stats:
         return loss
     divergence, student_top, teacher_top = (jax.lax.stop_gradient(s) for s in stats)
@@ -391,11 +352,10 @@ def distill_loss(
     Returns:
         the loss in the student's dtype; ``(loss, stats)`` with ``return_stats``.
     """
-    opts = make_distill_options(
-        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
-    )  # fmt: skip
-    z = _float_array(student_logits, "student_logits")
+    opts = distill_options(
+        divergence, beta, temperature, alpha, ignore_index, reduction, topk_rest, temperature_scaling
+    )
+    z = float_array(student_logits, "student_logits")
     if z.ndim == 0 or z.shape[-1] == 0:
         raise InvalidArgumentError(f"student_logits must have shape (…, V) with V >= 1, got {z.shape}")
     lead, num_classes = tuple(z.shape[:-1]), z.shape[-1]
@@ -442,52 +402,30 @@ def linear_distill_loss(
     Returns:
         the loss in the inputs' dtype; ``(loss, stats)`` with ``return_stats``.
     """
-    from . import default_chunk_rows
-
-    opts = make_distill_options(
-        divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-        reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
-    )  # fmt: skip
-    h = _float_array(student_hidden, "student_hidden")
-    w = _float_array(student_weight, "student_weight")
-    b = None if student_bias is None else _float_array(student_bias, "student_bias")
-    chunk = check_chunk_size(chunk_size)
-    num_classes = check_linear_shapes(h.shape, w.shape, None if b is None else b.shape, "student_hidden")
-    lead = tuple(h.shape[:-1])
+    opts = distill_options(
+        divergence, beta, temperature, alpha, ignore_index, reduction, topk_rest, temperature_scaling
+    )
+    layer = layer_inputs(student_hidden, student_weight, student_bias, chunk_size, STUDENT_NAMES)
+    lead, num_classes, num_tokens = layer.lead, layer.num_classes, layer.num_tokens
     kind = teacher_kind(teacher, linear=True)
     valid, labels = _counted(lead, target, opts, shift, num_classes)
     t1, t2, t3 = _teacher_arrays(teacher, kind, lead, num_classes, opts)
-    num_tokens = math.prod(lead)
-    chunk = chunk or default_chunk_rows(num_tokens, num_classes, 2 if kind == "fused" else 1)
+    chunk = layer.chunk_size or default_chunk_rows(num_tokens, num_classes, 2 if kind == "fused" else 1)
     spec = DistillSpec(opts, kind, return_stats, min(chunk, max(num_tokens, 1)))
-    outputs = distill_linear(h.reshape(num_tokens, h.shape[-1]), w, b, t1, t2, t3, valid, labels, spec)
-    dtype = jnp.result_type(*(x.dtype for x in (h, w) + (() if b is None else (b,))))
-    return _finish(outputs, valid, lead, opts, dtype, return_stats)
-
-
-def _upstream(grad_output, loss):
-    if grad_output is None:
-        return jnp.ones_like(loss)
-    g = jnp.asarray(grad_output)
-    if g.shape != loss.shape:
-        raise InvalidArgumentError(f"grad_output must have the loss's shape {loss.shape}, got {g.shape}")
-    return g.astype(loss.dtype)
+    outputs = distill_linear(layer.rows, layer.w, layer.b, t1, t2, t3, valid, labels, spec)
+    return _finish(outputs, valid, lead, opts, layer.dtype, return_stats)
 
 
 def distill_loss_grad(student_logits, teacher, target=None, *, grad_output=None, **options):
     r"""``(loss, dstudent_logits)`` of :func:`distill_loss` for the upstream gradient ``grad_output``
     (default 1): g·r·((w/T)·∂D/∂a + α·(softmax(z_s) − onehot(y))); a third element, the statistics,
     with ``return_stats=True``."""
-    return_stats = options.get("return_stats", False)
-    z = _float_array(student_logits, "student_logits")
 
-    def fn(x):
-        out = distill_loss(x, teacher, target, **options)
-        return (out[0], out[1]) if return_stats else (out, None)
+    def loss(z):
+        return distill_loss(z, teacher, target, **options)
 
-    loss, vjp, stats = jax.vjp(fn, z, has_aux=True)
-    (dz,) = vjp(_upstream(grad_output, loss))
-    return (loss, dz, stats) if return_stats else (loss, dz)
+    primals = (float_array(student_logits, "student_logits"),)
+    return loss_and_grads(loss, primals, grad_output, options.get("return_stats", False))
 
 
 def linear_distill_loss_grad(
@@ -497,16 +435,9 @@ def linear_distill_loss_grad(
     the upstream gradient ``grad_output`` (default 1): ∂H = G W, ∂W = Gᵀ H, ∂b = Σ_i G_i with G the
     chunks' logits gradient; ``dstudent_bias`` is None without a bias; a fifth element, the
     statistics, with ``return_stats=True``."""
-    return_stats = options.get("return_stats", False)
-    h, w = _float_array(student_hidden, "student_hidden"), _float_array(student_weight, "student_weight")
-    primals = (h, w) if student_bias is None else (h, w, _float_array(student_bias, "student_bias"))
 
-    def fn(h_, w_, b_=None):
-        out = linear_distill_loss(h_, w_, teacher, target, student_bias=b_, **options)
-        return (out[0], out[1]) if return_stats else (out, None)
+    def loss(h, w, b=None):
+        return linear_distill_loss(h, w, teacher, target, student_bias=b, **options)
 
-    loss, vjp, stats = jax.vjp(fn, *primals, has_aux=True)
-    grads = vjp(_upstream(grad_output, loss))
-    if student_bias is None:
-        grads = (*grads, None)
-    return (loss, *grads, stats) if return_stats else (loss, *grads)
+    primals = layer_primals(student_hidden, student_weight, student_bias, STUDENT_NAMES)
+    return loss_and_grads(loss, primals, grad_output, options.get("return_stats", False), num_grads=3)

@@ -8,7 +8,7 @@ logits Z_r = H_r Wᵀ + b (c × V, float32 accumulation) and nothing N×V ever e
 * forward of a gradient (``grad``, ``value_and_grad``; reductions ``mean``/``sum``): in the
   same step G_r = r·∂ℓ_r/∂Z_r, dH_r = G_r W, dW += G_rᵀ H_r, db += Σ G_r — the three GEMMs
   of the unfused version — kept as residuals; the backward only multiplies them by the
-  upstream scalar.  dW is updated in slices of the vocabulary (:func:`_accumulate_dw`), so
+  upstream scalar.  dW is updated in slices of the vocabulary (``_accumulate_dw``), so
   that XLA never holds a V×D product beside the accumulator; Z_r, e^{Z_r−m} and G_r share
   one buffer (``reuse``, :func:`softxent.jax._rows.in_place`), and dH_r is formed as
   (Wᵀ G_rᵀ)ᵀ, which XLA CPU runs about 1.4× faster than G_r W;
@@ -33,15 +33,17 @@ import jax
 import jax.numpy as jnp
 
 from .._options import CrossEntropyOptions
-from ._cross_entropy import cotangent, mean_scale, mean_weight_gradient, perturbed
-from ._rows import (
-    compute_dtype,
-    forward_rows,
-    gradient_rows,
-    probability_target_gradient,
-    row_statistics,
-    weight_gradient_rows,
+from ._cross_entropy import (
+    cotangent,
+    empty_stats,
+    mean_scale,
+    mean_weight_gradient,
+    perturbed,
+    reduced,
+    row_gradients,
+    scaled,
 )
+from ._rows import compute_dtype, forward_rows, row_statistics
 
 
 class LinearSpec(NamedTuple):
@@ -53,12 +55,41 @@ class LinearSpec(NamedTuple):
     chunk_rows: int
 
 
-def _chunked(x, num_chunks: int, rows: int):
+#: a chunk of logits holds about this fraction of all the (float32) logits, within the bounds below:
+#: the chunk's logits, exponentials and gradient share one buffer (``_rows.in_place``), so 1/16
+#: plus the dW slice stays inside a 10 % budget
+CHUNK_FRACTION = 1 / 16
+CHUNK_MIN_BYTES, CHUNK_MAX_BYTES = 2 << 20, 64 << 20
+
+
+def default_chunk_rows(num_tokens: int, num_classes: int, buffers: int = 1) -> int:
+    """Tokens per chunk of :func:`softxent.jax.linear_cross_entropy`: float32 logits of 1/16 of all
+    of them (÷ ``buffers``, the chunk-sized buffers the options hold), between 2 and 64 MiB, a multiple
+    of 16 rows (at least 16, at most N) — or, where one exists, a divisor of N down to half
+    that many rows: chunks that tile N need no padded copy of the hidden states."""
+    budget = min(max(int(num_tokens * num_classes * 4 * CHUNK_FRACTION), CHUNK_MIN_BYTES), CHUNK_MAX_BYTES)
+    rows = max(1, min(max(16, budget // max(1, buffers) // max(1, 4 * num_classes) // 16 * 16), num_tokens))
+    tiling = (r for r in range(rows, rows // 2, -1) if num_tokens % r == 0)
+    return next(tiling, rows)
+
+
+def chunk_layout(num_tokens: int, chunk_rows: int) -> tuple[int, int]:
+    """(K chunks, c rows each) covering ``num_tokens`` tokens (one chunk of one row when there are none)."""
+    rows = max(1, min(chunk_rows, num_tokens))
+    return max(1, -(-num_tokens // rows)), rows
+
+
+def chunked(x, num_chunks: int, rows: int):
     """(K, c, …) chunks of ``x`` (N, …), the last one padded with zeros (False); padded rows are
     masked out by the chunked ``ok``."""
     pad = num_chunks * rows - x.shape[0]
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=0)
     return x.reshape((num_chunks, rows) + x.shape[1:])
+
+
+def unchunked(x, num_tokens: int):
+    """The (N, …) rows of chunks ``x`` (K, c, …), without the padding."""
+    return x.reshape((-1,) + x.shape[2:])[:num_tokens]
 
 
 #: contract the feature dimension of both operands: H Wᵀ without transposing W
@@ -69,17 +100,17 @@ _WT_GT = (((0,), (1,)), ((), ()))
 _GT_H = (((0,), (0,)), ((), ()))
 
 
-def _logits(h, w, b, acc):
+def chunk_logits(h, w, b, acc):
+    """Z_r = H_r Wᵀ + b of a chunk, accumulated in ``acc``."""
     z = jax.lax.dot_general(h, w, _HW_T, preferred_element_type=acc)
     return z if b is None else z + b.astype(acc)
 
 
 def _scan_inputs(h, target, spec: LinearSpec):
     num_tokens = h.shape[0]
-    rows = max(1, min(spec.chunk_rows, num_tokens))
-    num_chunks = max(1, -(-num_tokens // rows))
-    ok = _chunked(jnp.ones(num_tokens, bool), num_chunks, rows)
-    return _chunked(h, num_chunks, rows), _chunked(target, num_chunks, rows), ok, num_tokens
+    num_chunks, rows = chunk_layout(num_tokens, spec.chunk_rows)
+    ok = chunked(jnp.ones(num_tokens, bool), num_chunks, rows)
+    return chunked(h, num_chunks, rows), chunked(target, num_chunks, rows), ok, num_tokens
 
 
 #: ∂W is updated in this many slices of the vocabulary, one after the other (a ``fori_loop``):
@@ -105,8 +136,21 @@ def _accumulate_dw(dw, g, h, acc):
     return dw
 
 
-def _unchunked(x, num_tokens: int):
-    return x.reshape((-1,) + x.shape[2:])[:num_tokens]
+def layer_carry(w, b, acc) -> tuple:
+    """The zero accumulators (dW, db or None) of a chunk loop's carry."""
+    return jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc)
+
+
+def layer_gradients(g, h_r, w, dw, db, acc):
+    """A chunk's part of the layer's gradients from its logits' gradient G_r (c, V):
+    (dH_r = G_r W (c, D) in ``acc``, dW + G_rᵀ H_r, db + Σ G_r or None).  The GEMMs run in the
+    hidden states' dtype with ``acc`` accumulation."""
+    g_mm = g.astype(h_r.dtype) if h_r.dtype != acc else g
+    dh_t = jax.lax.dot_general(w.astype(g_mm.dtype), g_mm, _WT_GT, preferred_element_type=acc)
+    dw = _accumulate_dw(dw, g_mm, h_r.astype(g_mm.dtype), acc)
+    if db is not None:
+        db = db + jnp.sum(g, axis=0)
+    return dh_t.T, dw, db
 
 
 def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=None, want_weight: bool = False):
@@ -122,13 +166,13 @@ def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=N
     h_c, t_c, ok_c, num_tokens = _scan_inputs(h, target, spec)
     u_c = None
     if upstream is not None:
-        u_c = _chunked(upstream.astype(acc), h_c.shape[0], h_c.shape[1])
+        u_c = chunked(upstream.astype(acc), h_c.shape[0], h_c.shape[1])
     want_grad = grad is not None
     want_weight = want_grad and want_weight and weight is not None
 
     def step(carry, chunk):
         h_r, t_r, ok_r, u_r = chunk
-        z = _logits(h_r, w, b, acc)
+        z = chunk_logits(h_r, w, b, acc)
         parts = forward_rows(z, t_r, weight, opts, spec.is_index, ok_r, reuse=True)
         outputs = {"loss": parts.loss}
         if spec.want_stats:
@@ -137,34 +181,25 @@ def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=N
             return carry, outputs
         r = jnp.broadcast_to(scale, parts.ok.shape) if u_r is None else u_r * scale
         dw, db, dweight = carry
+        g, dtarget, dweight_rows = row_gradients(z, t_r, weight, opts, spec.is_index, parts, r, want_weight, reuse=True)
         if want_weight:
-            dweight = dweight + weight_gradient_rows(z, t_r, opts, spec.is_index, parts, r)
-        g = gradient_rows(z, t_r, weight, opts, spec.is_index, parts, r, reuse=True)
-        if not spec.is_index:
-            outputs["dtarget"] = probability_target_gradient(z, weight, opts, parts, r).astype(target.dtype)
-        g_mm = g.astype(h.dtype) if h.dtype != acc else g
-        dh_t = jax.lax.dot_general(w.astype(g_mm.dtype), g_mm, _WT_GT, preferred_element_type=acc)
-        outputs["dh"] = dh_t.T.astype(h.dtype)
-        dw = _accumulate_dw(dw, g_mm, h_r.astype(g_mm.dtype), acc)
-        if db is not None:
-            db = db + jnp.sum(g, axis=0)
+            dweight = dweight + dweight_rows
+        if dtarget is not None:
+            outputs["dtarget"] = dtarget.astype(target.dtype)
+        dh, dw, db = layer_gradients(g, h_r, w, dw, db, acc)
+        outputs["dh"] = dh.astype(h.dtype)
         return (dw, db, dweight), outputs
 
     carry = None
     if want_grad:
-        carry = (
-            jnp.zeros(w.shape, acc),
-            None if b is None else jnp.zeros(b.shape, acc),
-            jnp.zeros(weight.shape, acc) if want_weight else None,
-        )
+        carry = (*layer_carry(w, b, acc), jnp.zeros(weight.shape, acc) if want_weight else None)
     carry, out = jax.lax.scan(step, carry, (h_c, t_c, ok_c, u_c))
-    loss_rows = _unchunked(out["loss"], num_tokens)
-    lse = _unchunked(out["lse"], num_tokens) if spec.want_stats else jnp.zeros(0, acc)
-    argmax = _unchunked(out["argmax"], num_tokens) if spec.want_stats else jnp.zeros(0, jnp.int32)
+    loss_rows = unchunked(out["loss"], num_tokens)
+    lse, argmax = (unchunked(out[k], num_tokens) for k in ("lse", "argmax")) if spec.want_stats else empty_stats(acc)
     if not want_grad:
         return loss_rows, lse, argmax, scale, None, None, None, None, None
     dw, db, dweight = carry
-    dtarget = _unchunked(out["dtarget"], num_tokens) if not spec.is_index else None
+    dtarget = unchunked(out["dtarget"], num_tokens) if not spec.is_index else None
     db = None if db is None else db.astype(b.dtype)
     if want_weight:
         loss = jnp.sum(loss_rows) * scale  # the mean (only used for "mean")
@@ -172,12 +207,8 @@ def _run(h, w, b, target, weight, spec: LinearSpec, grad: str | None, upstream=N
         if quotient is not None:  # "scaled": the upstream scalar multiplies it later, as the rest
             dweight = dweight + quotient
         dweight = dweight.astype(weight.dtype)
-    dh = _unchunked(out["dh"], num_tokens)
+    dh = unchunked(out["dh"], num_tokens)
     return loss_rows, lse, argmax, scale, dh, dw.astype(w.dtype), db, dtarget, dweight
-
-
-def _reduced(loss_rows, scale, reduction: str):
-    return loss_rows if reduction == "none" else jnp.sum(loss_rows) * scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -185,7 +216,7 @@ def linear_cross_entropy_rows(h, w, b, target, weight, spec: LinearSpec):
     """(loss, lse, argmax) of ``h (N, D) @ w (V, D).T + b`` against ``target`` ((N,) indices or
     (N, V) probabilities), chunk by chunk; the statistics are empty unless ``spec.want_stats``."""
     loss_rows, lse, argmax, scale, *_ = _run(h, w, b, target, weight, spec, None)
-    return _reduced(loss_rows, scale, spec.opts.reduction), lse, argmax
+    return reduced(loss_rows, scale, spec.opts.reduction), lse, argmax
 
 
 def _forward(h, w, b, target, weight, spec: LinearSpec):
@@ -197,7 +228,7 @@ def _forward(h, w, b, target, weight, spec: LinearSpec):
         marker = jnp.zeros(0, bool) if want_weight else None
         return (loss_rows, lse, argmax), (h, w, b, target, weight, None, marker)
     loss_rows, lse, argmax, scale, *grads = _run(h, w, b, target, weight, spec, "scaled", want_weight=want_weight)
-    return (_reduced(loss_rows, scale, spec.opts.reduction), lse, argmax), (h, w, b, target, weight,
+    return (reduced(loss_rows, scale, spec.opts.reduction), lse, argmax), (h, w, b, target, weight,
                                                                              tuple(grads), None)  # fmt: skip
 
 
@@ -211,11 +242,7 @@ def _backward(spec: LinearSpec, residuals, cotangents):
             h, w, b, target, weight, spec, "per_token", upstream=ct, want_weight=want_weight is not None
         )
     else:
-
-        def times(x):
-            return None if x is None else (x * ct.astype(x.dtype)).astype(x.dtype)
-
-        dh, dw, db, dtarget, dweight = (times(x) for x in computed)
+        dh, dw, db, dtarget, dweight = (scaled(x, ct) for x in computed)
     return dh, dw, db, dtarget, dweight
 
 
