@@ -30,3 +30,15 @@ def run_ranks(worker, world: int, out_dir: str, deadline_s: float) -> list:
                 p.kill()
             pytest.fail(f"{world} gloo processes did not finish within {deadline_s} s")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def init_gloo(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
+    """Join the gloo process group of ``world`` ranks on loopback ``port`` (inside a worker)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )  # fmt: skip

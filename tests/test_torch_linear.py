@@ -336,8 +336,10 @@ def test_pytorch_own_linear_cross_entropy_samples_give_pytorch_values_and_gradie
 def test_logits_gemm_in_column_blocks_matches_naive(monkeypatch, dtype):
     """The CPU logits GEMM runs in blocks of rows × vocabulary columns written into strided
     views of the chunk; blocks that do not divide V or the chunk give the same result."""
-    monkeypatch.setattr(linear_module, "LOGITS_GEMM_COLS", 96)
-    monkeypatch.setattr(linear_module, "LOGITS_GEMM_ROWS", 7)
+    from softxent.torch import backends
+
+    monkeypatch.setattr(backends, "LOGITS_GEMM_COLS", 96)
+    monkeypatch.setattr(backends, "LOGITS_GEMM_ROWS", 7)
     leaves, t, cw = _problem((3, 11), 17, 1000, "index", dtype=dtype)
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
     _compare(leaves, t, {"weight": cw, "label_smoothing": 0.1}, chunk_size=20, **tol)
@@ -376,17 +378,19 @@ def test_ignore_index_with_probability_targets_raises_as_pytorch():
 def test_bias_inside_the_logits_gemm_gives_the_same_result(monkeypatch):
     """CUDA adds the bias in the logits GEMM (addmm); the chunk loop with that operation, run here
     on CPU tensors, equals the separate bias pass."""
-    real = linear_module._array_ops
+    from softxent.torch import linear_arrays
 
-    def with_bias_in_gemm(device):
+    real = linear_arrays.array_ops
+
+    def with_bias_in_gemm(backend):
         import dataclasses
 
-        return dataclasses.replace(real(device), matmul_bias_into=linear_module._matmul_bias_into)
+        return dataclasses.replace(real(backend), matmul_bias_into=linear_arrays.matmul_bias_into)
 
-    monkeypatch.setattr(linear_module, "_array_ops", with_bias_in_gemm)
+    monkeypatch.setattr(linear_module, "array_ops", with_bias_in_gemm)
     leaves, t, cw = _problem((5, 7), 9, 23, "index")
     _compare(leaves, t, {"weight": cw, "z_loss": 1e-3}, chunk_size=6)
     (h, w, b), t, _ = _problem((6,), 4, 5, "index", dtype=torch.float32)
     out = torch.empty(6, 5, dtype=torch.float64)  # another dtype than the operands
-    linear_module._matmul_bias_into(h.detach(), w.detach().T, b.detach(), out)
+    linear_arrays.matmul_bias_into(h.detach(), w.detach().T, b.detach(), out)
     torch.testing.assert_close(out, (h @ w.T + b).detach().double())

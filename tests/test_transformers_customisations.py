@@ -15,17 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the transformers extr
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 from softxent import transformers as sxtf  # noqa: E402
-
-VOCAB = 256
-
-
-def _llama(tied: bool = False):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, tie_word_embeddings=tied,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).float().train()
+from tiny_llama import VOCAB, tiny_llama  # noqa: E402
 
 
 def _batch(seed: int = 0):
@@ -73,7 +63,7 @@ def _assert_original_forward_ran(reference, patched, fragment: str):
 
 def _pair(customise, tied: bool = False):
     """The unpatched and the patched model, both customised the same way after patching."""
-    reference = _llama(tied)
+    reference = tiny_llama(tied)
     patched = sxtf.patch(copy.deepcopy(reference))
     customise(reference)
     customise(patched)
@@ -282,7 +272,7 @@ def test_return_dict_false_keeps_the_unpatched_tuple_layout_with_none_for_the_lo
 
 
 def test_torch_compile_of_the_patched_model_gives_the_unpatched_loss_and_gradients():
-    reference = _llama()
+    reference = tiny_llama()
     patched = sxtf.patch(copy.deepcopy(reference))
     compiled = torch.compile(patched, backend="aot_eager")  # inductor would take a minute to compile on CPU
     for seed in range(2):

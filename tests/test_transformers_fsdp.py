@@ -11,7 +11,6 @@ tests compare the patched with the unpatched model on each rank.
 from __future__ import annotations
 
 import copy
-import datetime
 import functools
 import os
 import warnings
@@ -20,16 +19,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gloo_processes import run_ranks
+from gloo_processes import init_gloo, run_ranks
 
 transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from softxent import transformers as sxtf  # noqa: E402
+from tiny_llama import VOCAB, tiny_llama  # noqa: E402
 
 WORLD = 2
-VOCAB = 256
 STEPS = 2
 #: (how fully_shard is applied, tied embeddings): the root only; each layer and the root; and
 #: lm_head on its own too (torchtitan's way; tied, it shares one group with the embeddings)
@@ -45,15 +44,6 @@ def _run(results: dict, key) -> dict:
     if isinstance(run, Failed):
         pytest.fail(run)
     return run
-
-
-def _model(tied: bool):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, tie_word_embeddings=tied,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).float().train()
 
 
 def _shard(model, mode: str, tied: bool, mesh) -> None:
@@ -106,13 +96,7 @@ def _train(model, rank: int) -> dict:
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port, 60)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -121,7 +105,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
 
     def fsdp(mode, tied):
-        reference = _model(tied)
+        reference = tiny_llama(tied)
         patched = copy.deepcopy(reference)
         _shard(reference, mode, tied, mesh)
         if tied:  # either order: patch then shard, shard then patch (the class is FSDPLlamaForCausalLM then)
@@ -133,7 +117,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         return {"reference": _train(reference, rank), "patched": _train(patched, rank)}
 
     def ddp(tied):
-        reference = _model(tied)
+        reference = tiny_llama(tied)
         patched = sxtf.patch(copy.deepcopy(reference))
         return {
             "reference": _train(DistributedDataParallel(reference), rank),
@@ -141,14 +125,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         }
 
     def tensor_parallel():  # ColwiseParallel's hooks on lm_head make the patched model run its original forward
-        reference = _model(False)
+        reference = tiny_llama(False)
         patched = sxtf.patch(copy.deepcopy(reference))
         for model in (reference, patched):
             parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
         return {"reference": _train(reference, rank), "patched": _train(patched, rank)}
 
     def unowned_dtensor():  # a DTensor weight that no FSDP2 lm_head unshards: a clear error, no guess
-        patched = sxtf.patch(_model(False))
+        patched = sxtf.patch(tiny_llama(False))
         weight = distribute_tensor(patched.lm_head.weight.detach(), mesh, [Shard(0)])
         patched.lm_head.weight = torch.nn.Parameter(weight)
         try:

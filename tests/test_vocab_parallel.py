@@ -8,7 +8,6 @@ compare them with ``softxent.torch.cross_entropy`` of the whole logits.
 
 from __future__ import annotations
 
-import datetime
 import os
 import zlib
 
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import softxent.torch as sxt
-from gloo_processes import run_ranks
+from gloo_processes import init_gloo, run_ranks
 from softxent.torch.distributed import (
     shard_start,
     vocab_parallel_cross_entropy,
@@ -83,13 +82,7 @@ def make_case(name: str, kind: str, reduction: str):
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port, 60)
     sizes = SHARDS[world]
     start = sum(sizes[:rank])
     shard = slice(start, start + sizes[rank])

@@ -18,7 +18,6 @@ A hang fails the test: gloo's timeout is 30 s and the spawn is killed after 150 
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gloo_processes import run_ranks
+from gloo_processes import init_gloo, run_ranks
 from softxent import InvalidArgumentError
 from softxent.torch.distributed import (
     shard_start,
@@ -394,10 +393,7 @@ def _cases(world: int):
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
+    init_gloo(rank, world, port, 30)
     # two fresh groups of every rank (their first calls) and, with 3 ranks, one of ranks 0 and 1
     groups = [dist.new_group(list(range(world))) for _ in range(2)]
     groups.append(dist.new_group([0, 1]))

@@ -14,27 +14,19 @@ import ctypes
 import gc
 
 import torch
+from rss import reset_high_water_mark, status_mb
 
 import softxent.torch as sxt
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(key)
 
 
 def _peak_mb(step) -> float:
     gc.collect()
     sxt.empty_cache()  # gradient buffers an earlier step freed
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _status_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    base = status_mb("VmRSS")
+    reset_high_water_mark()
     step()
-    return _status_mb("VmHWM") - base
+    return status_mb("VmHWM") - base
 
 
 def main() -> None:

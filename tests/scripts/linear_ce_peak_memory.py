@@ -8,16 +8,9 @@ fp32 logits N×V (the memory the fused op exists to avoid).  Linux only (reads
 import gc
 
 import torch
+from rss import reset_high_water_mark, status_mb
 
 import softxent.torch as sxt
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(key)
 
 
 def main() -> None:
@@ -32,11 +25,10 @@ def main() -> None:
     hidden = torch.randn(n, d, requires_grad=True)
     target = torch.randint(0, v, (n,))
     gc.collect()
-    base = _status_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    base = status_mb("VmRSS")
+    reset_high_water_mark()
     sxt.linear_cross_entropy(hidden, weight, target).backward()
-    extra = _status_mb("VmHWM") - base - hidden.numel() * 4 / 2**20  # the input gradient is new
+    extra = status_mb("VmHWM") - base - hidden.numel() * 4 / 2**20  # the input gradient is new
     print(f"{extra / (n * v * 4 / 2**20):.4f}")
 
 

@@ -56,7 +56,7 @@ class Problem:
     flops: int | None = None
 
 
-def _backward_into_leaves(loss_fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], *args):
+def backward_into_leaves(loss_fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], *args):
     """Closure: clear the leaves' grads, run loss_fn(*leaves, *args) and backward; return (loss, grads)."""
 
     def run():
@@ -89,6 +89,39 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def layer_problem(suite: str, shape: tuple[int, int, int], dtype, device, naive: tuple[str, Callable], reference,
+                  flops: int) -> Problem:  # fmt: skip
+    """The Problem of a fused output-layer suite (``lce``, ``distill``): N×D hidden states, a V×D
+    layer, timed against the ``naive`` composition (its name and its step); no byte counts."""
+    n, d, v = shape
+    return Problem(
+        suite=suite,
+        label=f"N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}",
+        device=device,
+        forward_bytes=0,
+        forward_backward_bytes=0,
+        forward_baseline=("naive", naive[1]),
+        forward_backward_baseline=naive,
+        reference=reference,
+        flops=flops,
+    )
+
+
+def _add_softxent(problem: Problem, name: str, loss_fn, inputs, grad_bytes: int, checked: bool = True):
+    """A softxent contender of suite ``ce``: the forward of ``logits`` alone, and forward + backward
+    into ``leaf`` — ``inputs`` = (logits, leaf, target)."""
+    logits, leaf, target = inputs
+    problem.contenders.append(
+        Contender(
+            name,
+            _no_grad(loss_fn, logits, target),
+            backward_into_leaves(loss_fn, [leaf], target),
+            gradient_bytes=grad_bytes,
+            checked=checked,
+        )
+    )
+
+
 def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
     """Suite ``ce``: loss and gradient of (N, V) logits — or (N, C, d1, …), classes on
     dimension 1 as in segmentation — against class indices."""
@@ -117,28 +150,14 @@ def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed:
     leaf = logits.clone().requires_grad_()
     grad_bytes = leaf.numel() * element
 
-    problem.contenders.append(
-        Contender(
-            "softxent",
-            _no_grad(sxt.cross_entropy, logits, target),
-            _backward_into_leaves(sxt.cross_entropy, [leaf], target),
-            gradient_bytes=grad_bytes,
-        )
-    )
+    _add_softxent(problem, "softxent", sxt.cross_entropy, (logits, leaf, target), grad_bytes)
     class_weight = torch.rand(v, generator=torch.Generator().manual_seed(seed + 1)).to(device) + 0.5
 
     def every_option(x, t):
         return sxt.cross_entropy(x, t, weight=class_weight, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
 
-    problem.contenders.append(
-        Contender(
-            "softxent every option",
-            _no_grad(every_option, logits, target),
-            _backward_into_leaves(every_option, [leaf], target),
-            gradient_bytes=grad_bytes,
-            checked=False,  # another loss: weights, smoothing, z-loss and softcap
-        )
-    )
+    # another loss (weights, smoothing, z-loss and softcap): not checked against the reference
+    _add_softxent(problem, "softxent every option", every_option, (logits, leaf, target), grad_bytes, checked=False)
     if logits.dim() > 2:
         problem.skipped.append(("softxent inplace_backward", "(N, C, d1, …) logits: the gradient gets its own buffer"))
         return _peers(problem, logits, target, leaf, grad_bytes, device)
@@ -151,7 +170,7 @@ def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed:
         Contender(
             "softxent inplace_backward",
             None,
-            _backward_into_leaves(inplace_loss, [scratch], target),
+            backward_into_leaves(inplace_loss, [scratch], target),
             gradient_bytes=0,
         )
     )
@@ -164,14 +183,14 @@ def _peers(problem: Problem, logits, target, leaf, grad_bytes: int, device: torc
         Contender(
             "torch eager F.cross_entropy",
             _no_grad(F.cross_entropy, logits, target),
-            _backward_into_leaves(F.cross_entropy, [leaf], target),
+            backward_into_leaves(F.cross_entropy, [leaf], target),
             gradient_bytes=grad_bytes,
         )
     )
     compiled_fwd = torch.compile(F.cross_entropy)
     compiled_fb = torch.compile(F.cross_entropy)
     fwd = _no_grad(compiled_fwd, logits, target)
-    fb = _backward_into_leaves(compiled_fb, [leaf], target)
+    fb = backward_into_leaves(compiled_fb, [leaf], target)
     compile_seconds = timed_compile(fwd) + timed_compile(fb)
     problem.contenders.append(
         Contender("torch.compile F.cross_entropy", fwd, fb, compile_seconds=compile_seconds, gradient_bytes=grad_bytes)
@@ -188,7 +207,7 @@ def _peers(problem: Problem, logits, target, leaf, grad_bytes: int, device: torc
             Contender(
                 "Liger-Kernel cross_entropy",
                 _no_grad(liger_cross_entropy, logits.clone(), target),
-                _backward_into_leaves(liger_cross_entropy, [liger_leaf], target),
+                backward_into_leaves(liger_cross_entropy, [liger_leaf], target),
                 gradient_bytes=grad_bytes,
             )
         )

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import softxent.torch as sxt
 
-from .contenders import Contender, Problem, _backward_into_leaves, installed, timed_compile
+from .contenders import Contender, Problem, backward_into_leaves, installed, layer_problem, timed_compile
 
 #: tokens of the TopK teacher per position
 TOP_K = 64
@@ -61,32 +61,24 @@ def distill_problem(n: int, d: int, v: int, dtype: torch.dtype, device: torch.de
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     leaves = [h, w]
     grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
-    naive = _backward_into_leaves(naive_distill, leaves, teacher_hidden, teacher_weight)
-    problem = Problem(
-        suite="distill",
-        label=f"N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}",
-        device=device,
-        forward_bytes=0,
-        forward_backward_bytes=0,
-        forward_baseline=("naive", naive),
-        forward_backward_baseline=("naive F.linear ×2 + F.kl_div", naive),
-        reference=reference,
-        flops=8 * n * d * v,  # four GEMMs of 2·N·D·V: both models' logits, ∂H and ∂W
-    )
+    naive = backward_into_leaves(naive_distill, leaves, teacher_hidden, teacher_weight)
+    # four GEMMs of 2·N·D·V: both models' logits, ∂H and ∂W
+    naive_step = ("naive F.linear ×2 + F.kl_div", naive)
+    problem = layer_problem("distill", (n, d, v), dtype, device, naive_step, reference, 8 * n * d * v)
 
     def add(name: str, fb, compile_seconds: float | None = None, checked: bool = True):
         problem.contenders.append(
             Contender(name, None, fb, compile_seconds=compile_seconds, gradient_bytes=grad_bytes, checked=checked)
         )
 
-    add("softxent linear_distill_loss, FusedTeacher", _backward_into_leaves(sxt.linear_distill_loss, leaves, fused))
+    add("softxent linear_distill_loss, FusedTeacher", backward_into_leaves(sxt.linear_distill_loss, leaves, fused))
     add(
         f"softxent linear_distill_loss, TopK k={TOP_K}",
-        _backward_into_leaves(sxt.linear_distill_loss, leaves, top),
+        backward_into_leaves(sxt.linear_distill_loss, leaves, top),
         checked=False,  # another loss: the teacher restricted to its top-k
     )
     add("naive F.linear ×2 + F.kl_div", naive)
-    compiled = _backward_into_leaves(torch.compile(naive_distill), leaves, teacher_hidden, teacher_weight)
+    compiled = backward_into_leaves(torch.compile(naive_distill), leaves, teacher_hidden, teacher_weight)
     add("torch.compile naive", compiled, compile_seconds=timed_compile(compiled))
     _add_liger(problem, add, leaves, fused, device)
     return problem
@@ -109,5 +101,5 @@ def _add_liger(problem: Problem, add, leaves, fused: sxt.FusedTeacher, device: t
     def jsd(hidden, weight):
         return sxt.linear_distill_loss(hidden, weight, fused, divergence="jsd", beta=0.5)
 
-    add("softxent linear_distill_loss, FusedTeacher, jsd", _backward_into_leaves(jsd, leaves), checked=False)
-    add("Liger-Kernel LigerFusedLinearJSD (jsd)", _backward_into_leaves(liger_loss, leaves), checked=False)
+    add("softxent linear_distill_loss, FusedTeacher, jsd", backward_into_leaves(jsd, leaves), checked=False)
+    add("Liger-Kernel LigerFusedLinearJSD (jsd)", backward_into_leaves(liger_loss, leaves), checked=False)

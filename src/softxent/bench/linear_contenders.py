@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import softxent.torch as sxt
 
-from .contenders import Contender, Problem, _backward_into_leaves, installed, timed_compile
+from .contenders import Contender, Problem, backward_into_leaves, installed, layer_problem, timed_compile
 
 
 def naive_linear_cross_entropy(hidden: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor):
@@ -57,25 +57,16 @@ def linear_cross_entropy_problem(
     w = linear_weight.clone().requires_grad_()
     leaves = [h, w]
     grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
-    naive = _backward_into_leaves(naive_linear_cross_entropy, leaves, target)
-    problem = Problem(
-        suite="lce",
-        label=f"N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}",
-        device=device,
-        forward_bytes=0,
-        forward_backward_bytes=0,
-        forward_baseline=("naive", naive),
-        forward_backward_baseline=("naive F.linear + F.cross_entropy", naive),
-        reference=reference,
-        flops=6 * n * d * v,  # three GEMMs of 2·N·D·V
-    )
+    naive = backward_into_leaves(naive_linear_cross_entropy, leaves, target)
+    naive_step = ("naive F.linear + F.cross_entropy", naive)
+    problem = layer_problem("lce", (n, d, v), dtype, device, naive_step, reference, 6 * n * d * v)  # three GEMMs
 
     def add(name: str, loss_fn, compile_seconds: float | None = None, fb=None):
         problem.contenders.append(
             Contender(
                 name,
                 None,
-                fb or _backward_into_leaves(loss_fn, leaves, target),
+                fb or backward_into_leaves(loss_fn, leaves, target),
                 compile_seconds=compile_seconds,
                 gradient_bytes=grad_bytes,
             )
@@ -86,7 +77,7 @@ def linear_cross_entropy_problem(
         Contender("three GEMMs alone (floor)", None, _three_gemms(hidden, linear_weight), checked=False)
     )
     add("naive F.linear + F.cross_entropy", naive_linear_cross_entropy, fb=naive)
-    compiled = _backward_into_leaves(torch.compile(naive_linear_cross_entropy), leaves, target)
+    compiled = backward_into_leaves(torch.compile(naive_linear_cross_entropy), leaves, target)
     add("torch.compile naive", None, compile_seconds=timed_compile(compiled), fb=compiled)
     if hasattr(F, "linear_cross_entropy"):
         add("torch F.linear_cross_entropy", _torch_linear_cross_entropy(chunked=False))
@@ -116,7 +107,7 @@ def _add_autocast_with_float32_weights(problem: Problem, hidden, linear_weight, 
         ("softxent linear_cross_entropy, autocast + fp32 weights", sxt.linear_cross_entropy),
         ("naive, autocast + fp32 weights", naive_linear_cross_entropy),
     ):
-        fb = _backward_into_leaves(under_autocast(loss_fn), leaves, target)
+        fb = backward_into_leaves(under_autocast(loss_fn), leaves, target)
         grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
         problem.contenders.append(Contender(name, None, fb, gradient_bytes=grad_bytes, checked=False))
 
@@ -153,7 +144,7 @@ def _add_cut_cross_entropy(problem: Problem, add, leaves, target, device: torch.
     def run(hidden, linear_weight, target):
         return cce(hidden, linear_weight, target, impl=impl)
 
-    fb = _backward_into_leaves(run, leaves, target)
+    fb = backward_into_leaves(run, leaves, target)
     add(f"Cut Cross-Entropy ({impl})", run, compile_seconds=timed_compile(fb), fb=fb)
 
 

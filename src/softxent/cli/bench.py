@@ -27,8 +27,6 @@ import sys
 from pathlib import Path
 
 DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"], "distill": ["4096x1024x32000"]}
-#: segmentation's (N, C, H, W) logits with few classes: ``--shape 32x2x256x256`` etc.
-SEGMENTATION_SHAPES = ["32x2x256x256", "16x21x256x256", "8x150x128x128"]
 SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV", "distill": "NxDxV"}
 DEFAULT_REPS = {"ce": 5, "lce": 3, "dist": 10, "distill": 3}
 DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -56,16 +56,11 @@ def cross_entropy_rows(
     return torch.from_numpy(loss)
 
 
-def cross_entropy_spatial(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    opts: CrossEntropyOptions,
-    scale: float | None = None,
-    grad_out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def cross_entropy_spatial(logits, target, weight, opts: CrossEntropyOptions, scale=None, grad_out=None) -> torch.Tensor:
     """Losses of contiguous class-major logits (N, C, S): one per position (N·S,) for
-    ``reduction="none"``, else partial sums whose total is Σℓ; the gradient goes to ``grad_out``."""
+    ``reduction="none"``, else partial sums whose total is Σℓ; the gradient (a tensor like
+    ``logits``) goes to ``grad_out``.  Arguments as :func:`cross_entropy_rows`, with ``target``
+    (N, S) class indices or (N, C, S) probabilities and ``scale`` a float."""
     release_idle_threads(logits.numel())
     target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 2, grad_out)
     loss = spatial_kernel.cross_entropy_spatial(

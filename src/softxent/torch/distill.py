@@ -24,11 +24,12 @@ loss and ∂W, ∂b in float32.  ``torch.compile`` traces through the ops (``ful
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._distill_chunks import TeacherRows, chunk_rows, counted_tokens, linear_distill_rows
+from .._distill_chunks import TeacherRows, counted_tokens, linear_distill_rows
 from .._distill_options import DistillOptions, flat_options, make_distill_options, options_from_flat
 from .._distill_stats import DistillStats, summarize
 from .._distill_teacher import (
@@ -43,15 +44,16 @@ from .._distill_teacher import (
     teacher_kind,
 )
 from .._errors import InvalidArgumentError, InvalidTypeError
-from .._linear_chunks import Gradients
 from .._options import check_chunk_size
 from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
-from . import ops
+from .backends import backend_for
+from .checks import autocast_enabled, check_input, check_same_device
+from .checks import matmul_dtype as matmul_dtype_of
 from .distill_rows import distill_rows
 from .fallback import compute_dtype
-from .functional import _autocast_enabled, _check_input
-from .linear import _array_ops, _empty, accumulation_dtype, chunk_rows_for
+from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
+from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
 
 __all__ = ["TopK", "FusedTeacher", "DistillStats", "distill_loss", "linear_distill_loss"]
 
@@ -166,13 +168,14 @@ def distill_op(
 def _distill_fake(student, teacher_logits, topk_indices, topk_logprobs, valid, labels, *flat_and_flags):
     *flat, want_grad, want_stats = flat_and_flags
     acc = compute_dtype(student.dtype)
-    loss = student.new_empty((student.shape[0],) if flat[6] == "none" else (), dtype=acc)
+    loss = student.new_empty((student.shape[0],) if options_from_flat(*flat).reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(student) if want_grad else student.new_empty(0)
     return loss, grad, *_fake_stats(student, student.shape[0] if want_stats else 0)
 
 
 def _setup_distill(ctx, inputs, output):
-    ctx.reduction = inputs[12]
+    _student, _logits, _indices, _logprobs, _valid, _labels, *flat, _want_grad, _want_stats = inputs
+    ctx.reduction = options_from_flat(*flat).reduction
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(output[1])
 
@@ -181,7 +184,7 @@ def _backward_distill(ctx, grad_loss, *_grads_of_data):
     (grad,) = ctx.saved_tensors
     dstudent = None
     if ctx.needs_input_grad[0]:
-        dstudent = ops.scale_saved_gradient(ctx, grad, grad_loss, "distill_loss")
+        dstudent = scale_saved_gradient(ctx, grad, grad_loss, "distill_loss")
     return (dstudent,) + (None,) * 16
 
 
@@ -201,13 +204,13 @@ def _run_linear(
     scale_of_sum = _checked_scale(valid, labels, num_classes, opts)
     want_grad = any(wanted)
     scale = None
+    device = hidden.device
+    backend = backend_for(device)
     if want_grad:
         scale = scale_of_sum if grad_output is None else grad_output.to(torch.float64) * scale_of_sum
-        if isinstance(scale, Tensor) and scale.device.type != "cpu":
-            scale = scale.to(compute_dtype(hidden.dtype))
-    device = hidden.device
-    array_ops = _array_ops(device)
-    teacher = _teacher_rows(array_ops, valid, labels, teacher_tensors, num_classes, opts, teacher_dtype)
+        scale = backend.row_scales(scale, compute_dtype(hidden.dtype))
+    ops_table = array_ops(backend)
+    teacher = _teacher_rows(ops_table, valid, labels, teacher_tensors, num_classes, opts, teacher_dtype)
     tokens = counted_tokens(valid, lambda mask: mask.nonzero().reshape(-1))
     acc = compute_dtype(matmul_dtype)
     loss_rows = torch.zeros(num_tokens, dtype=acc, device=device)
@@ -216,35 +219,19 @@ def _run_linear(
     b = None if bias is None else bias.to(matmul_dtype)
     grads = None
     if want_grad:
-        grads = Gradients(
-            hidden=_empty(h.shape, h) if wanted[0] else None,
-            weight=_empty(w.shape, w, accumulation_dtype(device, matmul_dtype, weight.dtype)) if wanted[1] else None,
-            bias=_empty(b.shape, w, accumulation_dtype(device, matmul_dtype, bias.dtype)) if wanted[2] else None,
-        )
-        if tokens is not None and grads.hidden is not None:
-            grads.hidden.zero_()  # the rows of skipped tokens
+        grads = gradient_buffers(backend, h, w, (weight, bias), matmul_dtype, wanted, tokens is not None)
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
-    if chunk_size:
-        chunk = chunk_size
-    elif device.type == "cuda":  # a fused teacher's chunk is a second buffer: half the cross-entropy's rows
-        chunk = chunk_rows_for(device, num_tokens, num_classes, itemsize * (2 if teacher.fused is not None else 1))
-    else:
-        chunk = chunk_rows(num_tokens, num_classes, itemsize, teacher.fused is not None)
+    chunk = chunk_size or backend.chunk_rows(num_tokens, num_classes, itemsize, teacher.fused is not None)
     stats = _empty_stats(h.new_empty(0, dtype=acc), num_tokens if want_stats else 0)
     linear_distill_rows(
-        array_ops, distill_rows, h, w, b, teacher, opts, loss_rows,
+        ops_table, distill_rows, h, w, b, teacher, opts, loss_rows,
         chunk_rows=chunk, tokens=tokens, scale=scale, grads=grads, stats=stats if want_stats else None,
     )  # fmt: skip
     if opts.reduction == "none":
         loss = loss_rows
     else:
         loss = (loss_rows.sum(dtype=torch.float64) * scale_of_sum).to(acc)
-    grads = grads or Gradients()
-    empty = hidden.new_empty(0)
-    d_hidden = empty if grads.hidden is None else grads.hidden.to(hidden.dtype)
-    d_weight = hidden.new_empty(0) if grads.weight is None else grads.weight.to(weight.dtype)
-    d_bias = hidden.new_empty(0) if grads.bias is None else grads.bias.to(bias.dtype)
-    return loss, d_hidden, d_weight, d_bias, *stats
+    return loss, *gradient_outputs(grads, hidden, weight, bias), *stats
 
 
 @torch.library.custom_op("softxent::linear_distill", mutates_args=())
@@ -292,34 +279,57 @@ def linear_distill_op(
         )  # fmt: skip
 
 
+class _LinearCall(NamedTuple):
+    """The arguments of ``softxent::linear_distill`` by name."""
+
+    layer: tuple  # hidden, weight, bias
+    teacher: tuple  # logits, hidden, weight, bias, top-k indices, top-k log-probs
+    valid: Tensor
+    labels: Tensor | None
+    grad_output: Tensor | None
+    opts: DistillOptions
+    chunk_size: int
+    matmul_dtype: torch.dtype
+    teacher_dtype: torch.dtype
+    wanted: tuple  # grad_hidden, grad_weight, grad_bias
+    want_stats: bool
+
+
+def _linear_call(inputs) -> _LinearCall:
+    (hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, indices, logprobs, valid, labels, grad_output,
+     *flat, chunk_size, matmul_dtype, teacher_dtype, grad_hidden, grad_weight, grad_bias,
+     want_stats) = inputs  # fmt: skip
+    return _LinearCall(
+        (hidden, weight, bias), (t_logits, t_hidden, t_weight, t_bias, indices, logprobs), valid, labels,
+        grad_output, options_from_flat(*flat), chunk_size, matmul_dtype, teacher_dtype,
+        (grad_hidden, grad_weight, grad_bias), want_stats,
+    )  # fmt: skip
+
+
 @linear_distill_op.register_fake
-def _linear_distill_fake(hidden, weight, bias, *rest):
-    reduction = rest[15]
-    matmul_dtype, _, grad_hidden, grad_weight, grad_bias, want_stats = rest[-6:]
-    acc = compute_dtype(matmul_dtype)
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc)
-    return (
-        loss,
-        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
-        torch.empty_like(bias) if grad_bias else hidden.new_empty(0),
-        *_fake_stats(hidden.new_empty(0, dtype=acc), hidden.shape[0] if want_stats else 0),
-    )
+def _linear_distill_fake(*inputs):
+    call = _linear_call(inputs)
+    hidden, weight, bias = call.layer
+    acc = compute_dtype(call.matmul_dtype)
+    loss = hidden.new_empty((hidden.shape[0],) if call.opts.reduction == "none" else (), dtype=acc)
+    pairs = zip(call.layer, call.wanted, strict=True)
+    grads = (torch.empty_like(t) if want else hidden.new_empty(0) for t, want in pairs)
+    return loss, *grads, *_fake_stats(hidden.new_empty(0, dtype=acc), hidden.shape[0] if call.want_stats else 0)
 
 
 _NUM_LINEAR_INPUTS = 28
 
 
 def _setup_linear(ctx, inputs, output):
-    hidden, weight, bias, *teacher, valid, labels, grad_output = inputs[:12]
+    call = _linear_call(inputs)
     ctx.mark_non_differentiable(*output[4:])
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[18]
-    ctx.options = inputs[12:24]  # the flat options, chunk_size and the matmul dtypes
+    ctx.reduction = call.opts.reduction
+    ctx.call = call._replace(layer=(), teacher=(), valid=None, labels=None, grad_output=None)  # no tensors
     # the forward pass returned ∂loss/∂inputs (up to one scalar) unless the loss has a value per
     # token (reduction="none") or the gradients were asked for another grad_output
-    ctx.computed = tuple(inputs[24:27]) if ctx.reduction != "none" and grad_output is None else (False,) * 3
-    ctx.save_for_backward(hidden, weight, bias, *teacher, valid, labels, *output[1:4])
+    ctx.computed = call.wanted if ctx.reduction != "none" and call.grad_output is None else (False,) * 3
+    ctx.save_for_backward(*call.layer, *call.teacher, call.valid, call.labels, *output[1:4])
 
 
 def _backward_linear(ctx, grad_loss, *_grads_of_data):
@@ -327,20 +337,23 @@ def _backward_linear(ctx, grad_loss, *_grads_of_data):
     if grad_loss is None:
         return none
     if torch.is_grad_enabled():
-        raise RuntimeError(ops._NO_DOUBLE_BACKWARD.format(name="linear_distill_loss"))
-    hidden, weight, bias, *rest = ctx.saved_tensors
-    teacher, (valid, labels), computed = rest[:6], rest[6:8], rest[8:]
+        raise RuntimeError(NO_DOUBLE_BACKWARD.format(name="linear_distill_loss"))
+    (hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, indices, logprobs, valid, labels,
+     *computed) = ctx.saved_tensors  # fmt: skip
+    teacher = (t_logits, t_hidden, t_weight, t_bias, indices, logprobs)
     wanted = [ctx.needs_input_grad[i] for i in range(3)]
     if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
         grads = [
-            ops.scale_saved_gradient(ctx, g, grad_loss, "linear_distill_loss") if need else None
+            scale_saved_gradient(ctx, g, grad_loss, "linear_distill_loss") if need else None
             for g, need in zip(computed, wanted, strict=True)
         ]
     else:
         per_token = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss.reshape(1).expand(hidden.shape[0])
+        call = ctx.call
         outputs = linear_distill_op(
-            hidden, weight, bias, *teacher, valid, labels, per_token, *ctx.options, *wanted, False
-        )
+            hidden, weight, bias, *teacher, valid, labels, per_token, *flat_options(call.opts), call.chunk_size,
+            call.matmul_dtype, call.teacher_dtype, *wanted, False,
+        )  # fmt: skip
         grads = [g if need else None for g, need in zip(outputs[1:4], wanted, strict=True)]
     return tuple(grads) + none[3:]
 
@@ -380,14 +393,14 @@ def _check_teacher(teacher, lead: tuple[int, ...], num_classes: int, linear: boo
     kind = teacher_kind(teacher, linear)
     num_tokens = math.prod(lead)
     if kind == "dense":
-        _check_input(teacher, "teacher")
+        check_input(teacher, "teacher")
         check_dense_teacher_shape(lead + (num_classes,), teacher.shape)
         teacher = teacher.reshape(num_tokens, num_classes)
     elif kind == "topk":
         indices, logprobs = teacher
         if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
             raise InvalidTypeError("teacher.indices must be a tensor of integer token ids")
-        _check_input(logprobs, "teacher.logprobs")
+        check_input(logprobs, "teacher.logprobs")
         k = check_topk_shapes(lead, num_classes, indices.shape, logprobs.shape)
         teacher = TopK(indices.reshape(num_tokens, k).to(torch.int64), logprobs.reshape(num_tokens, k))
     else:
@@ -395,7 +408,7 @@ def _check_teacher(teacher, lead: tuple[int, ...], num_classes: int, linear: boo
         for name, t in (("teacher.hidden", hidden), ("teacher.weight", weight)) + (
             (("teacher.bias", bias),) if bias is not None else ()
         ):
-            _check_input(t, name)
+            check_input(t, name)
         check_fused_teacher_shapes(lead, num_classes, hidden.shape, weight.shape, None if bias is None else bias.shape)
         teacher = FusedTeacher(hidden.reshape(num_tokens, hidden.shape[-1]), weight, bias)
     tensors = _teacher_tensors(teacher)
@@ -459,7 +472,7 @@ def distill_loss(
         divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
         reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
     )  # fmt: skip
-    _check_input(student_logits, "student_logits")
+    check_input(student_logits, "student_logits")
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
         raise InvalidArgumentError(
             f"student_logits must have shape (…, V) with V >= 1, got {tuple(student_logits.shape)}"
@@ -472,18 +485,8 @@ def distill_loss(
         student_logits.reshape(-1, num_classes), teacher_logits, indices, logprobs, valid, labels,
         *flat_options(opts), want_grad, return_stats,
     )  # fmt: skip
-    dtype = torch.float32 if _autocast_enabled(student_logits.device.type) else student_logits.dtype
+    dtype = torch.float32 if autocast_enabled(student_logits.device.type) else student_logits.dtype
     return _finish(loss, stats, valid, lead, opts, dtype, return_stats)
-
-
-def _matmul_dtype(device_type: str, *tensors: Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for the device, else the tensors' promoted dtype."""
-    if _autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def linear_distill_loss(
@@ -536,22 +539,20 @@ def linear_distill_loss(
         reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
     )  # fmt: skip
     chunk = check_chunk_size(chunk_size)
-    _check_input(student_hidden, "student_hidden")
-    _check_input(student_weight, "student_weight")
+    check_input(student_hidden, "student_hidden")
+    check_input(student_weight, "student_weight")
     if student_bias is not None:
-        _check_input(student_bias, "student_bias")
+        check_input(student_bias, "student_bias")
     bias_shape = None if student_bias is None else student_bias.shape
     num_classes = check_linear_shapes(student_hidden.shape, student_weight.shape, bias_shape, "student_hidden")
     device = student_hidden.device
-    for name, t in (("student_weight", student_weight), ("student_bias", student_bias)):
-        if t is not None and t.device != device:
-            raise InvalidArgumentError(f"{name} is on {t.device} but student_hidden is on {device}")
+    check_same_device(student_hidden, "student_hidden", student_weight=student_weight, student_bias=student_bias)
     lead = tuple(student_hidden.shape[:-1])
     valid, labels = _counted(lead, target, opts, shift, device)
     teacher_tensors = _check_teacher(teacher, lead, num_classes, True, device)
-    matmul_dtype = _matmul_dtype(device.type, student_hidden, student_weight)
+    matmul_dtype = matmul_dtype_of(student_hidden, student_weight)
     fused = [t for t in teacher_tensors[1:3] if t is not None]
-    teacher_dtype = _matmul_dtype(device.type, *fused) if fused else matmul_dtype
+    teacher_dtype = matmul_dtype_of(*fused) if fused else matmul_dtype
     grad_mode = torch.is_grad_enabled()
     wanted = [grad_mode and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
     if opts.reduction == "none":
@@ -561,6 +562,6 @@ def linear_distill_loss(
         hidden, student_weight, student_bias, *teacher_tensors[:6], valid, labels, None, *flat_options(opts),
         chunk, matmul_dtype, teacher_dtype, *wanted, return_stats,
     )  # fmt: skip
-    autocast = _autocast_enabled(device.type)
+    autocast = autocast_enabled(device.type)
     dtype = torch.float32 if autocast else torch.promote_types(student_hidden.dtype, student_weight.dtype)
     return _finish(loss, (div, s_top, t_top), valid, lead, opts, dtype, return_stats)

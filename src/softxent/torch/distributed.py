@@ -59,8 +59,9 @@ from .. import _reduction
 from .._errors import InvalidArgumentError, InvalidTypeError
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_target_range
-from . import fallback, ops
-from .linear import chunk_rows_for
+from . import fallback
+from .backends import backend_for
+from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
 
 #: columns of the packed per-token statistics
 _M, _S, _ZT, _WT, _DOT, _Y = range(6)
@@ -496,7 +497,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) * 7
         (grad,) = ctx.saved_tensors
-        return (ops.scale_saved_gradient(ctx, grad, grad_loss, "vocab_parallel_cross_entropy"),) + (None,) * 6
+        return (scale_saved_gradient(ctx, grad, grad_loss, "vocab_parallel_cross_entropy"),) + (None,) * 6
 
 
 def _mean_scale(opts, target: Tensor, valid: Tensor | None, w_t: Tensor | None) -> float:
@@ -674,7 +675,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if grad_loss is None:
             return none
         if torch.is_grad_enabled():
-            raise RuntimeError(ops._NO_DOUBLE_BACKWARD.format(name="vocab_parallel_linear_cross_entropy"))
+            raise RuntimeError(NO_DOUBLE_BACKWARD.format(name="vocab_parallel_linear_cross_entropy"))
         hidden, linear_weight, linear_bias, target, weight = ctx.saved_tensors
         g_rows, opts, chunk = ctx.global_rows, ctx.opts, ctx.chunk
         acc = fallback.compute_dtype(hidden.dtype)
@@ -745,7 +746,7 @@ def vocab_parallel_linear_cross_entropy(
     lead = input.shape[:-1]
     num_tokens = math.prod(lead)
     if chunk_size is None:
-        chunk = chunk_rows_for(input.device, num_tokens, max(size, 1), input.element_size())
+        chunk = backend_for(input.device).chunk_rows(num_tokens, max(size, 1), input.element_size())
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidArgumentError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:

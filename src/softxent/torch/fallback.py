@@ -104,17 +104,11 @@ def loss_and_parts(z, target, weight, opts: CrossEntropyOptions, is_index: bool)
     return torch.where(valid, loss, torch.zeros_like(loss)), z, th, lse, nlp
 
 
-def cross_entropy_rows(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    opts: CrossEntropyOptions,
-    scale: torch.Tensor | float | None = None,
-    grad_out: torch.Tensor | None = None,
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ (M,), lse (M,)) in the compute dtype; the gradient goes to ``grad_out`` if ``scale`` is
-    given, each row's reported lse and argmax to ``stats`` (see :func:`softxent._reference.cross_entropy_rows`)."""
+def cross_entropy_rows(logits, target, weight, opts: CrossEntropyOptions, scale=None, grad_out=None, stats=None):
+    """(ℓ (M,), lse (M,)) in the compute dtype of rows ``logits`` (M, C) against ``target`` — (M,)
+    class indices or (M, C) probabilities — with class ``weight`` (C,) or None; the gradient goes
+    to the tensor ``grad_out`` if ``scale`` (a float, or (M,) per row) is given, each row's reported
+    lse and argmax to the tensors ``stats`` (see :func:`softxent._reference.cross_entropy_rows`)."""
     is_index = target.dim() == 1
     acc = compute_dtype(logits.dtype)
     loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)

@@ -8,74 +8,19 @@ CPU, blocks of PyTorch ops on other devices.
 
 from __future__ import annotations
 
-from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
-from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
+from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions, make_options
-from .._validate import (
-    check_ignore_index_for_probabilities,
-    check_target_range,
-    check_target_shape,
-    check_weight_shape,
-    normalize_axis,
-)
+from .._validate import check_target_range, normalize_axis
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
-from . import backends, cpu_bridge, fallback, ops, training
-
-
-def _check_input(input: Tensor, name: str = "input") -> None:
-    if not isinstance(input, Tensor):
-        raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise InvalidTypeError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
-        )
-
-
-def _check_target(
-    input: Tensor, logits_shape: tuple[int, ...], class_dim: int, target, weight, opts: CrossEntropyOptions
-) -> bool:
-    """Check ``target`` and ``weight`` against logits of ``logits_shape`` (classes
-    along ``class_dim``) computed from ``input``; True for class indices."""
-    if not isinstance(target, Tensor):
-        raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point():
-        is_index = False
-    elif not target.is_complex() and target.dtype != torch.bool:
-        is_index = True
-    else:
-        raise InvalidTypeError(
-            f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
-        )
-    check_target_shape(logits_shape, class_dim, target.shape, is_index)
-    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
-    if weight is not None:
-        _check_input(weight, "weight")
-        check_weight_shape(weight.shape, logits_shape[class_dim])
-    for name, t in (("target", target), ("weight", weight)):
-        if t is not None and t.device != input.device:
-            raise InvalidArgumentError(f"{name} is on {t.device} but input is on {input.device}")
-    return is_index
-
-
-def class_indices(target: Tensor, num_classes: int) -> Tensor:
-    """``target`` as int64, refusing uint64 values ≥ 2⁶³ that the conversion would wrap
-    (2⁶⁴ − 100 would silently become ignore_index −100)."""
-    if target.dtype == torch.int64:
-        return target
-    if target.dtype == torch.uint64:
-        bits = target.view(torch.int64)
-        if bool((bits < 0).any()):
-            first = int(bits[bits < 0][0]) + 2**64
-            raise TargetIndexError(
-                f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
-            )
-        return bits
-    return target.long()
+from . import fallback, ops, training
+from .backends import backend_for
+from .checks import autocast_enabled, check_input, check_target, class_indices, composite_needed
+from .saved_gradient import scale_saved_gradient
 
 
 def _to_rows(x: Tensor, class_dim: int) -> Tensor:
@@ -176,44 +121,70 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)  # warns, as PyTorch
     if type(input).__name__ == "DTensor":  # logits sharded on the classes, as under loss_parallel()
-        from . import distributed
-
         if inplace_backward or shift or return_stats:
             raise InvalidArgumentError("inplace_backward, shift and return_stats are not supported for DTensor inputs")
-        return distributed.cross_entropy_of_dtensor(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap,
-        )  # fmt: skip
+        return _dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     opts = make_options(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
-    _check_input(input)
+    check_input(input)
     if input.dim() == 0:
         raise InvalidArgumentError("input must have at least one dimension (the classes), got a scalar")
     class_dim = 0 if input.dim() == 1 else 1
-    num_classes = input.shape[class_dim]
-    is_index = _check_target(input, tuple(input.shape), class_dim, target, weight, opts)
+    is_index = check_target(input, tuple(input.shape), class_dim, target, weight, opts)
     target = training.shift_target(target, is_index, opts, shift)
-    if num_classes == 0:
+    if input.shape[class_dim] == 0:
         if return_stats:
             raise InvalidArgumentError("return_stats needs at least one class (input has C = 0)")
         return _no_class_loss(input, target, is_index, class_dim, opts)
+    layout = _Layout(input, target, weight, is_index, class_dim, opts)
     if composite_needed(input, target, weight):  # torch.func transforms, forward-mode AD: plain ops
-        rows = _to_rows(input, class_dim) if input.dim() > 1 else input.reshape(1, num_classes)
-        target_rows = class_indices(target.reshape(-1), num_classes) if is_index else _to_rows(target, class_dim)
-        if is_index:
-            check_target_range(target_rows, num_classes, opts.ignore_index)
-        loss = fallback.composite_cross_entropy(rows, target_rows, weight, opts)
-        loss = _shaped_loss(loss, input, target, is_index, class_dim, opts)
-        if not return_stats:
-            return loss
-        stats = training.row_stats(rows, opts, target_rows)
-        return loss, _stats(stats, input, target, weight, is_index, class_dim, opts, loss.dtype)
+        loss, stats = _composite_loss(layout, return_stats)
+    else:
+        loss, stats = _fused_loss(layout, inplace_backward, return_stats)
+    loss = _shaped_loss(loss, input, target, is_index, class_dim, opts)
+    if not return_stats:
+        return loss
+    return loss, _stats(stats, input, target, weight, is_index, class_dim, opts, loss.dtype)
 
+
+def _dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """A class-sharded DTensor's cross-entropy: the vocabulary-parallel one on its shard."""
+    from . import distributed
+
+    return distributed.cross_entropy_of_dtensor(
+        input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
+
+
+class _Layout(NamedTuple):
+    """A checked call: the logits ``input`` with classes along ``class_dim``, its target and options."""
+
+    input: Tensor
+    target: Tensor
+    weight: Tensor | None
+    is_index: bool
+    class_dim: int
+    opts: CrossEntropyOptions
+
+
+def _composite_loss(call: _Layout, return_stats: bool):
+    """(loss, per-row (lse, argmax) or None) from differentiable PyTorch ops."""
+    input, target, class_dim, opts = call.input, call.target, call.class_dim, call.opts
+    num_classes = input.shape[class_dim]
+    rows = _to_rows(input, class_dim) if input.dim() > 1 else input.reshape(1, num_classes)
+    target_rows = class_indices(target.reshape(-1), num_classes) if call.is_index else _to_rows(target, class_dim)
+    if call.is_index:
+        check_target_range(target_rows, num_classes, opts.ignore_index)
+    loss = fallback.composite_cross_entropy(rows, target_rows, call.weight, opts)
+    return loss, training.row_stats(rows, opts, target_rows) if return_stats else None
+
+
+def _fused_loss(call: _Layout, inplace_backward: bool, return_stats: bool):
+    """(loss, per-row (lse, argmax)) from the fused op, its gradient computed in the same pass."""
+    input, target, is_index = call.input, call.target, call.is_index
+    num_classes = input.shape[call.class_dim]
     rows = _op_logits(input, num_classes)
     if is_index:
         target_rows = class_indices(
@@ -222,21 +193,13 @@ def cross_entropy(
     elif rows.dim() == 3:
         target_rows = target.reshape(rows.shape)
     else:
-        target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, class_dim)
+        target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, call.class_dim)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
-    op_args = (
-        weight,
-        -100 if opts.ignore_index is None else opts.ignore_index,
-        opts.ignore_index is not None,
-        opts.reduction,
-        opts.label_smoothing,
-        opts.z_loss,
-        0.0 if opts.softcap is None else opts.softcap,
-    )
+    op_args = (call.weight, *ops.op_options(call.opts))
     use_inplace = (
         inplace_backward
         and compute_grad
-        and backends.writes_gradient_in_place(input.device)
+        and backend_for(input.device).writes_gradient_in_place
         and not torch.compiler.is_compiling()
         and rows.dim() == 2
         and rows.data_ptr() == input.data_ptr()
@@ -247,10 +210,7 @@ def cross_entropy(
         loss, *stats = _InplaceCrossEntropy.apply(rows, target_rows, *op_args, return_stats)
     else:
         loss, _, *stats = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad, return_stats)
-    loss = _shaped_loss(loss, input, target, is_index, class_dim, opts)
-    if not return_stats:
-        return loss
-    return loss, _stats(stats, input, target, weight, is_index, class_dim, opts, loss.dtype)
+    return loss, stats
 
 
 def _stats(stats, input, target, weight, is_index: bool, class_dim: int, opts, loss_dtype):
@@ -275,7 +235,7 @@ def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, is_index: bool, cl
         loss = loss.reshape(target.shape if is_index else target.shape[:class_dim] + target.shape[class_dim + 1 :])
         if is_index:
             loss = loss.contiguous(memory_format=_channels_last_format(target))
-    if _autocast_enabled(input.device.type):
+    if autocast_enabled(input.device.type):
         return loss  # float32 (float64 stays float64), as PyTorch's autocast policy for cross_entropy
     return loss.to(input.dtype)
 
@@ -290,16 +250,6 @@ def _channels_last_format(t: Tensor) -> torch.memory_format:
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-def composite_needed(*tensors) -> bool:
-    """True where the fused custom ops cannot serve: inside ``torch.func`` transforms (grad,
-    vmap, jvp) and for forward-mode AD dual tensors, which get plain differentiable PyTorch ops."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    if forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
-        return False
-    return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _no_class_loss(input: Tensor, target: Tensor, is_index: bool, class_dim: int, opts) -> Tensor:
@@ -319,39 +269,19 @@ def _no_class_loss(input: Tensor, target: Tensor, is_index: bool, class_dim: int
     return total / 0.0
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
 class _InplaceCrossEntropy(torch.autograd.Function):
     """Eager path of ``inplace_backward=True`` (fused CPU and Triton kernels): the kernel writes the gradient
     over the logits' storage, so no N×C buffer is allocated."""
 
     @staticmethod
-    def forward(
-        ctx,
-        logits,
-        target,
-        weight,
-        ignore_index,
-        use_ignore_index,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-        want_stats,
-    ):
-        opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
-        rows_fn = backends.cross_entropy_rows(logits.device)
-        if rows_fn is cpu_bridge.cross_entropy_rows:
-            rows_fn = partial(rows_fn, inplace=True)
-        loss, grad, lse, argmax = ops._forward(rows_fn, logits, target, weight, opts, True, logits, want_stats)
+    def forward(ctx, logits, target, weight, *flat_and_want_stats):
+        *flat, want_stats = flat_and_want_stats
+        opts = ops.options_from_op(*flat)
+        backend = backend_for(logits.device)
+        loss, grad, lse, argmax = ops.forward(backend, logits, target, weight, opts, True, want_stats, inplace=True)
         # autograd must know the logits changed: anything that saved them now fails loudly
         torch.autograd.graph.increment_version(logits)
-        ctx.reduction = reduction
+        ctx.reduction = opts.reduction
         ctx.save_for_backward(grad.detach())
         ctx.mark_non_differentiable(lse, argmax)
         return loss, lse, argmax
@@ -359,12 +289,12 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_argmax):
         (grad,) = ctx.saved_tensors
-        return (ops.scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 9
+        return (scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 9
 
 
 def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
     """Apply a rows op (M, C) → (M, C) along ``dim`` of any tensor (0-d: a single class)."""
-    _check_input(input)
+    check_input(input)
     if dtype is not None:
         input = input.to(dtype)
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
@@ -384,7 +314,7 @@ def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
     (``dtype`` casts the input first).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
     On CPU it runs a fused Numba kernel, on CUDA a fused Triton kernel; elsewhere ``torch.softmax``.
     """
-    if backends.name(input.device) == "fallback":
+    if backend_for(input.device).name == "fallback":
         return torch.softmax(input, dim, dtype=dtype)
     return _rows_call(ops.softmax_op, input, dim, dtype)
 
@@ -394,7 +324,7 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
 
     Drop-in for ``torch.log_softmax``.  Gradient: ``g − softmax(z)·Σ_k g_k``.
     """
-    if backends.name(input.device) == "fallback":
+    if backend_for(input.device).name == "fallback":
         return torch.log_softmax(input, dim, dtype=dtype)
     return _rows_call(ops.log_softmax_op, input, dim, dtype)
 
@@ -407,12 +337,12 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     """
     if isinstance(dim, (tuple, list)):
         if len(dim) != 1:  # several dims at once: PyTorch's own reduction (the fused kernel takes one axis)
-            _check_input(input)
+            check_input(input)
             return torch.logsumexp(input, dim, keepdim=keepdim)
         dim = dim[0]
-    if backends.name(input.device) == "fallback":
+    if backend_for(input.device).name == "fallback":
         return torch.logsumexp(input, dim, keepdim=keepdim)
-    _check_input(input)
+    check_input(input)
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
     if input.dim() == 0:
         return input.clone()

@@ -21,112 +21,25 @@ softmax statistics, the loss and the accumulation of ∂W and ∂b stay in float
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import Tensor
 
 from .. import _reduction
 from .._errors import InvalidArgumentError
-from .._linear_chunks import (
-    LOGITS_GEMM_COLS,
-    LOGITS_GEMM_ROWS,
-    ArrayOps,
-    Gradients,
-    active_tokens,
-    auto_chunk_rows,
-    blocked_accumulate_matmul,
-    cuda_chunk_rows,
-    linear_cross_entropy_rows,
-)
+from .._linear_chunks import active_tokens, linear_cross_entropy_rows
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_linear_shapes, check_target_range
-from . import backends, cpu_bridge, cpu_buffers, fallback, ops, training
-from .functional import _autocast_enabled, _check_input, _check_target, class_indices, composite_needed, cross_entropy
+from . import fallback, ops, training
+from .backends import backend_for
+from .checks import autocast_enabled, check_input, check_same_device, check_target, class_indices, composite_needed
+from .checks import matmul_dtype as matmul_dtype_of
+from .functional import cross_entropy
+from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .linear_options import chunk_size_from_options
-
-
-def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    dtype = like.dtype if dtype is None else dtype
-    if like.device.type == "cpu":
-        return cpu_buffers.empty(tuple(shape), dtype)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(torch.mm(a, b))
-
-
-def _matmul_bias_into(a: Tensor, b: Tensor, bias: Tensor, out: Tensor) -> None:
-    """out = a @ b + bias in one GEMM (cuBLAS adds the bias in its epilogue)."""
-    if out.dtype == a.dtype == bias.dtype:
-        torch.addmm(bias, a, b, out=out)
-    else:
-        out.copy_(torch.addmm(bias.to(a.dtype), a, b))
-
-
-def _accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool) -> None:
-    if acc.dtype != a.dtype:
-        blocked_accumulate_matmul(acc, a, b, _matmul_into, _empty, overwrite)
-    elif overwrite:
-        torch.mm(a, b, out=acc)
-    else:
-        acc.addmm_(a, b)  # one GEMM with β = 1: no temporary
-
-
-def _add_column_sums(acc: Tensor, g: Tensor, overwrite: bool) -> None:
-    if overwrite:
-        torch.sum(g, dim=0, dtype=acc.dtype, out=acc)
-    else:
-        acc.add_(g.sum(dim=0, dtype=acc.dtype))
-
-
-def _uses_cpu_kernel(device: torch.device) -> bool:
-    return backends.name(device) == "numba"
-
-
-def _cross_entropy_rows(device: torch.device, z, target, weight, opts, scale=None, grad_out=None, stats=None):
-    """Per-row losses: float64 from the fused CPU kernel, the compute dtype elsewhere; the fused
-    kernels write the gradient over the chunk's logits."""
-    if _uses_cpu_kernel(device):
-        return cpu_bridge.cross_entropy_rows(
-            z, target, weight, opts, scale, grad_out, inplace=grad_out is not None, stats=stats
-        )
-    return backends.cross_entropy_rows(device)(z, target, weight, opts, scale, grad_out, stats=stats)
-
-
-def _array_ops(device: torch.device) -> ArrayOps:
-    return ArrayOps(
-        empty=_empty,
-        matmul_into=_matmul_into,
-        accumulate_matmul=_accumulate_matmul,
-        add_column_sums=_add_column_sums,
-        cross_entropy_rows=partial(_cross_entropy_rows, device),
-        logits_gemm_rows=LOGITS_GEMM_ROWS if device.type == "cpu" else 1 << 62,
-        logits_gemm_cols=LOGITS_GEMM_COLS if device.type == "cpu" else 0,
-        matmul_bias_into=_matmul_bias_into if device.type == "cuda" else None,
-    )
-
-
-def chunk_rows_for(device: torch.device, num_tokens: int, num_classes: int, itemsize: int) -> int:
-    """Tokens per chunk: on CUDA :func:`softxent._linear_chunks.cuda_chunk_rows` (4 % of the
-    float32 logits); elsewhere the CPU budget :func:`softxent._linear_chunks.cpu_chunk_bytes`."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return cuda_chunk_rows(num_tokens, num_classes, free, itemsize)
-    return auto_chunk_rows(num_tokens, num_classes, itemsize)
-
-
-def accumulation_dtype(device: torch.device, matmul_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype:
-    """dtype in which ∂W and ∂b accumulate over the chunks: on CUDA the parameter's own
-    (cuBLAS adds each chunk's product in float32 and rounds once, so no float32 copy of ∂W
-    is held — 2 GB at V=128256, D=4096); elsewhere float32 at least."""
-    if device.type == "cuda":
-        return torch.promote_types(matmul_dtype, param_dtype)
-    return torch.promote_types(fallback.compute_dtype(matmul_dtype), param_dtype)
+from .ops import options_from_op
+from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
+from .target_counts import empty_stats
 
 
 def _target_gradient_hook(dq: Tensor, weight: Tensor | None, opts: CrossEntropyOptions, scale):
@@ -167,14 +80,14 @@ def _run(
     loss_scale = _reduction.loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
     want_grad = any(wanted)
     scale = None
+    backend = backend_for(hidden.device)
     if want_grad:
         scale = loss_scale if grad_output is None else grad_output.to(torch.float64).reshape(-1) * loss_scale
-        if isinstance(scale, Tensor) and scale.device.type != "cpu":
-            scale = scale.to(fallback.compute_dtype(hidden.dtype))
+        scale = backend.row_scales(scale, fallback.compute_dtype(hidden.dtype))
 
     tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
     acc = fallback.compute_dtype(matmul_dtype)
-    loss_dtype = torch.float64 if _uses_cpu_kernel(hidden.device) else acc
+    loss_dtype = backend.loss_dtype_of_rows or acc
     loss_rows = torch.zeros(num_tokens, dtype=loss_dtype, device=hidden.device)
     h = hidden.to(matmul_dtype).contiguous()
     w = linear_weight.to(matmul_dtype).contiguous()
@@ -182,30 +95,18 @@ def _run(
     d_target = hidden.new_empty(0)  # outputs may not alias each other: one empty tensor each
     grads = None
     if want_grad:
-        # ∂H rows are independent (no accumulation): the matmul dtype is enough; ∂W and ∂b accumulate
-        # over chunks, in float32 at least.  On CPU the buffers are recycled (softxent.torch.cpu_buffers):
-        # no page faults for the N×D and V×D gradients in a training loop.
-        grads = Gradients(
-            hidden=_empty(h.shape, h) if wanted[0] else None,
-            weight=_empty(w.shape, w, accumulation_dtype(w.device, matmul_dtype, linear_weight.dtype))
-            if wanted[1]
-            else None,
-            bias=_empty((num_classes,), w, accumulation_dtype(w.device, matmul_dtype, linear_bias.dtype))
-            if wanted[2]
-            else None,
-        )
-        if tokens is not None and grads.hidden is not None:
-            grads.hidden.zero_()  # the rows of skipped tokens
+        params = (linear_weight, linear_bias)
+        grads = gradient_buffers(backend, h, w, params, matmul_dtype, wanted, tokens is not None)
         if wanted[3]:
             d_target = torch.zeros_like(target)
             grads.before_gradient = _target_gradient_hook(d_target, weight, opts, scale)
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
-    chunk = chunk_size or chunk_rows_for(hidden.device, num_tokens, num_classes, itemsize)
-    stats = ops.empty_stats(hidden.new_empty(0, dtype=acc), num_tokens if want_stats else 0)
+    chunk = chunk_size or backend.chunk_rows(num_tokens, num_classes, itemsize)
+    stats = empty_stats(hidden.new_empty(0, dtype=acc), num_tokens if want_stats else 0)
     stats[0].zero_()
     stats[1].fill_(-1)
     linear_cross_entropy_rows(
-        _array_ops(hidden.device),
+        array_ops(backend),
         h,
         w,
         b,
@@ -223,11 +124,7 @@ def _run(
         loss = loss_rows.to(acc)
     else:
         loss = (loss_rows.sum() * loss_scale).to(acc)
-    grads = grads or Gradients()
-    d_hidden = hidden.new_empty(0) if grads.hidden is None else grads.hidden.to(hidden.dtype)
-    d_weight = hidden.new_empty(0) if grads.weight is None else grads.weight.to(linear_weight.dtype)
-    d_bias = hidden.new_empty(0) if grads.bias is None else grads.bias.to(linear_bias.dtype)
-    return loss, d_hidden, d_weight, d_bias, d_target, *stats
+    return loss, *gradient_outputs(grads, hidden, linear_weight, linear_bias), d_target, *stats
 
 
 @torch.library.custom_op("softxent::linear_cross_entropy", mutates_args=())
@@ -256,7 +153,7 @@ def linear_cross_entropy_op(
     linear_weight.T + linear_bias`` against ``target``; gradients are empty unless asked for,
     and are scaled per token by ``grad_output`` (N,) when given; the per-token lse and argmax
     are empty unless ``want_stats``.  ``chunk_size`` 0 chooses it."""
-    opts = ops._options(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = ops.options_from_op(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     with torch.autocast(input.device.type, enabled=False):
         return _run(
             input,
@@ -274,27 +171,11 @@ def linear_cross_entropy_op(
 
 
 @linear_cross_entropy_op.register_fake
-def _linear_cross_entropy_fake(
-    input,
-    linear_weight,
-    linear_bias,
-    target,
-    weight,
-    grad_output,
-    ignore_index,
-    use_ignore_index,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    chunk_size,
-    matmul_dtype,
-    grad_input,
-    grad_linear_weight,
-    grad_linear_bias,
-    grad_target,
-    want_stats=False,
-):
+def _linear_cross_entropy_fake(input, linear_weight, linear_bias, target, weight, grad_output, *flat_and_flags):
+    if len(flat_and_flags) == 12:
+        flat_and_flags = (*flat_and_flags, False)  # want_stats's default
+    reduction = options_from_op(*flat_and_flags[:6]).reduction
+    matmul_dtype, grad_input, grad_linear_weight, grad_linear_bias, grad_target, want_stats = flat_and_flags[7:]
     acc = fallback.compute_dtype(matmul_dtype)
     loss = input.new_empty((input.shape[0],) if reduction == "none" else (), dtype=acc)
     return (
@@ -303,7 +184,7 @@ def _linear_cross_entropy_fake(
         torch.empty_like(linear_weight) if grad_linear_weight else input.new_empty(0),
         torch.empty_like(linear_bias) if grad_linear_bias else input.new_empty(0),
         torch.empty_like(target) if grad_target else input.new_empty(0),
-        *ops.empty_stats(input.new_empty(0, dtype=acc), input.shape[0] if want_stats else 0),
+        *empty_stats(input.new_empty(0, dtype=acc), input.shape[0] if want_stats else 0),
     )
 
 
@@ -311,15 +192,17 @@ _GRADIENT_INPUTS = (0, 1, 2, 3)  # input, linear_weight, linear_bias, target
 
 
 def _setup_context(ctx, inputs, output):
-    input, linear_weight, linear_bias, target, weight, grad_output, *options = inputs
-    options = options[:12]  # not want_stats: the backward recomputation needs no statistics
+    input, linear_weight, linear_bias, target, weight, grad_output, *flat = inputs
+    (ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, matmul_dtype,
+     *computed, _want_stats) = flat  # fmt: skip
     ctx.mark_non_differentiable(*output[5:])
     ctx.set_materialize_grads(False)
-    ctx.reduction = options[2]
-    ctx.options = options
+    ctx.reduction = reduction
+    ctx.opts = ops.options_from_op(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ctx.chunk_size, ctx.matmul_dtype = chunk_size, matmul_dtype
     # the forward pass returned ∂loss/∂inputs (up to one scalar factor) unless the loss has a
     # value per token (reduction="none") or the gradients were asked for another grad_output
-    ctx.computed = tuple(options[-4:]) if ctx.reduction != "none" and grad_output is None else (False,) * 4
+    ctx.computed = tuple(computed) if ctx.reduction != "none" and grad_output is None else (False,) * 4
     ctx.num_tokens = input.shape[0]
     # the inputs are saved too (no copy): backward recomputes if it needs a gradient the forward skipped
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *output[1:5])
@@ -334,32 +217,25 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
     if grad_loss is None:
         return none
     if torch.is_grad_enabled():
-        raise RuntimeError(ops._NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
+        raise RuntimeError(NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
     input, linear_weight, linear_bias, target, weight, *computed_grads = ctx.saved_tensors
     wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
     if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
         grads = [
-            ops.scale_saved_gradient(ctx, g, grad_loss, "linear_cross_entropy") if need else None
+            scale_saved_gradient(ctx, g, grad_loss, "linear_cross_entropy") if need else None
             for g, need in zip(computed_grads, wanted, strict=True)
         ]
     else:
         per_token = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss.reshape(1).expand(ctx.num_tokens)
         outputs = linear_cross_entropy_op(
-            input, linear_weight, linear_bias, target, weight, per_token, *ctx.options[:-4], *wanted
-        )
+            input, linear_weight, linear_bias, target, weight, per_token, *ops.op_options(ctx.opts),
+            ctx.chunk_size, ctx.matmul_dtype, *wanted,
+        )  # fmt: skip
         grads = [g if need else None for g, need in zip(outputs[1:5], wanted, strict=True)]
     return tuple(grads) + none[4:]
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _matmul_dtype(input: Tensor, linear_weight: Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for the device, else the inputs' promoted dtype."""
-    device_type = input.device.type
-    if _autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(input.dtype, linear_weight.dtype)
 
 
 def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts: CrossEntropyOptions, **extras):
@@ -466,30 +342,16 @@ def linear_cross_entropy(
     if ignore_index is None:
         ignore_index = -100  # PyTorch's F.linear_cross_entropy: None means the default −100
     if type(linear_weight).__name__ == "DTensor":
-        from . import distributed
-
         if options is not None:
             raise InvalidArgumentError("options= is not supported with a DTensor linear_weight; pass chunk_size")
         if shift or return_stats:
             raise InvalidArgumentError("shift and return_stats are not supported with a DTensor linear_weight")
-        return distributed.linear_cross_entropy_of_dtensor(
-            input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
-        )  # fmt: skip
+        return _dtensor_loss(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                             label_smoothing, z_loss, softcap, chunk_size)  # fmt: skip
     opts = make_options(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
-    _check_input(input, "input")
-    _check_input(linear_weight, "linear_weight")
-    if linear_bias is not None:
-        _check_input(linear_bias, "linear_bias")
-    num_classes = check_linear_shapes(
-        input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input", True
-    )
+    num_classes = _check_layer(input, linear_weight, linear_bias)
     num_tokens = math.prod(input.shape[:-1])
     chunk = chunk_size_from_options(options, chunk_size, num_tokens, num_classes, input.shape[-1], input.dtype)
     if linear_weight.dim() > 2:
@@ -497,56 +359,73 @@ def linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, opts, shift=shift, return_stats=return_stats
         )
     lead = tuple(input.shape[:-1])
-    is_index = _check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
+    is_index = check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
     if not is_index and ignore_index_given:
         raise InvalidArgumentError("ignore_index cannot be specified when target contains probabilities")
     target = training.shift_target(target, is_index, opts, shift)
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is not None and t.device != input.device:
-            raise InvalidArgumentError(f"{name} is on {t.device} but input is on {input.device}")
-
     hidden = input.reshape(math.prod(lead), input.shape[-1])  # not -1: D may be 0
-    if is_index:
-        target_rows = class_indices(target.reshape(-1), num_classes)
-    else:
-        target_rows = target.reshape(-1, num_classes)
-    matmul_dtype = _matmul_dtype(input, linear_weight)
+    target_rows = class_indices(target.reshape(-1), num_classes) if is_index else target.reshape(-1, num_classes)
+    layer = (hidden, linear_weight, linear_bias)
     if composite_needed(input, linear_weight, linear_bias, target):  # torch.func, forward AD: plain ops
-        logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
-        loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
-        stats = training.row_stats(logits, opts, target_rows) if return_stats else None
+        loss, stats = _composite_loss(layer, target_rows, weight, opts, matmul_dtype_of(input, linear_weight))
+        stats = stats if return_stats else None
     else:
-        grad_mode = torch.is_grad_enabled()
-        wanted = [grad_mode and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)] + [
-            grad_mode and not is_index and target.requires_grad
-        ]
-        if opts.reduction == "none":
-            wanted = [False] * 4  # computed in backward, with the upstream gradient of each token
-        loss, *_, lse, argmax = linear_cross_entropy_op(
-            hidden,
-            linear_weight,
-            linear_bias,
-            target_rows,
-            weight,
-            None,
-            -100 if opts.ignore_index is None else opts.ignore_index,
-            opts.ignore_index is not None,
-            opts.reduction,
-            opts.label_smoothing,
-            opts.z_loss,
-            0.0 if opts.softcap is None else opts.softcap,
-            chunk,
-            matmul_dtype,
-            *wanted,
-            return_stats,
-        )
-        stats = (lse, argmax)
+        loss, stats = _fused_loss(layer, target_rows, target, weight, opts, chunk, is_index, return_stats)
     if opts.reduction == "none":
         loss = loss.reshape(lead)
     if loss_dtype is not None:
         loss = loss.to(loss_dtype)
-    elif not _autocast_enabled(input.device.type):
+    elif not autocast_enabled(input.device.type):
         loss = loss.to(input.dtype)
     if not return_stats:
         return loss
     return loss, training.stats_of_rows(*stats, target_rows, weight, opts, num_classes, lead, loss.dtype)
+
+
+def _dtensor_loss(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                  z_loss, softcap, chunk_size):  # fmt: skip
+    """A vocabulary-sharded DTensor weight: the vocabulary-parallel linear + CE on its shard."""
+    from . import distributed
+
+    return distributed.linear_cross_entropy_of_dtensor(
+        input, linear_weight, target, linear_bias, weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def _check_layer(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> int:
+    """Check the hidden states and the layer (dtypes, shapes, devices); V."""
+    check_input(input, "input")
+    check_input(linear_weight, "linear_weight")
+    if linear_bias is not None:
+        check_input(linear_bias, "linear_bias")
+    num_classes = check_linear_shapes(
+        input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input", True
+    )
+    check_same_device(input, linear_weight=linear_weight, linear_bias=linear_bias)
+    return num_classes
+
+
+def _composite_loss(layer, target_rows: Tensor, weight, opts: CrossEntropyOptions, matmul_dtype: torch.dtype):
+    """(loss, per-token (lse, argmax)) from differentiable PyTorch ops (``torch.func``, forward AD)."""
+    hidden, linear_weight, linear_bias = layer
+    logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
+    loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
+    return loss, training.row_stats(logits, opts, target_rows)
+
+
+def _fused_loss(layer, target_rows, target, weight, opts, chunk: int, is_index: bool, return_stats: bool):
+    """(loss, per-token (lse, argmax)) from the fused op; for "mean"/"sum" the gradients of the
+    inputs that need one are computed in the same pass."""
+    hidden, linear_weight, linear_bias = layer
+    grad_mode = torch.is_grad_enabled()
+    wanted = [grad_mode and t is not None and t.requires_grad for t in layer]
+    wanted.append(grad_mode and not is_index and target.requires_grad)
+    if opts.reduction == "none":
+        wanted = [False] * 4  # computed in backward, with the upstream gradient of each token
+    matmul_dtype = matmul_dtype_of(hidden, linear_weight)
+    loss, *_, lse, argmax = linear_cross_entropy_op(
+        hidden, linear_weight, linear_bias, target_rows, weight, None, *ops.op_options(opts), chunk, matmul_dtype,
+        *wanted, return_stats,
+    )  # fmt: skip
+    return loss, (lse, argmax)

@@ -8,8 +8,36 @@ from torch import Tensor
 from .._options import make_options
 from . import functional, linear
 
+#: the options every loss checks with :func:`softxent._options.make_options`
+_CHECKED = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap")
 
-class CrossEntropyLoss(torch.nn.Module):
+
+class _OptionsModule(torch.nn.Module):
+    """A loss module that holds only options (its ``__constants__``) and the class ``weight`` buffer:
+    checked once when built, passed back to the function as keywords."""
+
+    __constants__: list[str] = []
+    #: the options ``repr`` shows
+    _shown: tuple[str, ...] = _CHECKED
+
+    def _hold(self, weight: Tensor | None, arguments: dict) -> None:
+        options = {name: arguments[name] for name in self.__constants__}
+        make_options(**{name: options[name] for name in _CHECKED})
+        self.register_buffer("weight", weight)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def _options(self) -> dict:
+        return {name: getattr(self, name) for name in self.__constants__}
+
+    def extra_repr(self) -> str:
+        return ", ".join(
+            f"{name}={getattr(self, name)!r}" if name == "reduction" else f"{name}={getattr(self, name)}"
+            for name in self._shown
+        )
+
+
+class CrossEntropyLoss(_OptionsModule):
     r"""``torch.nn.CrossEntropyLoss`` backed by :func:`softxent.torch.cross_entropy`.
 
     Same constructor (``weight``, the deprecated ``size_average``/``reduce``,
@@ -45,47 +73,14 @@ class CrossEntropyLoss(torch.nn.Module):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-        make_options(
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-        )
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.inplace_backward = inplace_backward
-        self.shift = shift
-        self.return_stats = return_stats
+        self._hold(weight, locals())
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of ``input`` logits against ``target`` (see :func:`softxent.torch.cross_entropy`)."""
-        return functional.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            inplace_backward=self.inplace_backward,
-            shift=self.shift,
-            return_stats=self.return_stats,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-            f"z_loss={self.z_loss}, softcap={self.softcap}"
-        )
+        return functional.cross_entropy(input, target, weight=self.weight, **self._options())
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_OptionsModule):
     r"""Fused output layer + cross-entropy as a module holding only options:
     ``loss_fn(input, linear_weight, target, linear_bias=None)`` is
     :func:`softxent.torch.linear_cross_entropy` with the options given here.
@@ -102,6 +97,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     __constants__ = [
         "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "chunk_size", "shift", "return_stats"
     ]  # fmt: skip
+    _shown = (*_CHECKED, "chunk_size")
 
     def __init__(
         self,
@@ -117,45 +113,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        make_options(
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-        )
-        self.register_buffer("weight", weight)
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.chunk_size = chunk_size
-        self.shift = shift
-        self.return_stats = return_stats
+        self._hold(weight, locals())
 
     def forward(
         self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
     ) -> Tensor:
         """The loss of ``input @ linear_weight.T + linear_bias`` against ``target``."""
+        options = self._options()
         return linear.linear_cross_entropy(
-            input,
-            linear_weight,
-            target,
-            linear_bias=linear_bias,
-            weight=self.weight,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            chunk_size=self.chunk_size,
-            shift=self.shift,
-            return_stats=self.return_stats,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-            f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}"
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, **options
         )

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from .._options import CrossEntropyOptions
 from .._training import CrossEntropyStats, check_shift, shifted_labels, summarize
-from . import fallback, ops
+from . import fallback
+from .target_counts import device_loss_scale, empty_stats
 
 
 def shift_target(target: Tensor, is_index: bool, opts: CrossEntropyOptions, shift: bool) -> Tensor:
@@ -35,7 +36,7 @@ def stats_of_rows(
         else:
             labels = target_rows.argmax(dim=-1) if target_rows.shape[0] else argmax
             counted = torch.ones_like(labels, dtype=torch.bool)
-        scale = ops.device_loss_scale(target_rows, weight, opts, is_index, num_classes, target_rows.shape[0], lse.dtype)
+        scale = device_loss_scale(target_rows, weight, opts, is_index, num_classes, target_rows.shape[0], lse.dtype)
         out = summarize(lse, argmax, labels, counted, opts.z_loss, scale, opts.reduction, loss_shape)
         return CrossEntropyStats(z_loss=out.z_loss.to(loss_dtype), accuracy=out.accuracy, lse=out.lse)
 
@@ -44,7 +45,7 @@ def row_stats(rows: Tensor, opts: CrossEntropyOptions, target_rows: Tensor) -> t
     """(lse, argmax) of rows (M, C) from PyTorch ops (the composite path, under ``torch.func``)."""
     with torch.no_grad():
         z, _ = fallback.capped_logits(rows.detach().to(fallback.compute_dtype(rows.dtype)), opts.softcap)
-        stats = ops.empty_stats(rows, rows.shape[0])
+        stats = empty_stats(rows, rows.shape[0])
         valid = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         if target_rows.dim() == 1 and opts.ignore_index is not None:
             valid = target_rows != opts.ignore_index

@@ -1,0 +1,105 @@
+"""Checks and small decisions shared by the public functions of :mod:`softxent.torch`: what an
+argument must be, whether a target holds class indices, when the fused ops cannot serve, and the
+dtype a matmul runs in.  Each rule is written here once."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
+from .._options import CrossEntropyOptions
+from .._validate import check_ignore_index_for_probabilities, check_target_shape, check_weight_shape
+
+
+def check_input(input: Tensor, name: str = "input") -> None:
+    """Raise unless ``input`` is a floating-point tensor (the error names ``name``)."""
+    if not isinstance(input, Tensor):
+        raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise InvalidTypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
+        )
+
+
+def classify_target(target) -> bool:
+    """True for class indices (an integer dtype), False for class probabilities (a float dtype);
+    anything else (bool, complex, not a tensor) raises."""
+    if not isinstance(target, Tensor):
+        raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        return False
+    if not target.is_complex() and target.dtype != torch.bool:
+        return True
+    raise InvalidTypeError(
+        f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
+    )
+
+
+def check_same_device(input: Tensor, input_name: str = "input", /, **others) -> None:
+    """Raise when one of the named tensors (None is skipped) is not on ``input``'s device."""
+    for name, t in others.items():
+        if t is not None and t.device != input.device:
+            raise InvalidArgumentError(f"{name} is on {t.device} but {input_name} is on {input.device}")
+
+
+def check_target(
+    input: Tensor, logits_shape: tuple[int, ...], class_dim: int, target, weight, opts: CrossEntropyOptions
+) -> bool:
+    """Check ``target`` and ``weight`` against logits of ``logits_shape`` (classes
+    along ``class_dim``) computed from ``input``; True for class indices."""
+    is_index = classify_target(target)
+    check_target_shape(logits_shape, class_dim, target.shape, is_index)
+    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    if weight is not None:
+        check_input(weight, "weight")
+        check_weight_shape(weight.shape, logits_shape[class_dim])
+    check_same_device(input, target=target, weight=weight)
+    return is_index
+
+
+def class_indices(target: Tensor, num_classes: int) -> Tensor:
+    """``target`` as int64, refusing uint64 values ≥ 2⁶³ that the conversion would wrap
+    (2⁶⁴ − 100 would silently become ignore_index −100)."""
+    if target.dtype == torch.int64:
+        return target
+    if target.dtype == torch.uint64:
+        bits = target.view(torch.int64)
+        if bool((bits < 0).any()):
+            first = int(bits[bits < 0][0]) + 2**64
+            raise TargetIndexError(
+                f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
+            )
+        return bits
+    return target.long()
+
+
+def composite_needed(*tensors) -> bool:
+    """True where the fused custom ops cannot serve: inside ``torch.func`` transforms (grad,
+    vmap, jvp) and for forward-mode AD dual tensors, which get plain differentiable PyTorch ops."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return False
+    return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type``."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def matmul_dtype(input: Tensor, *others: Tensor) -> torch.dtype:
+    """The dtype a linear layer's matmul runs in: the autocast dtype when autocast is on for the
+    device, else the promoted dtype of the tensors."""
+    device_type = input.device.type
+    if autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = input.dtype
+    for t in others:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

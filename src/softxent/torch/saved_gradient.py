@@ -1,0 +1,62 @@
+"""Backward of the fused ops: the gradient computed in the forward pass, times the upstream
+gradient — without a copy where that is safe, without a host sync on CUDA."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import backend_for
+
+NO_DOUBLE_BACKWARD = (
+    "softxent.torch: double backward (create_graph=True) through {name} is not supported: "
+    "its gradient is computed in the forward pass. Use torch.nn.functional for higher-order derivatives."
+)
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when running eagerly on real tensors, where in-place updates and ``.item()`` are safe."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is Tensor for t in tensors)
+
+
+def _graph_is_kept() -> bool:
+    """True when the running backward keeps the graph (``retain_graph=True``, ``create_graph``),
+    so that this node may run again; also when the torch in use cannot tell (before 2.6)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return True
+    try:
+        return bool(keep_graph())
+    except RuntimeError:  # not inside a graph task
+        return True
+
+
+def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tensor:
+    """grad · upstream (a scalar, or one factor per sample when ``ctx.reduction == "none"``).
+
+    The gradient computed in the forward pass is handed to autograd without a
+    copy — as it is when the upstream gradient is exactly 1 (``loss.backward()``),
+    scaled in place otherwise — only on its last use: a backward that does not
+    keep the graph.  Where the graph is kept (``retain_graph=True``, several
+    ``autograd.grad`` calls) the result is a new tensor and the saved gradient
+    stays intact, because what autograd receives becomes ``.grad`` and may be
+    accumulated into or edited in place (``clip_grad_norm_``) before the next
+    backward reads the saved gradient again.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
+    factor = upstream.to(grad.dtype)
+    if ctx.reduction == "none":  # one factor per sample: per row (M, 1), per position (N, 1, S)
+        factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
+    if not _plain_eager(grad, upstream) or _graph_is_kept():
+        return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
+    if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
+        return grad
+    if ctx.reduction != "none":
+        # the factor stays on the device: a kernel that does nothing when it is 1 (no host sync)
+        scaled = backend_for(grad.device).scale_unless_one_(grad, upstream)
+        if scaled is not None:
+            return scaled
+    return grad.mul_(factor)
