@@ -60,31 +60,30 @@ class DistillOptions:
         return (1.0 - self.alpha) * scale
 
 
-def make_distill_options(
-    *,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    alpha: float = 0.0,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    topk_rest: str = "renormalize",
-    temperature_scaling: bool = True,
-) -> DistillOptions:
-    """Check the scalar options and freeze them.
+def make_distill_options(**given) -> DistillOptions:
+    """Check the scalar options given as keywords (the fields of :class:`DistillOptions`; the
+    others keep its defaults) and freeze them.
 
     Raises:
         ValueError / TypeError (:class:`~softxent.InvalidArgumentError`,
-        :class:`~softxent.InvalidTypeError`) naming the offending argument.
+        :class:`~softxent.InvalidTypeError`) naming the offending argument; TypeError for a
+        keyword that is not an option.
     """
+    unknown = set(given) - set(DistillOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    fields = {**DistillOptions().__dict__, **given}
+    divergence, topk_rest = fields["divergence"], fields["topk_rest"]
+    ignore_index, reduction = fields["ignore_index"], fields["reduction"]
+    temperature_scaling = fields["temperature_scaling"]
     base = make_options(ignore_index=ignore_index, reduction=reduction)
     if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise InvalidArgumentError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not isinstance(topk_rest, str) or topk_rest not in TOPK_RESTS:
         raise InvalidArgumentError(f"topk_rest must be one of {TOPK_RESTS}, got {topk_rest!r}")
-    beta = unit_interval("beta", beta, "the teacher's weight in the JSD mixture")
-    alpha = unit_interval("alpha", alpha, "the weight of the hard-label loss")
-    temperature = real_number("temperature", temperature)
+    beta = unit_interval("beta", fields["beta"], "the teacher's weight in the JSD mixture")
+    alpha = unit_interval("alpha", fields["alpha"], "the weight of the hard-label loss")
+    temperature = real_number("temperature", fields["temperature"])
     if not 0.0 < temperature < math.inf:
         raise InvalidArgumentError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not isinstance(temperature_scaling, bool):
@@ -125,9 +124,6 @@ def split_options(options: dict) -> tuple[DistillOptions, bool, bool]:
     options = dict(options)
     shift = options.pop("shift", False)
     return_stats = options.pop("return_stats", False)
-    unknown = set(options) - set(DistillOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
     return make_distill_options(**options), shift, return_stats
 
 
