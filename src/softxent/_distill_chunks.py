@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from ._distill_options import DistillOptions
 from ._distill_teacher import TeacherChunk
-from ._linear_chunks import ArrayOps, Gradients, auto_chunk_rows, cpu_chunk_bytes, linear_cross_entropy_rows
+from ._linear_chunks import ArrayOps, Gradients, linear_cross_entropy_rows
 
 
 def logits_into(ops: ArrayOps, hidden, weight, bias, out) -> None:
@@ -70,23 +70,6 @@ class TeacherRows:
         z = self._buffer[: h.shape[0]]
         logits_into(self.ops, h, weight, bias, z)
         return TeacherChunk(self.valid[rows], labels, logits=z)
-
-
-#: a fused teacher's chunk of logits is a second buffer: each of the two holds this share of the
-#: cross-entropy's chunk (1/32 of the logits).  At N=4096, D=1024, V=32000 that is 96 tokens per
-#: chunk and a first-step peak of 6–7 % of one model's float32 logits (both buffers, the rows
-#: kernel's blocks and the BLAS's workspace; tests/test_distill_memory.py) — 9 % with whole
-#: 128-token chunks, too near the 10 % budget; the 43 instead of 32 updates of ∂W (V×D) cost ~3 %.
-FUSED_CHUNK_SHARE = 3 / 4
-
-
-def chunk_rows(num_tokens: int, num_classes: int, itemsize: int, fused: bool) -> int:
-    """CPU tokens per chunk: :func:`softxent._linear_chunks.auto_chunk_rows` — the cross-entropy's
-    chunk, or :data:`FUSED_CHUNK_SHARE` of it for a fused teacher."""
-    budget = cpu_chunk_bytes(num_tokens, num_classes, itemsize)
-    if fused:
-        budget = int(budget * FUSED_CHUNK_SHARE)
-    return auto_chunk_rows(num_tokens, num_classes, itemsize, budget)
 
 
 def counted_tokens(valid, nonzero):

@@ -102,6 +102,24 @@ def auto_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, budget_byt
 ACCUMULATE_BLOCK_ELEMENTS = 1 << 20
 
 
+#: a chunk that holds a second buffer of logits (a fused distillation teacher's): each of the two
+#: holds this share of the cross-entropy's chunk (1/32 of the logits).  At N=4096, D=1024, V=32000
+#: that is 96 tokens per chunk and a first-step peak of 6–7 % of one model's float32 logits (both
+#: buffers, the rows kernel's blocks and the BLAS's workspace; tests/test_distill_memory.py) — 9 %
+#: with whole 128-token chunks, too near the 10 % budget; the 43 instead of 32 updates of ∂W (V×D)
+#: cost ~3 %.
+SECOND_BUFFER_SHARE = 3 / 4
+
+
+def cpu_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, second_buffer: bool = False) -> int:
+    """CPU tokens per chunk: :func:`auto_chunk_rows` within :func:`cpu_chunk_bytes` — or
+    :data:`SECOND_BUFFER_SHARE` of that budget when each chunk holds a second buffer of logits."""
+    budget = cpu_chunk_bytes(num_tokens, num_classes, itemsize)
+    if second_buffer:
+        budget = int(budget * SECOND_BUFFER_SHARE)
+    return auto_chunk_rows(num_tokens, num_classes, itemsize, budget)
+
+
 def blocked_accumulate_matmul(acc, a, b, matmul_into, empty, overwrite: bool = False) -> None:
     """``acc (V, D) += a (V, K) @ b (K, D)`` (``=`` with ``overwrite``) through a
     temporary of about a million elements in ``a``'s dtype, block of rows by block

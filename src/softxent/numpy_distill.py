@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._distill_chunks import TeacherRows, chunk_rows, counted_tokens, linear_distill_rows
+from ._distill_chunks import TeacherRows, counted_tokens, linear_distill_rows
 from ._distill_options import DistillOptions, distill_options, split_options
 from ._distill_reference import distill_rows
 from ._distill_stats import DistillStats, summarize
 from ._distill_teacher import FusedTeacher, TopK, check_labels, check_target, teacher_arrays, teacher_kind
 from ._errors import InvalidArgumentError, InvalidTypeError
+from ._linear_chunks import cpu_chunk_rows
 from ._reduction import reduced_loss_scale
 from .numpy_api import float_array, reduced_loss, results, row_scale
 from .numpy_linear import NUMPY_OPS, numpy_layer
@@ -125,7 +126,7 @@ def _run_linear(hidden, weight, teacher, target, bias, opts, chunk_size, shift, 
     tokens = counted_tokens(valid, np.flatnonzero)
     loss_rows, grads = layer.buffers(tokens, want_grad)
     fused = teacher.fused is not None
-    chunk = layer.chunk_size or chunk_rows(num_tokens, num_classes, layer.compute.itemsize, fused)
+    chunk = layer.chunk_size or cpu_chunk_rows(num_tokens, num_classes, layer.compute.itemsize, fused)
     stats = _stats_buffers(num_tokens, return_stats)
     linear_distill_rows(
         NUMPY_OPS, distill_rows, layer.h, layer.w, layer.b, teacher, opts, loss_rows,

@@ -26,8 +26,7 @@ from functools import partial
 import torch
 
 from .. import gpu
-from .._distill_chunks import chunk_rows as distill_chunk_rows
-from .._linear_chunks import LOGITS_GEMM_COLS, LOGITS_GEMM_ROWS, cuda_chunk_rows
+from .._linear_chunks import LOGITS_GEMM_COLS, LOGITS_GEMM_ROWS, cpu_chunk_rows, cuda_chunk_rows
 from . import cpu_bridge, cpu_buffers, fallback
 from .target_counts import device_target_stats
 
@@ -145,11 +144,11 @@ class Backend:
         """Tokens per chunk of a linear + cross-entropy: on CUDA :func:`softxent._linear_chunks.cuda_chunk_rows`
         (4 % of the float32 logits); elsewhere the CPU budget :func:`softxent._linear_chunks.cpu_chunk_bytes`.
         ``second_buffer``: each chunk holds a second chunk of logits (a fused teacher's): half the
-        rows on CUDA, :data:`softxent._distill_chunks.FUSED_CHUNK_SHARE` of them elsewhere."""
+        rows on CUDA, :data:`softxent._linear_chunks.SECOND_BUFFER_SHARE` of them elsewhere."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return cuda_chunk_rows(num_tokens, num_classes, free, itemsize * (2 if second_buffer else 1))
-        return distill_chunk_rows(num_tokens, num_classes, itemsize, second_buffer)
+        return cpu_chunk_rows(num_tokens, num_classes, itemsize, second_buffer)
 
     def accumulation_dtype(self, matmul_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype:
         """dtype in which ∂W and ∂b accumulate over the chunks: on CUDA the parameter's own
