@@ -10,7 +10,7 @@ from torch.autograd import forward_ad
 
 from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from .._options import CrossEntropyOptions
-from .._validate import check_ignore_index_for_probabilities, check_target_shape, check_weight_shape
+from .._validate import check_weight_shape, target_is_index
 
 
 def check_input(input: Tensor, name: str = "input") -> None:
@@ -23,18 +23,13 @@ def check_input(input: Tensor, name: str = "input") -> None:
         )
 
 
-def classify_target(target) -> bool:
-    """True for class indices (an integer dtype), False for class probabilities (a float dtype);
-    anything else (bool, complex, not a tensor) raises."""
+def target_kind(target) -> tuple[bool, bool]:
+    """(is_integer, is_floating) of a target tensor's dtype — bool and complex are neither — for
+    :func:`softxent._validate.target_is_index`, the one rule of what a target holds."""
     if not isinstance(target, Tensor):
         raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point():
-        return False
-    if not target.is_complex() and target.dtype != torch.bool:
-        return True
-    raise InvalidTypeError(
-        f"target must hold integer class indices or floating class probabilities, got {target.dtype}"
-    )
+    is_floating = target.is_floating_point()
+    return not is_floating and not target.is_complex() and target.dtype != torch.bool, is_floating
 
 
 def check_same_device(input: Tensor, input_name: str = "input", /, **others) -> None:
@@ -49,9 +44,10 @@ def check_target(
 ) -> bool:
     """Check ``target`` and ``weight`` against logits of ``logits_shape`` (classes
     along ``class_dim``) computed from ``input``; True for class indices."""
-    is_index = classify_target(target)
-    check_target_shape(logits_shape, class_dim, target.shape, is_index)
-    check_ignore_index_for_probabilities(is_index, opts.ignore_index)
+    is_integer, is_floating = target_kind(target)
+    is_index = target_is_index(
+        logits_shape, class_dim, target.shape, target.dtype, is_integer, is_floating, opts.ignore_index
+    )
     if weight is not None:
         check_input(weight, "weight")
         check_weight_shape(weight.shape, logits_shape[class_dim])
