@@ -90,7 +90,14 @@ def cpu_chunk_bytes(num_tokens: int, num_classes: int, itemsize: int) -> int:
 def auto_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, budget_bytes: int | None = None) -> int:
     """Tokens per chunk: as many as fit ``budget_bytes`` of logits (default
     :func:`cpu_chunk_bytes`), rounded down to a multiple of 16, at least 64, never
-    more than ``num_tokens`` (at least 1)."""
+    more than ``num_tokens`` (at least 1).
+
+    A fused distillation teacher's chunk holds a second buffer of logits of the same rows: at
+    N=4096, D=1024, V=32000 both 128-token buffers and the rest (the rows kernel's blocks, the
+    BLAS's workspace) peak at 7.4 % of one model's float32 logits on a 2-core AMD EPYC
+    (tests/test_distill_memory.py; 5.8 % with 96-token chunks, 9.8 % with 160) — within the 10 %
+    budget, and 128-token GEMMs run 10–20 % faster than 96-token ones (they re-read W and
+    re-write the V×D ∂W a quarter fewer times)."""
     if budget_bytes is None:
         budget_bytes = cpu_chunk_bytes(num_tokens, num_classes, itemsize)
     rows = budget_bytes // max(1, num_classes * itemsize)
@@ -100,24 +107,6 @@ def auto_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, budget_byt
 
 #: elements of the temporary used by :func:`blocked_accumulate_matmul`
 ACCUMULATE_BLOCK_ELEMENTS = 1 << 20
-
-
-#: a chunk that holds a second buffer of logits (a fused distillation teacher's): each of the two
-#: holds this share of the cross-entropy's chunk (1/32 of the logits).  At N=4096, D=1024, V=32000
-#: that is 96 tokens per chunk and a first-step peak of 6–7 % of one model's float32 logits (both
-#: buffers, the rows kernel's blocks and the BLAS's workspace; tests/test_distill_memory.py) — 9 %
-#: with whole 128-token chunks, too near the 10 % budget; the 43 instead of 32 updates of ∂W (V×D)
-#: cost ~3 %.
-SECOND_BUFFER_SHARE = 3 / 4
-
-
-def cpu_chunk_rows(num_tokens: int, num_classes: int, itemsize: int, second_buffer: bool = False) -> int:
-    """CPU tokens per chunk: :func:`auto_chunk_rows` within :func:`cpu_chunk_bytes` — or
-    :data:`SECOND_BUFFER_SHARE` of that budget when each chunk holds a second buffer of logits."""
-    budget = cpu_chunk_bytes(num_tokens, num_classes, itemsize)
-    if second_buffer:
-        budget = int(budget * SECOND_BUFFER_SHARE)
-    return auto_chunk_rows(num_tokens, num_classes, itemsize, budget)
 
 
 def blocked_accumulate_matmul(acc, a, b, matmul_into, empty, overwrite: bool = False) -> None:

@@ -16,7 +16,7 @@ from ._distill_reference import distill_rows
 from ._distill_stats import DistillStats, summarize
 from ._distill_teacher import FusedTeacher, TopK, check_labels, check_target, teacher_arrays, teacher_kind
 from ._errors import InvalidArgumentError, InvalidTypeError
-from ._linear_chunks import cpu_chunk_rows
+from ._linear_chunks import auto_chunk_rows
 from ._reduction import reduced_loss_scale
 from .numpy_api import float_array, reduced_loss, results, row_scale
 from .numpy_linear import NUMPY_OPS, numpy_layer
@@ -125,8 +125,7 @@ def _run_linear(hidden, weight, teacher, target, bias, opts, chunk_size, shift, 
     num_tokens = layer.h.shape[0]
     tokens = counted_tokens(valid, np.flatnonzero)
     loss_rows, grads = layer.buffers(tokens, want_grad)
-    fused = teacher.fused is not None
-    chunk = layer.chunk_size or cpu_chunk_rows(num_tokens, num_classes, layer.compute.itemsize, fused)
+    chunk = layer.chunk_size or auto_chunk_rows(num_tokens, num_classes, layer.compute.itemsize)
     stats = _stats_buffers(num_tokens, return_stats)
     linear_distill_rows(
         NUMPY_OPS, distill_rows, layer.h, layer.w, layer.b, teacher, opts, loss_rows,
@@ -265,8 +264,8 @@ def linear_distill_loss(
             whose logits are computed chunk by chunk with the student's.
         target, divergence, beta, temperature, alpha, ignore_index, reduction, shift, return_stats,
         temperature_scaling, topk_rest: as in :func:`distill_loss`.
-        chunk_size: tokens per chunk (default: as :func:`softxent.linear_cross_entropy`, 3/4 of that
-            for a fused teacher, whose chunk of logits is a second buffer).
+        chunk_size: tokens per chunk (default: as :func:`softxent.linear_cross_entropy`; a fused
+            teacher's chunk of logits is a second buffer of the same rows).
 
     Returns:
         the loss (a scalar, or the token shape for ``"none"``) in the student's dtype; float16 is

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from .. import gpu
-from .._linear_chunks import LOGITS_GEMM_COLS, LOGITS_GEMM_ROWS, cpu_chunk_rows, cuda_chunk_rows
+from .._linear_chunks import LOGITS_GEMM_COLS, LOGITS_GEMM_ROWS, auto_chunk_rows, cuda_chunk_rows
 from . import cpu_bridge, cpu_buffers, fallback
 from .target_counts import device_target_stats
 
@@ -144,11 +144,11 @@ class Backend:
         """Tokens per chunk of a linear + cross-entropy: on CUDA :func:`softxent._linear_chunks.cuda_chunk_rows`
         (4 % of the float32 logits); elsewhere the CPU budget :func:`softxent._linear_chunks.cpu_chunk_bytes`.
         ``second_buffer``: each chunk holds a second chunk of logits (a fused teacher's): half the
-        rows on CUDA, :data:`softxent._linear_chunks.SECOND_BUFFER_SHARE` of them elsewhere."""
+        rows on CUDA; the same rows elsewhere (:func:`softxent._linear_chunks.auto_chunk_rows`)."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return cuda_chunk_rows(num_tokens, num_classes, free, itemsize * (2 if second_buffer else 1))
-        return cpu_chunk_rows(num_tokens, num_classes, itemsize, second_buffer)
+        return auto_chunk_rows(num_tokens, num_classes, itemsize)
 
     def accumulation_dtype(self, matmul_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype:
         """dtype in which ∂W and ∂b accumulate over the chunks: on CUDA the parameter's own

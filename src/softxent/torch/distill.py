@@ -526,8 +526,8 @@ def linear_distill_loss(
             :class:`~softxent.FusedTeacher` ``(hidden (…, D_t), weight (V, D_t), bias)`` — constants
             (detached).
         target and the options: as :func:`softxent.distill_loss`.
-        chunk_size: tokens per chunk (default: as :func:`softxent.torch.linear_cross_entropy`, for a
-            fused teacher, whose chunk of logits is a second buffer, 3/4 of that on CPU, half on CUDA).
+        chunk_size: tokens per chunk (default: as :func:`softxent.torch.linear_cross_entropy`; a
+            fused teacher's chunk of logits is a second buffer, of the same rows on CPU, half on CUDA).
 
     Returns:
         the loss (a scalar, or the token shape for ``"none"``) in the student's dtype — float32 under
