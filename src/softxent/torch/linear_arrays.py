@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._linear_chunks import ArrayOps, Gradients, blocked_accumulate_matmul
+from . import widening_gemm
 from .backends import Backend
 
 
@@ -43,8 +44,9 @@ def array_ops(backend: Backend) -> ArrayOps:
         return backend.empty(shape, like.dtype if dtype is None else dtype)
 
     def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool) -> None:
-        if acc.dtype != a.dtype:
-            blocked_accumulate_matmul(acc, a, b, matmul_into, empty, overwrite)
+        if acc.dtype != a.dtype:  # 16-bit products into a float32 ∂W: one widening GEMM where it serves
+            if not (backend.widening_gemm and widening_gemm.accumulate(acc, a, b, overwrite)):
+                blocked_accumulate_matmul(acc, a, b, matmul_into, empty, overwrite)
         elif overwrite:
             torch.mm(a, b, out=acc)
         else:
