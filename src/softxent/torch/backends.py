@@ -146,7 +146,7 @@ class Backend:
         ``second_buffer``: each chunk holds a second chunk of logits (a fused teacher's): half the
         rows on CUDA; the same rows elsewhere (:func:`softxent._linear_chunks.auto_chunk_rows`)."""
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0] if not self.capturing() else 1 << 62
             return cuda_chunk_rows(num_tokens, num_classes, free, itemsize * (2 if second_buffer else 1))
         return auto_chunk_rows(num_tokens, num_classes, itemsize)
 
@@ -172,6 +172,12 @@ class Backend:
         if self.device.type == "cpu":
             return LOGITS_GEMM_ROWS, LOGITS_GEMM_COLS
         return 1 << 62, 0
+
+    @property
+    def widening_gemm(self) -> bool:
+        """True where ∂W of 16-bit matmuls accumulates in float32 through cuBLAS's float32-output
+        GEMM (:mod:`.widening_gemm`, CUDA) rather than 16-bit blocks added one by one."""
+        return self.device.type == "cuda"
 
     @property
     def bias_in_gemm(self) -> bool:
