@@ -219,7 +219,8 @@ def linear_cross_entropy_rows(
         chunk_rows: tokens per chunk.
         tokens: indices of the tokens to compute (the non-ignored ones), or None for all.
         scale: None for the loss only; else the factor of each token's gradient —
-            a float, or an (N,) array (upstream gradient × 1/D for ``mean``).
+            a float or a 0-d array (one for all), or an (N,) array (upstream gradient × 1/D
+            for ``mean``).
         grads: destinations of dH (N, D), dW (V, D), db (V,).
         stats: None, or (lse (N,), argmax (N,)) receiving each computed token's lse and
             first argmax from the kernel's pass (skipped tokens' entries are left untouched).
@@ -232,7 +233,7 @@ def linear_cross_entropy_rows(
                     acc[...] = 0
         return loss_out
     want_grad = scale is not None and grads is not None and (grads.any or grads.before_gradient is not None)
-    per_row_scale = want_grad and not isinstance(scale, float)
+    per_row_scale = want_grad and getattr(scale, "ndim", 0) > 0  # a float or a 0-d tensor: one for all
     rows_per_chunk = max(1, min(chunk_rows, num_tokens))
     num_classes = linear_weight.shape[0]
     buffer = ops.empty((rows_per_chunk, num_classes), hidden)

@@ -39,7 +39,7 @@ from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .linear_options import chunk_size_from_options
 from .ops import options_from_op
 from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
-from .target_counts import empty_stats
+from .target_counts import device_loss_scale, empty_stats
 
 
 def _target_gradient_hook(dq: Tensor, weight: Tensor | None, opts: CrossEntropyOptions, scale):
@@ -51,7 +51,7 @@ def _target_gradient_hook(dq: Tensor, weight: Tensor | None, opts: CrossEntropyO
         nlp = fallback.neg_log_softmax(zc)
         if weight is not None:
             nlp = nlp * weight.to(nlp.dtype)
-        factor = scale[rows][:, None] if isinstance(scale, Tensor) else scale
+        factor = scale[rows][:, None] if isinstance(scale, Tensor) and scale.dim() else scale
         dq[rows] = ((1.0 - opts.label_smoothing) * factor * nlp).to(dq.dtype)
 
     return hook
@@ -75,18 +75,26 @@ def _run(
     is_index = target.dim() == 1
     num_tokens = hidden.shape[0]
     num_classes = linear_weight.shape[0]
-    if is_index:
-        check_target_range(target, num_classes, opts.ignore_index)
-    loss_scale = _reduction.loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
+    backend = backend_for(hidden.device)
+    acc = fallback.compute_dtype(matmul_dtype)
+    # while a CUDA graph is captured nothing may read the device back: the indices are not checked
+    # (a bad one gives NaN, as the cross-entropy's capture), 1/D stays on the device, and ignored
+    # tokens are not compacted away — their rows come out of the kernel as zero gradients
+    graph_safe = backend.capturing()
+    if graph_safe:
+        loss_scale = device_loss_scale(target, weight, opts, is_index, num_classes, num_tokens, acc)
+        tokens = None
+    else:
+        if is_index:
+            check_target_range(target, num_classes, opts.ignore_index)
+        loss_scale = _reduction.loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
+        tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
     want_grad = any(wanted)
     scale = None
-    backend = backend_for(hidden.device)
     if want_grad:
         scale = loss_scale if grad_output is None else grad_output.to(torch.float64).reshape(-1) * loss_scale
         scale = backend.row_scales(scale, fallback.compute_dtype(hidden.dtype))
 
-    tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
-    acc = fallback.compute_dtype(matmul_dtype)
     loss_dtype = backend.loss_dtype_of_rows or acc
     loss_rows = torch.zeros(num_tokens, dtype=loss_dtype, device=hidden.device)
     h = hidden.to(matmul_dtype).contiguous()
@@ -291,7 +299,9 @@ def linear_cross_entropy(
     where g_i = ∂loss/∂z_i = r·((S + 2λ·lse)·p_i − y_i) is the fused cross-entropy
     gradient (see :func:`softxent.torch.cross_entropy`).  Only one chunk of
     logits exists at a time; tokens equal to ``ignore_index`` are skipped before
-    any matmul.
+    any matmul (while a CUDA graph is being captured they are computed, each giving a zero
+    gradient row: skipping them would read the targets back to the host).  On CUDA,
+    16-bit matmuls with float32 parameters (autocast) accumulate ∂W in float32 in the GEMM.
 
     Args:
         input: hidden states ``(…, D)`` (``(N, D)``, ``(D,)``, or any leading dimensions).
