@@ -6,7 +6,13 @@ Per row z (C,) — one program per row, or per several short rows — with the o
 1. sweep over the row in tiles (``evict_last``): running max m, s = Σ e^{z−m}, and —
    for smoothing or probability targets — Y = Σ y_k and Σ y_k (z_k − ref) relative to
    the running max ``ref`` (rescaled when it grows), so no product is formed at the
-   scale of |z|;
+   scale of |z|.  Packed short rows and rows of one tile reduce each tile across the
+   block (:func:`~.row_math.online_step`); a row of several tiles (ROWS = 1) keeps these
+   statistics per lane of ``PER_LANE`` adjacent columns — (1, BLOCK/PER_LANE) vectors, a
+   tile reducing only the columns one thread holds, each dot product relative to its
+   lane's running max — and combines the lanes once after the sweep (:mod:`.row_math`);
+   for ``stats`` the argmax is kept per lane too, and the first NaN is found by one more
+   sweep, of a row whose s is NaN only (one holding a NaN or a +inf);
 2. the loss relative to the row max (never lse − z_t in the input precision):
 
    ℓ = (1−ε)·w_t·(log s − (z_t − m)) + (ε/C)·(W·log s − Σ_k w_k (z_k − m)) + λ·lse²   (class index)
@@ -32,8 +38,19 @@ import triton.language as tl
 
 from .._options import CrossEntropyOptions
 from . import launch
-from .launch import compute_type, row_config
-from .row_math import load_tile, normalizer, online_step, tanh
+from .launch import compute_type, per_lane_sweep, row_config
+from .row_math import (
+    lane_argmax,
+    lane_argmax_step,
+    lane_dot_reduce,
+    lane_dot_step,
+    lane_reduce,
+    lane_step,
+    load_tile,
+    normalizer,
+    online_step,
+    tanh,
+)
 
 
 @triton.jit
@@ -75,6 +92,7 @@ def cross_entropy_kernel(
     WANT_GRAD: tl.constexpr,
     ROW_SCALE: tl.constexpr,
     WANT_STATS: tl.constexpr,
+    PER_LANE: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -118,35 +136,92 @@ def cross_entropy_kernel(
         z_t = tl.load(z_ptr + rows * z_stride + safe_t, mask=fetch, other=0.0).to(ACC)
         if HAS_CAP:
             z_t = cap * tanh(z_t / cap)
-    m = tl.full([ROWS], float("-inf"), ACC)
-    s = tl.zeros([ROWS], ACC)
-    ref = tl.zeros([ROWS], ACC)  # the dot products are relative to ref: the running max once finite
-    dot = tl.zeros([ROWS], ACC)
-    y_total = tl.zeros([ROWS], ACC)
-    argmax = tl.zeros([ROWS], tl.int64)
-    first_nan = tl.full([ROWS], num_classes, tl.int64)
-    for start in range(0, sweep_end, BLOCK):
-        c = start + cols
-        mask = fetch[:, None] & (c < num_classes)[None, :]
-        z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
-        if WANT_STATS:  # first index of the max (ties to the lowest, as torch.argmax) and of a NaN
-            tile_max = tl.max(tl.where(z == z, z, float("-inf")), axis=1)
-            tile_arg = tl.min(tl.where(z == tile_max[:, None], c[None, :], num_classes), axis=1).to(tl.int64)
-            argmax = tl.where(tile_max > m, tile_arg, argmax)
-            first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, c[None, :], num_classes), axis=1).to(tl.int64))
-        m, s, m_safe = online_step(z, m, s)
+    if PER_LANE:  # a row of several tiles: per-lane statistics, the lanes combined once after the sweep
+        LANES: tl.constexpr = BLOCK // PER_LANE
+        m_lane = tl.full([ROWS, LANES], float("-inf"), ACC)
+        s_lane = tl.zeros([ROWS, LANES], ACC)
+        dot_lane = tl.zeros([ROWS, LANES], ACC)  # Σ y_k (z_k − r_j), r_j the lane's running max
+        y_lane = tl.zeros([ROWS, LANES], ACC)
+        # the first column of each lane (its argmax while it holds only −inf), in the type of C
+        arg_lane = tl.zeros([ROWS, LANES], tl.int32) + (tl.arange(0, LANES) * PER_LANE + 0 * num_classes)[None, :]
+        for start in range(0, sweep_end, BLOCK):
+            c = start + cols
+            mask = fetch[:, None] & (c < num_classes)[None, :]
+            z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
+            m_before = m_lane
+            m_lane, s_lane, tile_max = lane_step(z, m_lane, s_lane, PER_LANE)
+            if WANT_STATS:
+                arg_lane = lane_argmax_step(z, start, tile_max, m_before, arg_lane, PER_LANE)
+            if HAS_PROB or HAS_SMOOTH:
+                y = _target_tile(
+                    q_rows + c[None, :],
+                    w_ptr + c[None, :],
+                    mask,
+                    keep,
+                    uniform,
+                    ACC,
+                    HAS_PROB,
+                    HAS_WEIGHT,
+                    "evict_last",
+                )
+                dot_lane, y_lane = lane_dot_step(z, y, mask, m_before, m_lane, dot_lane, y_lane, PER_LANE)
+        m, s, _ = lane_reduce(m_lane, s_lane)
+        dot_rel = tl.zeros([ROWS], ACC)
+        y_total = tl.zeros([ROWS], ACC)
         if HAS_PROB or HAS_SMOOTH:
-            y = _target_tile(
-                q_rows + c[None, :], w_ptr + c[None, :], mask, keep, uniform, ACC, HAS_PROB, HAS_WEIGHT, "evict_last"
-            )
-            new_ref = tl.where((m > float("-inf")) & (m < float("inf")), m, ref)
-            dot = dot + y_total * (ref - new_ref)
-            ref = new_ref
-            dot = dot + tl.sum(tl.where(mask, y * (z - ref[:, None]), 0.0), axis=1)
-            y_total = y_total + tl.sum(y, axis=1)
+            dot_rel, y_total = lane_dot_reduce(m_lane, dot_lane, y_lane, m)
+        argmax = tl.zeros([ROWS], tl.int64)
+        first_nan = tl.full([ROWS], num_classes, tl.int64)
+        if WANT_STATS:
+            argmax = lane_argmax(m_lane, arg_lane, m, num_classes)
+            # only a row holding a NaN (or a +inf) has s NaN: its first NaN, in one more sweep
+            nan_end = tl.where(tl.max((s != s).to(tl.int32), axis=0) > 0, num_classes, 0)
+            for start in range(0, nan_end, BLOCK):
+                c = start + cols
+                mask = fetch[:, None] & (c < num_classes)[None, :]
+                z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(ACC)
+                tile_nan = tl.min(tl.where(z != z, c[None, :], num_classes), axis=1).to(tl.int64)
+                first_nan = tl.minimum(first_nan, tile_nan)
+    else:
+        m = tl.full([ROWS], float("-inf"), ACC)
+        s = tl.zeros([ROWS], ACC)
+        ref = tl.zeros([ROWS], ACC)  # the dot products are relative to ref: the running max once finite
+        dot = tl.zeros([ROWS], ACC)
+        y_total = tl.zeros([ROWS], ACC)
+        argmax = tl.zeros([ROWS], tl.int64)
+        first_nan = tl.full([ROWS], num_classes, tl.int64)
+        for start in range(0, sweep_end, BLOCK):
+            c = start + cols
+            mask = fetch[:, None] & (c < num_classes)[None, :]
+            z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
+            if WANT_STATS:  # first index of the max (ties to the lowest, as torch.argmax) and of a NaN
+                tile_max = tl.max(tl.where(z == z, z, float("-inf")), axis=1)
+                tile_arg = tl.min(tl.where(z == tile_max[:, None], c[None, :], num_classes), axis=1).to(tl.int64)
+                argmax = tl.where(tile_max > m, tile_arg, argmax)
+                first_nan = tl.minimum(
+                    first_nan, tl.min(tl.where(z != z, c[None, :], num_classes), axis=1).to(tl.int64)
+                )
+            m, s, m_safe = online_step(z, m, s)
+            if HAS_PROB or HAS_SMOOTH:
+                y = _target_tile(
+                    q_rows + c[None, :],
+                    w_ptr + c[None, :],
+                    mask,
+                    keep,
+                    uniform,
+                    ACC,
+                    HAS_PROB,
+                    HAS_WEIGHT,
+                    "evict_last",
+                )
+                new_ref = tl.where((m > float("-inf")) & (m < float("inf")), m, ref)
+                dot = dot + y_total * (ref - new_ref)
+                ref = new_ref
+                dot = dot + tl.sum(tl.where(mask, y * (z - ref[:, None]), 0.0), axis=1)
+                y_total = y_total + tl.sum(y, axis=1)
+        dot_rel = dot + y_total * (ref - m)  # Σ_k y_k (z_k − m)
     log_s = normalizer(m, s)
     lse = m + log_s
-    dot_rel = dot + y_total * (ref - m)  # Σ_k y_k (z_k − m)
     if HAS_PROB:
         total = y_total
         loss = y_total * log_s - dot_rel
@@ -321,6 +396,7 @@ def _cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats):
         WANT_GRAD=want_grad,
         ROW_SCALE=row_scale,
         WANT_STATS=stats is not None,
+        PER_LANE=per_lane_sweep(num_classes, logits.element_size()),
         ACC=compute_type(logits.dtype),
         ROWS=rows_per_program,
         BLOCK=block,

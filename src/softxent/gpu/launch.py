@@ -7,6 +7,11 @@ tiles of that size.  Short rows are packed ROWS to a program so that a tile
 holds about 2048 elements (a C = 2 segmentation map would otherwise launch one
 program per pixel).  One warp per 512 elements of the tile, 1 to 32.  The
 choices depend only on (C, element size), so they are cached.
+
+A row longer than one tile is swept with per-lane statistics (``PER_LANE``, see
+:func:`per_lane_sweep` and :mod:`.row_math`): a block-wide max and sum per tile
+(barriers each iteration) was the bottleneck of such rows; per lane, a tile only
+reduces the columns one thread holds.
 """
 
 from __future__ import annotations
@@ -46,3 +51,15 @@ def on_device_of(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+@cache
+def per_lane_sweep(num_classes: int, itemsize: int) -> int:
+    """The kernels' ``PER_LANE``: 0 when rows of ``num_classes`` elements of ``itemsize`` bytes
+    fit one tile (the first sweep reduces each tile across the block); when they span several
+    tiles (C > BLOCK, so ROWS = 1), the lane width G = 16 bytes / itemsize (the columns a thread
+    loads as one vector): the first sweep then keeps running statistics per lane of G adjacent
+    columns, reduced within a thread each tile, and combines the lanes once after the row."""
+    if num_classes <= row_config(num_classes, itemsize)[1]:
+        return 0
+    return max(1, 16 // itemsize)

@@ -1,6 +1,7 @@
 r"""softmax, log_softmax and logsumexp of rows (M, C) on the GPU (Triton), forward and backward.
 
-Forward, one program per row (or per tile of short rows): a sweep for the online (m, s = Σ e^{z−m}) and,
+Forward, one program per row (or per tile of short rows): a sweep for the online (m, s = Σ e^{z−m})
+(per lane, combined once after the sweep, for a row of several tiles: ``PER_LANE``) and,
 for softmax / log_softmax, a second sweep writing
 
     p_j = e^{z_j − m}/s,   log p_j = (z_j − m) − log s,   lse = m + log s
@@ -22,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .launch import compute_type, row_config
-from .row_math import load_tile, normalizer, online_step
+from .launch import compute_type, per_lane_sweep, row_config
+from .row_math import lane_reduce, lane_step, load_tile, normalizer, online_step
 
 
 @triton.jit
@@ -34,15 +35,38 @@ def _tile_rows(num_rows, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(z_rows, row_ok, cols, num_classes, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(m, s) of each row of the tile: its max and Σ e^{z−m} (s = 0 for a row of only −inf)."""
-    m = tl.full(row_ok.shape, float("-inf"), ACC)
-    s = tl.zeros(row_ok.shape, ACC)
-    for start in range(0, num_classes, BLOCK):
-        c = start + cols
-        mask = row_ok[:, None] & (c < num_classes)[None, :]
-        z, _ = load_tile(z_rows + c[None, :], mask, 0.0, ACC, False, "evict_last")
-        m, s, _ = online_step(z, m, s)
+def _row_stats(
+    z_rows,
+    row_ok,
+    cols,
+    num_classes,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PER_LANE: tl.constexpr,
+):
+    """(m, s) (ROWS,) of each row of the tile: its max and Σ e^{z−m} (s = 0 for a row of only −inf).
+
+    ``PER_LANE`` > 0 (a row of several tiles): per-lane (m_j, s_j) (ROWS, BLOCK/PER_LANE), lanes
+    of PER_LANE adjacent columns, over the sweep, then m = max_j m_j, s = Σ_j s_j·e^{m_j − m}
+    once (:mod:`.row_math`); 0: each tile is reduced across the block into the running (m, s)."""
+    if PER_LANE:
+        m_lane = tl.full([ROWS, BLOCK // PER_LANE], float("-inf"), ACC)
+        s_lane = tl.zeros([ROWS, BLOCK // PER_LANE], ACC)
+        for start in range(0, num_classes, BLOCK):
+            c = start + cols
+            mask = row_ok[:, None] & (c < num_classes)[None, :]
+            z, _ = load_tile(z_rows + c[None, :], mask, 0.0, ACC, False, "evict_last")
+            m_lane, s_lane, _ = lane_step(z, m_lane, s_lane, PER_LANE)
+        m, s, _ = lane_reduce(m_lane, s_lane)
+    else:
+        m = tl.full([ROWS], float("-inf"), ACC)
+        s = tl.zeros([ROWS], ACC)
+        for start in range(0, num_classes, BLOCK):
+            c = start + cols
+            mask = row_ok[:, None] & (c < num_classes)[None, :]
+            z, _ = load_tile(z_rows + c[None, :], mask, 0.0, ACC, False, "evict_last")
+            m, s, _ = online_step(z, m, s)
     return m, s
 
 
@@ -56,13 +80,14 @@ def softmax_forward_kernel(
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PER_LANE: tl.constexpr,
 ):
     """softmax (or log_softmax with ``LOG``) of the rows of this program's tile."""
     rows, row_ok = _tile_rows(num_rows, ROWS)
     z_rows = z_ptr + rows[:, None] * num_classes
     out_rows = out_ptr + rows[:, None] * num_classes
     cols = tl.arange(0, BLOCK)
-    m, s = _row_stats(z_rows, row_ok, cols, num_classes, ACC, BLOCK)
+    m, s = _row_stats(z_rows, row_ok, cols, num_classes, ACC, ROWS, BLOCK, PER_LANE)
     log_s = normalizer(m, s)
     for start in range(0, num_classes, BLOCK):
         c = start + cols
@@ -76,13 +101,20 @@ def softmax_forward_kernel(
 
 @triton.jit
 def logsumexp_forward_kernel(
-    z_ptr, out_ptr, num_rows, num_classes, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    z_ptr,
+    out_ptr,
+    num_rows,
+    num_classes,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PER_LANE: tl.constexpr,
 ):
     """lse = m + log s of the rows of this program's tile (−inf for a row of only −inf,
     +inf for a row holding +inf, as PyTorch)."""
     rows, row_ok = _tile_rows(num_rows, ROWS)
     cols = tl.arange(0, BLOCK)
-    m, s = _row_stats(z_ptr + rows[:, None] * num_classes, row_ok, cols, num_classes, ACC, BLOCK)
+    m, s = _row_stats(z_ptr + rows[:, None] * num_classes, row_ok, cols, num_classes, ACC, ROWS, BLOCK, PER_LANE)
     lse = tl.where(m == float("inf"), m, m + tl.log(s))
     tl.store(out_ptr + rows, lse.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -103,16 +135,18 @@ def softmax_backward_kernel(
     rows, row_ok = _tile_rows(num_rows, ROWS)
     cols = tl.arange(0, BLOCK)
     offsets = rows[:, None] * num_classes
-    total = tl.zeros([ROWS], ACC)  # Σ g·p (softmax) or Σ g (log_softmax)
+    # Σ g·p (softmax) or Σ g (log_softmax), per lane over the sweep, then across the lanes once
+    total_lane = tl.zeros([ROWS, BLOCK], ACC)
     for start in range(0, num_classes, BLOCK):
         c = start + cols
         mask = row_ok[:, None] & (c < num_classes)[None, :]
         g = tl.load(g_ptr + offsets + c[None, :], mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
         if LOG:
-            total += tl.sum(g, axis=1)
+            total_lane += g
         else:
             p = tl.load(y_ptr + offsets + c[None, :], mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
-            total += tl.sum(g * p, axis=1)
+            total_lane += g * p
+    total = tl.sum(total_lane, axis=1)
     for start in range(0, num_classes, BLOCK):
         c = start + cols
         mask = row_ok[:, None] & (c < num_classes)[None, :]
@@ -152,6 +186,8 @@ def logsumexp_backward_kernel(
 
 
 def _launch(kernel, rows: int, num_classes: int, itemsize: int, dtype: torch.dtype, *args, **constants):
+    """Launch ``kernel`` over ``rows`` rows of ``num_classes``; ``PER_LANE`` (forward kernels
+    only) when a row spans several tiles."""
     if rows == 0 or num_classes == 0:
         return
     rows_per_program, block, num_warps = row_config(num_classes, itemsize)
@@ -171,14 +207,18 @@ def _launch(kernel, rows: int, num_classes: int, itemsize: int, dtype: torch.dty
 def softmax_rows(z: torch.Tensor, log: bool = False) -> torch.Tensor:
     """softmax (``log``: log_softmax) of each row of contiguous ``z`` (M, C), in z's dtype."""
     out = torch.empty_like(z)
-    _launch(softmax_forward_kernel, z.shape[0], z.shape[1], z.element_size(), z.dtype, z, out, LOG=log)
+    per_lane = per_lane_sweep(z.shape[1], z.element_size())
+    _launch(
+        softmax_forward_kernel, z.shape[0], z.shape[1], z.element_size(), z.dtype, z, out, LOG=log, PER_LANE=per_lane
+    )
     return out
 
 
 def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
     """lse of each row of contiguous ``z`` (M, C) → (M,), in z's dtype."""
     out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-    _launch(logsumexp_forward_kernel, z.shape[0], z.shape[1], z.element_size(), z.dtype, z, out)
+    per_lane = per_lane_sweep(z.shape[1], z.element_size())
+    _launch(logsumexp_forward_kernel, z.shape[0], z.shape[1], z.element_size(), z.dtype, z, out, PER_LANE=per_lane)
     return out
 
 
