@@ -5,7 +5,10 @@ Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets
 on the GPU, and ``pytest -m gpu`` adds larger shapes.  Every option, fp32 /
 fp16 / bf16 / fp64, C = 1, 2, odd, C not a multiple of the tile (several tiles
 per row), N = 1, all-ignored, out-of-range targets (NaN rows), per-row scales,
-in-place gradients.
+in-place gradients.  Rows of several tiles take the per-lane first sweep (``PER_LANE``):
+they are checked at the real tile sizes (``LONG``) and, with every option, statistic and
+hostile row (−inf, NaN, +inf, huge logits, tied maxima), with tiles made small
+(``small_tiles``) so that a short row spans many tiles and lanes.
 """
 
 import numpy as np
@@ -14,7 +17,8 @@ import torch
 
 from softxent import _reference, gpu
 from softxent._options import CrossEntropyOptions
-from softxent.gpu.launch import MAX_BLOCK
+from softxent.gpu import launch
+from softxent.gpu.launch import MAX_BLOCK, per_lane_sweep, row_config
 
 triton_ce = pytest.importorskip("softxent.gpu.cross_entropy", reason="triton is not installed")
 triton_softmax = pytest.importorskip("softxent.gpu.softmax")
@@ -299,3 +303,153 @@ def test_capture_safe_path_needs_no_host_sync_and_gives_nan_rows_for_bad_targets
     with pytest.raises(IndexError, match="class index 13, outside"):
         deferred_checks.raise_pending()
     deferred_checks.raise_pending()  # reported once
+
+
+# --- rows of several tiles: the per-lane first sweep --------------------------------------------
+
+
+def test_the_host_selects_the_per_lane_sweep_for_rows_of_several_tiles():
+    """PER_LANE (the lane width, 16 bytes of logits) exactly when C > BLOCK; 0 otherwise."""
+    for itemsize, block in MAX_BLOCK.items():
+        for num_classes in (1, 2, 37, block // 2, block):
+            assert per_lane_sweep(num_classes, itemsize) == 0
+        for num_classes in (block + 1, block + 37, 2 * block, 128256):
+            rows, tile, _ = row_config(num_classes, itemsize)
+            assert (rows, tile) == (1, block)
+            assert per_lane_sweep(num_classes, itemsize) == 16 // itemsize
+            assert tile % per_lane_sweep(num_classes, itemsize) == 0
+    assert per_lane_sweep(LONG, 4) and per_lane_sweep(LONG, 8)
+
+
+class _Spy:
+    """Stands for a Triton kernel: records the constexprs of each launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch_
+
+
+def test_the_kernels_are_launched_per_lane_for_a_row_of_several_tiles(monkeypatch):
+    ce = _Spy(triton_ce.cross_entropy_kernel)
+    sm = _Spy(triton_softmax.softmax_forward_kernel)
+    lse = _Spy(triton_softmax.logsumexp_forward_kernel)
+    monkeypatch.setattr(triton_ce, "cross_entropy_kernel", ce)
+    monkeypatch.setattr(triton_softmax, "softmax_forward_kernel", sm)
+    monkeypatch.setattr(triton_softmax, "logsumexp_forward_kernel", lse)
+    for num_classes, want in ((LONG, 4), (37, 0)):
+        z = torch.randn(2, num_classes, device=DEVICE)
+        triton_ce.cross_entropy_rows(z, torch.tensor([0, 1], device=DEVICE), None, CrossEntropyOptions())
+        triton_softmax.softmax_rows(z)
+        triton_softmax.logsumexp_rows(z)
+        for spy in (ce, sm, lse):
+            assert spy.launches[-1]["PER_LANE"] == want
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 64 / 32 / 16 elements (16- / 32- / 64-bit logits): a row of a few hundred
+    classes spans many tiles and a partial last one, with 8 / 8 / 8 lanes a tile."""
+    monkeypatch.setattr(launch, "MAX_BLOCK", {2: 64, 4: 32, 8: 16})
+    launch.row_config.cache_clear()
+    launch.per_lane_sweep.cache_clear()
+    yield
+    monkeypatch.undo()
+    launch.row_config.cache_clear()
+    launch.per_lane_sweep.cache_clear()
+
+
+SMALL_LONG = 203
+
+
+def _hostile_rows(dtype, num_classes=SMALL_LONG, seed=0):
+    """Rows of several tiles: ordinary, −inf in many places, only −inf, NaN (two, in later
+    tiles), +inf in a later tile, huge magnitudes, and one maximum tied across lanes and tiles
+    (its first index, 37, in the first tile)."""
+    inf = float("inf")
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(7, num_classes, generator=gen, dtype=torch.float64) * 3
+    z[1, ::5] = -inf
+    z[1, 150:] = -inf
+    z[2] = -inf
+    z[3, [150, 180]] = float("nan")
+    z[4, 120] = inf
+    big = min(torch.finfo(dtype).max / 4, 1e18)
+    z[5] = torch.where(z[5] > 0, big, -big) * torch.rand(num_classes, generator=gen, dtype=torch.float64)
+    z[6, [150, 37, 38, 100, 199]] = 50.0
+    return z.to(dtype)
+
+
+def _assert_close_rows(ours, want, dtype):
+    """NaN and ±inf where ``want`` has them; the finite values within the dtype's tolerance,
+    row by row (relative to each row's scale)."""
+    ours = np.asarray(ours, np.float64).reshape(want.shape[0], -1)
+    want = np.asarray(want, np.float64).reshape(want.shape[0], -1)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(ours[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    for o, w, f in zip(ours, want, finite, strict=True):
+        if f.any():
+            _close(o[f], w[f], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("hostile", [False, True], ids=["random", "hostile"])
+def test_rows_of_many_tiles_match_the_reference_with_every_option_and_statistic(
+    small_tiles, dtype, name, probabilities, hostile
+):
+    """Loss, gradient, lse and argmax of rows of many tiles (the per-lane sweep) against the
+    float64 reference, hostile rows included (NaN, ±inf, only −inf, huge logits, ties)."""
+    assert per_lane_sweep(SMALL_LONG, torch.empty((), dtype=dtype).element_size()) > 0
+    z, target, weight, opts = _problem(7, SMALL_LONG, dtype, probabilities, OPTIONS[name], seed=2)
+    if hostile:
+        z = _hostile_rows(dtype)
+        if not probabilities:
+            target[6] = 37 if opts.ignore_index != 37 else 38
+    want_loss, want_grad = _reference_rows(z, target, weight, opts, 0.7)
+    want_stats = (np.empty(7), np.empty(7, np.int64))
+    t_np = target.numpy() if target.dim() == 1 else target.double().numpy()
+    w_np = None if weight is None else weight.numpy()
+    _reference.cross_entropy_rows(z.double().numpy(), t_np, w_np, opts, stats=want_stats)
+    dev = [x if x is None else x.to(DEVICE) for x in (z, target, weight)]
+    grad = torch.empty_like(dev[0])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stats = (torch.empty(7, dtype=acc, device=DEVICE), torch.empty(7, dtype=torch.int64, device=DEVICE))
+    loss = triton_ce.cross_entropy_rows(*dev, opts, 0.7, grad, stats)
+    _assert_close_rows(loss.cpu(), want_loss[:, None], dtype)
+    _assert_close_rows(grad.cpu().double(), want_grad, dtype)
+    _assert_close_rows(stats[0].cpu(), want_stats[0][:, None], dtype)
+    np.testing.assert_array_equal(stats[1].cpu().numpy(), want_stats[1])
+    if hostile and not probabilities and opts.ignore_index is None:
+        assert list(stats[1].cpu()[2:5]) == [0, 150, 120] and stats[1][6] == 37
+    # the loss alone, without the gradient sweep and the statistics
+    _assert_close_rows(triton_ce.cross_entropy_rows(*dev, opts).cpu(), want_loss[:, None], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_of_many_tiles_softmax_family_follows_pytorch(small_tiles, dtype):
+    """softmax, log_softmax and logsumexp of hostile rows of many tiles (the per-lane sweep),
+    as PyTorch in float64 on the same stored values (NaN, ±inf where it has them)."""
+    z = _hostile_rows(dtype)
+    z64 = z.double()
+    zd = z.to(DEVICE)
+    for ours, theirs in (
+        (triton_softmax.softmax_rows(zd), torch.softmax(z64, 1)),
+        (triton_softmax.softmax_rows(zd, log=True), torch.log_softmax(z64, 1)),
+        (triton_softmax.logsumexp_rows(zd)[:, None], torch.logsumexp(z64, 1)[:, None]),
+    ):
+        _assert_close_rows(ours.cpu().double(), theirs.numpy(), dtype)
+    # backward: Σ g·p per lane, then across the lanes
+    g = torch.randn(7, SMALL_LONG, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    p = triton_softmax.softmax_rows(zd[[0, 5, 6]])
+    p_s, g64 = p.cpu().double(), g[[0, 5, 6]].double()
+    want = p_s * (g64 - (g64 * p_s).sum(1, keepdim=True))
+    got = triton_softmax.softmax_backward_rows(p, g[[0, 5, 6]].to(DEVICE))
+    _assert_close_rows(got.cpu().double(), want.numpy(), dtype)

@@ -3,7 +3,9 @@
 The interpreter runs the kernels' semantics on CPU tensors (tests with the
 ``backend`` fixture and ``test_gpu_kernels.py``); this test adds what only the
 compiler sees: each variant is lowered to PTX and assembled into a cubin with
-Triton's ahead-of-time path, in a subprocess without ``TRITON_INTERPRET``.
+Triton's ahead-of-time path, in a subprocess without ``TRITON_INTERPRET``, and
+ptxas reports its registers and spills: the per-lane first sweep of rows of several
+tiles must not spill.
 """
 
 import json
@@ -33,6 +35,16 @@ def test_every_kernel_variant_compiles_for_sm90():
         "cross_entropy", "softmax", "softmax_backward", "logsumexp", "logsumexp_backward"
     }  # fmt: skip
     assert all(e["cubin_bytes"] > 0 for e in kernels)
+    # rows of several tiles take the per-lane first sweep (its state: a few registers a thread)
+    per_lane = [e for e in kernels if "PER_LANE" in e["flags"]]
+    assert {e["kernel"] for e in per_lane} == {"cross_entropy", "softmax", "logsumexp"}
+    long_forward = [e for e in kernels if e["C"] > 7 and e["kernel"] in ("cross_entropy", "softmax", "logsumexp")]
+    assert per_lane == long_forward
+    # ... with no register spills: none at all for 16- and 32-bit logits; for float64 (2 registers a
+    # value) only with every option at once (~100 bytes; short float64 rows spill more)
+    spilled = [e for e in per_lane if e["spill_stores"] or e["spill_loads"]]
+    assert all(e["storage"] == "fp64" and len(e["flags"]) == 9 for e in spilled), spilled
+    assert all(e["spill_stores"] is not None for e in per_lane)  # ptxas reported them
     # float64 keeps float64 constants (a float32-rounded −1/3 in tanh would cost 1e-8 relative)
     capped64 = [e for e in kernels if e.get("minus_third_literals") is not None]
     assert capped64 and all(e["minus_third_literals"] == ["0dBFD5555555555555"] for e in capped64)

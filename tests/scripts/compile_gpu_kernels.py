@@ -5,7 +5,8 @@ Triton's ahead-of-time path (``triton.compile`` of an ``ASTSource`` for a
 shipped in the wheel, so code that the interpreter accepts but the compiler
 would reject (types, loop-carried values, layouts) fails here.  Must run with
 TRITON_INTERPRET unset.  Prints one JSON line per kernel variant: its name and
-the bytes of PTX, plus the float64 literals found in float64 variants.
+the bytes of PTX, its registers per thread and spill bytes (``ptxas -v`` on that PTX, as
+Triton assembles it), plus the float64 literals found in float64 variants.
 """
 
 from __future__ import annotations
@@ -14,28 +15,42 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET to compile"
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from softxent.gpu import cross_entropy, softmax  # noqa: E402
-from softxent.gpu.launch import row_config  # noqa: E402
+from softxent.gpu.launch import per_lane_sweep, row_config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {tl.float32: "*fp32", tl.float64: "*fp64"}
 STORAGE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
-def compile_one(kernel, signature: dict, constants: dict, num_warps: int) -> dict:
+def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_classes: int) -> dict:
+    """The compiled kernel's assembly, specialised as a launch on contiguous rows specialises it:
+    pointers 16-byte aligned (as PyTorch allocates), and the strides and C divisible by 16 where C
+    is (so loads are vectorised and the registers reported are those of such a launch)."""
     sig = dict(signature)
     for name in constants:
         sig[name] = "constexpr"
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constants)
+    c_aligned = num_classes % 16 == 0
+    attrs = {}
+    for index, name in enumerate(kernel.arg_names):
+        if name not in sig or sig[name] == "constexpr":
+            continue
+        divisible = sig[name].startswith("*") or (c_aligned and (name.endswith("_stride") or name == "num_classes"))
+        if divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
     return compiled.asm
 
@@ -68,30 +83,31 @@ def main() -> None:
             "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc],
             "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
         }  # fmt: skip
-        asm = compile_one(
-            cross_entropy.cross_entropy_kernel, signature, {**setting, "ACC": acc, "ROWS": rows, "BLOCK": block}, warps
-        )
-        report("cross_entropy", storage, num_classes, setting, asm)
+        per_lane = per_lane_sweep(num_classes, STORAGE[storage])
+        shape = {"ACC": acc, "ROWS": rows, "BLOCK": block, "PER_LANE": per_lane}
+        asm = compile_one(cross_entropy.cross_entropy_kernel, signature, {**setting, **shape}, warps, num_classes)
+        report("cross_entropy", storage, num_classes, {**setting, "PER_LANE": per_lane}, asm)
         count += 1
     for storage, num_classes in itertools.product(STORAGE, (7, 50000)):
         acc = acc_for(storage)
         rows, block, warps = row_config(num_classes, STORAGE[storage])
         p = f"*{storage}"
         shape = {"ACC": acc, "ROWS": rows, "BLOCK": block}
+        forward = {**shape, "PER_LANE": per_lane_sweep(num_classes, STORAGE[storage])}
         dims = {"num_rows": "i32", "num_classes": "i32"}
         for log in (False, True):
             sig = {"z_ptr": p, "out_ptr": p, **dims}
-            report("softmax", storage, num_classes, {"LOG": log},
-                   compile_one(softmax.softmax_forward_kernel, sig, {"LOG": log, **shape}, warps))  # fmt: skip
+            asm = compile_one(softmax.softmax_forward_kernel, sig, {"LOG": log, **forward}, warps, num_classes)
+            report("softmax", storage, num_classes, {"LOG": log, "PER_LANE": forward["PER_LANE"]}, asm)
             sig = {"y_ptr": p, "g_ptr": p, "out_ptr": p, **dims}
-            report("softmax_backward", storage, num_classes, {"LOG": log},
-                   compile_one(softmax.softmax_backward_kernel, sig, {"LOG": log, **shape}, warps))  # fmt: skip
+            asm = compile_one(softmax.softmax_backward_kernel, sig, {"LOG": log, **shape}, warps, num_classes)
+            report("softmax_backward", storage, num_classes, {"LOG": log}, asm)
         sig = {"z_ptr": p, "out_ptr": p, **dims}
-        report("logsumexp", storage, num_classes, {},
-               compile_one(softmax.logsumexp_forward_kernel, sig, shape, warps))  # fmt: skip
+        asm = compile_one(softmax.logsumexp_forward_kernel, sig, forward, warps, num_classes)
+        report("logsumexp", storage, num_classes, {"PER_LANE": forward["PER_LANE"]}, asm)
         sig = {"z_ptr": p, "lse_ptr": p, "g_ptr": p, "out_ptr": p, **dims}
-        report("logsumexp_backward", storage, num_classes, {},
-               compile_one(softmax.logsumexp_backward_kernel, sig, shape, warps))  # fmt: skip
+        asm = compile_one(softmax.logsumexp_backward_kernel, sig, shape, warps, num_classes)
+        report("logsumexp_backward", storage, num_classes, {}, asm)
         count += 6
     print(json.dumps({"compiled": count}))
     sys.stdout.flush()
@@ -101,10 +117,30 @@ def report(name: str, storage: str, num_classes: int, setting: dict, asm: dict) 
     entry = {"kernel": name, "storage": storage, "C": num_classes, "flags": sorted(k for k, v in setting.items() if v)}
     entry["ptx_bytes"] = len(asm["ptx"])
     entry["cubin_bytes"] = len(asm["cubin"])
+    entry.update(resources(asm["ptx"]))
     if storage == "fp64" and setting.get("HAS_CAP"):
         # the tanh series' −1/3 must be a float64 literal, not a float32-rounded one
         entry["minus_third_literals"] = sorted(set(re.findall(r"0dBFD55555[0-9A-F]{8}", asm["ptx"])))
     print(json.dumps(entry))
+
+
+def resources(ptx: str) -> dict:
+    """{"registers", "spill_stores", "spill_loads"} (per thread, bytes) that ``ptxas -v`` reports
+    for ``ptx``, with the options of Triton's own ptxas call."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        ptxas = get_ptxas(TARGET.arch).path
+        cmd = [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{TARGET.arch}a", src, "-o", src + ".o"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_stores": int(spills.group(1)) if spills else None,
+        "spill_loads": int(spills.group(2)) if spills else None,
+    }
 
 
 if __name__ == "__main__":
