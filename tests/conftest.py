@@ -31,6 +31,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The Triton kernels: on the GPU when there is one, else forced on CPU tensors (the interpreter)."""
+    import torch
+
+    from softxent.torch import backends
+
+    monkeypatch.setattr(backends, "FORCE_BACKEND", None if torch.cuda.is_available() else "triton")
+
+
 @pytest.fixture(autouse=True)
 def _no_deferred_target_checks_leak():
     """A test that leaves a queued device-side class-index check (softxent.torch.deferred_checks)

@@ -14,11 +14,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not gpu.runs_on(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setattr(backends, "FORCE_BACKEND", None if DEVICE == "cuda" else "triton")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("factor", [1.0, 2.5, -0.3, float("nan")])
 def test_scale_kernel_equals_mul_and_leaves_the_gradient_alone_for_one(dtype, factor):

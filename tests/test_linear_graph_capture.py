@@ -19,11 +19,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not gpu.runs_on(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setattr(backends, "FORCE_BACKEND", None if DEVICE == "cuda" else "triton")
-
-
 def _capturing(monkeypatch):
     """The backend believes a graph is being captured; every host read of the targets raises."""
     monkeypatch.setattr(backends.Backend, "capturing", lambda self: True)
