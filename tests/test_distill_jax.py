@@ -79,3 +79,19 @@ def test_stats_and_the_teacher_cotangent():
     assert float(stats.agreement) == pytest.approx(float(ref.agreement))
     d_teacher = jax.grad(lambda t: sxj.distill_loss(logits, t, target))(jnp.asarray(teachers["dense"]))
     assert not np.asarray(d_teacher).any()  # the teacher is a constant
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_a_nan_teacher_logit_gives_a_nan_loss_not_zero(divergence):
+    """0·log 0 = 0 only for a probability that is 0: a NaN teacher probability stays NaN (it once
+    made the row's divergence 0, silently)."""
+    rng = np.random.default_rng(5)
+    student, teacher = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    teacher[1, 2] = np.nan
+    for loss in (
+        np.asarray(
+            sxj.distill_loss(jnp.asarray(student), jnp.asarray(teacher), divergence=divergence, reduction="none")
+        ),
+        sx.distill_loss(student, teacher, divergence=divergence, reduction="none"),
+    ):
+        assert np.isnan(loss[1]) and np.isfinite(loss[[0, 2]]).all()

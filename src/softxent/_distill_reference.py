@@ -76,16 +76,16 @@ def divergence_terms(log_ps: np.ndarray, log_pt: np.ndarray, opts: DistillOption
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ps, pt = np.exp(log_ps), np.exp(log_pt)
         if opts.divergence == "kl":
-            terms = np.where(pt > 0, pt * (log_pt - log_ps), 0.0)
+            terms = np.where(pt == 0, 0.0, pt * (log_pt - log_ps))
             u = -pt
         elif opts.divergence == "reverse_kl":
-            terms = np.where(ps > 0, ps * (log_ps - log_pt), 0.0)
-            u = np.where(ps > 0, terms + ps, 0.0)  # p_s·(log p_s − log p_t + 1)
+            terms = np.where(ps == 0, 0.0, ps * (log_ps - log_pt))
+            u = np.where(ps == 0, 0.0, terms + ps)  # p_s·(log p_s − log p_t + 1)
         else:
             beta = opts.beta
             log_m = np.logaddexp(np.log(beta) + log_pt, np.log1p(-beta) + log_ps)
-            from_t = np.where(beta * pt > 0, beta * pt * (log_pt - log_m), 0.0)
-            u = np.where((1.0 - beta) * ps > 0, (1.0 - beta) * ps * (log_ps - log_m), 0.0)
+            from_t = np.where(beta * pt == 0, 0.0, beta * pt * (log_pt - log_m))
+            u = np.where((1.0 - beta) * ps == 0, 0.0, (1.0 - beta) * ps * (log_ps - log_m))
             terms = from_t + u
     return terms.sum(axis=1), u
 

@@ -78,16 +78,16 @@ def _divergence_terms(log_ps, log_pt, opts: DistillOptions):
     """(D (B,), u (B, K)) on the support, with 0·log 0 = 0."""
     ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
     if opts.divergence == "kl":
-        return jnp.sum(jnp.where(pt > 0, pt * (log_pt - log_ps), 0.0), axis=1), -pt
+        return jnp.sum(jnp.where(pt == 0, 0.0, pt * (log_pt - log_ps)), axis=1), -pt
     if opts.divergence == "reverse_kl":
-        terms = jnp.where(ps > 0, ps * (log_ps - log_pt), 0.0)
-        return jnp.sum(terms, axis=1), jnp.where(ps > 0, terms + ps, 0.0)
+        terms = jnp.where(ps == 0, 0.0, ps * (log_ps - log_pt))
+        return jnp.sum(terms, axis=1), jnp.where(ps == 0, 0.0, terms + ps)
     beta = opts.beta
     log_beta = math.log(beta) if beta > 0.0 else -math.inf
     log_rest = math.log1p(-beta) if beta < 1.0 else -math.inf
     log_m = jnp.logaddexp(log_pt + log_beta, log_ps + log_rest)
-    from_t = jnp.where(beta * pt > 0, beta * pt * (log_pt - log_m), 0.0)
-    u = jnp.where((1.0 - beta) * ps > 0, (1.0 - beta) * ps * (log_ps - log_m), 0.0)
+    from_t = jnp.where(beta * pt == 0, 0.0, beta * pt * (log_pt - log_m))
+    u = jnp.where((1.0 - beta) * ps == 0, 0.0, (1.0 - beta) * ps * (log_ps - log_m))
     return jnp.sum(from_t + u, axis=1), u
 
 
