@@ -28,6 +28,7 @@ import torch
 from .. import gpu
 from .._linear_chunks import LOGITS_GEMM_COLS, LOGITS_GEMM_ROWS, auto_chunk_rows, cuda_chunk_rows
 from . import cpu_bridge, cpu_buffers, fallback
+from .distill_rows import distill_rows as torch_distill_rows
 from .target_counts import device_target_stats
 
 #: tests force a backend: "fallback" (any device) or "triton" (CPU tensors under TRITON_INTERPRET=1)
@@ -61,6 +62,14 @@ class Backend:
             kernel = triton_module("cross_entropy").cross_entropy_rows
             return kernel(logits, target, weight, opts, scale, grad_out, stats)
         return fallback.cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats)[0]
+
+    def distill_rows(self, z, chunk, class_weight, opts, scale=None, grad_out=None, stats=None):
+        """The distillation rows kernel (:func:`softxent._distill_reference.distill_rows`'s contract):
+        Triton's fused kernel for a dense teacher's logits, blocks of PyTorch ops otherwise."""
+        if self.name == "triton" and chunk.logits is not None:
+            kernel = triton_module("distill").distill_rows
+            return kernel(z, chunk.logits, chunk.valid, chunk.labels, opts, scale, grad_out, stats)
+        return torch_distill_rows(z, chunk, class_weight, opts, scale, grad_out, stats)
 
     def class_major_rows(self, want_stats: bool):
         """The cross-entropy of class-major logits (N, C, S): Numba's spatial kernel where it

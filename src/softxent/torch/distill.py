@@ -50,7 +50,6 @@ from .._validate import check_linear_shapes
 from .backends import backend_for
 from .checks import autocast_enabled, check_input, check_same_device
 from .checks import matmul_dtype as matmul_dtype_of
-from .distill_rows import distill_rows
 from .fallback import compute_dtype
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
@@ -155,7 +154,7 @@ def distill_op(
     chunk = _teacher_rows(None, valid, labels, tensors, num_classes, opts, None)[:]
     grad = torch.empty_like(student) if want_grad else student.new_empty(0)
     stats = _empty_stats(student, num_rows if want_stats else 0)
-    loss_rows = distill_rows(
+    loss_rows = backend_for(student.device).distill_rows(
         student, chunk, None, opts, scale_of_sum if want_grad else None, grad if want_grad else None,
         stats if want_stats else None,
     )  # fmt: skip
@@ -224,7 +223,7 @@ def _run_linear(
     chunk = chunk_size or backend.chunk_rows(num_tokens, num_classes, itemsize, teacher.fused is not None)
     stats = _empty_stats(h.new_empty(0, dtype=acc), num_tokens if want_stats else 0)
     linear_distill_rows(
-        ops_table, distill_rows, h, w, b, teacher, opts, loss_rows,
+        ops_table, backend.distill_rows, h, w, b, teacher, opts, loss_rows,
         chunk_rows=chunk, tokens=tokens, scale=scale, grads=grads, stats=stats if want_stats else None,
     )  # fmt: skip
     if opts.reduction == "none":
