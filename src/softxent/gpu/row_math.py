@@ -65,11 +65,12 @@ def tanh(x):
 @triton.jit
 def load_tile(ptrs, mask, cap, ACC: tl.constexpr, HAS_CAP: tl.constexpr, EVICT: tl.constexpr):
     """(z', tanh(z/s)) of the elements ``ptrs``: z' = s·tanh(z/s) with softcap (z itself
-    without; the tanh is then 0), −inf where ``mask`` is False."""
+    without; the tanh is then 0), −inf where ``mask`` is False.  z/s is z·(1/s): one division
+    per tile, not one per element."""
     z = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(ACC)
     th = tl.zeros_like(z)
     if HAS_CAP:
-        th = tanh(z / cap)
+        th = tanh(z * (1.0 / cap))
         z = tl.where(mask, cap * th, float("-inf"))
     return z, th
 
