@@ -1,13 +1,13 @@
 r"""Distillation losses for PyTorch: ``softxent::distill`` and ``softxent::linear_distill``.
 
 Both are ``torch.library`` custom ops whose forward computes the loss **and** the student's
-gradient (the backend's rows kernel, :meth:`softxent.torch.backends.Backend.distill_rows`: the fused
-Triton kernel :mod:`softxent.gpu.distill` for a dense or fused teacher on CUDA, else
-:func:`softxent.torch.distill_rows.distill_rows`, blocks of PyTorch ops that run on every device); backward only scales it by the upstream gradient, as the cross-entropy
-ops do.  The linear form runs the fused linear + cross-entropy's chunk loop
-(:mod:`softxent._distill_chunks`): per chunk of counted tokens the student's logits (and a
-:class:`~softxent.FusedTeacher`'s, by its own GEMM) go into reused buffers, the kernel turns the
-student's into G = ∂loss/∂Z in place, and
+gradient (the backend's rows kernel, :meth:`softxent.torch.backends.Backend.distill_rows`: the
+fused Triton kernel :mod:`softxent.gpu.distill` for a dense or fused teacher on CUDA, else
+:func:`softxent.torch.distill_rows.distill_rows`, blocks of PyTorch ops that run on every device);
+backward only scales it by the upstream gradient, as the cross-entropy ops do.  The linear form
+runs the fused linear + cross-entropy's chunk loop (:mod:`softxent._distill_chunks`): per chunk of
+counted tokens the student's logits (and a :class:`~softxent.FusedTeacher`'s, by its own GEMM) go
+into reused buffers, the kernel turns the student's into G = ∂loss/∂Z in place, and
 
 .. math::
 
