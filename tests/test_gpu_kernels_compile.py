@@ -5,7 +5,7 @@ The interpreter runs the kernels' semantics on CPU tensors (tests with the
 compiler sees: each variant is lowered to PTX and assembled into a cubin with
 Triton's ahead-of-time path, in a subprocess without ``TRITON_INTERPRET``, and
 ptxas reports its registers and spills: the per-lane first sweep of rows of several
-tiles must not spill.
+tiles must not spill, nor may the class-major variants (positions × classes tiles).
 """
 
 import json
@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+STORAGES = ("bf16", "fp16", "fp32", "fp64")
 SCRIPT = Path(__file__).parent / "scripts" / "compile_gpu_kernels.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -32,7 +33,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     kernels = [e for e in entries if "kernel" in e]
     assert entries[-1] == {"compiled": len(kernels)} and len(kernels) >= 60
     assert {e["kernel"] for e in kernels} == {
-        "cross_entropy", "softmax", "softmax_backward", "logsumexp", "logsumexp_backward"
+        "cross_entropy", "cross_entropy_class_major", "softmax", "softmax_backward", "logsumexp", "logsumexp_backward"
     }  # fmt: skip
     assert all(e["cubin_bytes"] > 0 for e in kernels)
     # rows of several tiles take the per-lane first sweep (its state: a few registers a thread)
@@ -48,3 +49,9 @@ def test_every_kernel_variant_compiles_for_sm90():
     # float64 keeps float64 constants (a float32-rounded −1/3 in tanh would cost 1e-8 relative)
     capped64 = [e for e in kernels if e.get("minus_third_literals") is not None]
     assert capped64 and all(e["minus_third_literals"] == ["0dBFD5555555555555"] for e in capped64)
+    # class-major (N, C, S) logits read in place: every storage dtype, one class tile and several,
+    # S a multiple of 16 or not — 8 elements a thread, no spill even in float64 with every option
+    class_major = [e for e in kernels if e["kernel"] == "cross_entropy_class_major"]
+    assert len(class_major) == 34 and not any("PER_LANE" in e["flags"] for e in class_major)
+    assert {(e["storage"], e["C"]) for e in class_major} == {(s, c) for s in STORAGES for c in (2, 21, 150)}
+    assert all(e["spill_stores"] == 0 and e["spill_loads"] == 0 for e in class_major), class_major

@@ -35,19 +35,23 @@ POINTER = {tl.float32: "*fp32", tl.float64: "*fp64"}
 STORAGE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
-def compile_one(kernel, signature: dict, constants: dict, num_warps: int, num_classes: int) -> dict:
+def compile_one(
+    kernel, signature: dict, constants: dict, num_warps: int, num_classes: int, positions: int | None = None
+) -> dict:
     """The compiled kernel's assembly, specialised as a launch on contiguous rows specialises it:
     pointers 16-byte aligned (as PyTorch allocates), and the strides and C divisible by 16 where C
-    is (so loads are vectorised and the registers reported are those of such a launch)."""
+    is (so loads are vectorised and the registers reported are those of such a launch).  With
+    ``positions`` (S of class-major logits (N, C, S)) the strides and S are divisible where S is."""
     sig = dict(signature)
     for name in constants:
         sig[name] = "constexpr"
-    c_aligned = num_classes % 16 == 0
+    aligned = (num_classes if positions is None else positions) % 16 == 0
+    sized = "num_classes" if positions is None else "num_rows"
     attrs = {}
     for index, name in enumerate(kernel.arg_names):
         if name not in sig or sig[name] == "constexpr":
             continue
-        divisible = sig[name].startswith("*") or (c_aligned and (name.endswith("_stride") or name == "num_classes"))
+        divisible = sig[name].startswith("*") or (aligned and (name.endswith("_stride") or name == sized))
         if divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
@@ -71,22 +75,65 @@ def cross_entropy_variants():
             yield storage, num_classes, setting
 
 
+def class_major_variants():
+    """Class-major (N, C, S): C of one tile (2, 21) and of several (150), S a multiple of 16
+    (vectorised loads along the positions) — no flag and every flag for each storage dtype,
+    each flag alone for bfloat16 with 21 classes — and an S that is not (scalar loads)."""
+    flags = ("HAS_PROB", "HAS_WEIGHT", "HAS_SMOOTH", "HAS_ZLOSS", "HAS_CAP", "WANT_GRAD", "ROW_SCALE", "WANT_STATS")
+    settings = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
+    for flag in flags:
+        settings.append({f: f == flag or f == "WANT_GRAD" for f in flags})
+    for storage, num_classes in itertools.product(STORAGE, (2, 21, 150)):
+        for setting in settings if (storage, num_classes) == ("bf16", 21) else settings[:2]:
+            yield storage, num_classes, 512 * 512, setting
+    for storage in ("bf16", "fp32"):
+        yield storage, 21, 500 * 375, settings[1]
+
+
+def cross_entropy_signature(storage: str, acc, class_major: bool) -> tuple[dict, dict]:
+    """(signature, constants) of :func:`cross_entropy_kernel`'s pointers and sizes as a launch
+    specialises them: the class strides of rows and the position strides of class-major
+    logits are 1 (constants), the unused sample strides of rows 0 (an i32)."""
+    p = f"*{storage}"
+    signature = {
+        "z_ptr": p, "g_ptr": p, "t_ptr": "*i64", "q_ptr": p,
+        "w_ptr": POINTER[acc], "scale_ptr": POINTER[acc], "loss_ptr": POINTER[acc],
+        "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc],
+        "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
+    }  # fmt: skip
+    constants = {}
+    for x in "zgq":
+        signature[f"{x}_sample_stride"] = "i32"
+        if class_major:
+            signature[f"{x}_class_stride"] = "i32"
+            constants[f"{x}_stride"] = 1
+        else:
+            signature[f"{x}_stride"] = "i64"
+            constants[f"{x}_class_stride"] = 1
+    return signature, constants
+
+
 def main() -> None:
     count = 0
     for storage, num_classes, setting in cross_entropy_variants():
         acc = acc_for(storage)
         rows, block, warps = row_config(num_classes, STORAGE[storage])
-        p = f"*{storage}"
-        signature = {
-            "z_ptr": p, "z_stride": "i64", "g_ptr": p, "g_stride": "i64", "t_ptr": "*i64", "q_ptr": p,
-            "q_stride": "i64", "w_ptr": POINTER[acc], "scale_ptr": POINTER[acc], "loss_ptr": POINTER[acc],
-            "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc],
-            "num_rows": "i32", "num_classes": "i32", "ignore_index": "i64",
-        }  # fmt: skip
+        signature, strides = cross_entropy_signature(storage, acc, class_major=False)
         per_lane = per_lane_sweep(num_classes, STORAGE[storage])
-        shape = {"ACC": acc, "ROWS": rows, "BLOCK": block, "PER_LANE": per_lane}
-        asm = compile_one(cross_entropy.cross_entropy_kernel, signature, {**setting, **shape}, warps, num_classes)
+        shape = {"ACC": acc, "ROWS": rows, "BLOCK": block, "PER_LANE": per_lane, "CLASS_MAJOR": False}
+        constants = {**setting, **shape, **strides}
+        asm = compile_one(cross_entropy.cross_entropy_kernel, signature, constants, warps, num_classes)
         report("cross_entropy", storage, num_classes, {**setting, "PER_LANE": per_lane}, asm)
+        count += 1
+    for storage, num_classes, positions, setting in class_major_variants():
+        acc = acc_for(storage)
+        rows, block, warps = cross_entropy.class_major_config(num_classes, positions, STORAGE[storage])
+        signature, strides = cross_entropy_signature(storage, acc, class_major=True)
+        shape = {"ACC": acc, "ROWS": rows, "BLOCK": block, "PER_LANE": 0, "CLASS_MAJOR": True}
+        constants = {**setting, **shape, **strides}
+        asm = compile_one(cross_entropy.cross_entropy_kernel, signature, constants, warps, num_classes, positions)
+        extra = {"S": positions, "ROWS": rows, "BLOCK": block, "num_warps": warps}
+        report("cross_entropy_class_major", storage, num_classes, setting, asm, extra)
         count += 1
     for storage, num_classes in itertools.product(STORAGE, (7, 50000)):
         acc = acc_for(storage)
@@ -113,8 +160,9 @@ def main() -> None:
     sys.stdout.flush()
 
 
-def report(name: str, storage: str, num_classes: int, setting: dict, asm: dict) -> None:
+def report(name: str, storage: str, num_classes: int, setting: dict, asm: dict, extra: dict | None = None) -> None:
     entry = {"kernel": name, "storage": storage, "C": num_classes, "flags": sorted(k for k, v in setting.items() if v)}
+    entry.update(extra or {})
     entry["ptx_bytes"] = len(asm["ptx"])
     entry["cubin_bytes"] = len(asm["cubin"])
     entry.update(resources(asm["ptx"]))

@@ -28,6 +28,14 @@ class index outside [0, C) that is not ignored gives a NaN loss and a NaN
 gradient row — on CUDA no host check runs before the launch (no host sync):
 the loss shows NaN and :mod:`softxent.torch.deferred_checks` raises at the next
 call; elsewhere the host check raises first.
+
+Two layouts, one kernel.  Rows (M, C) (:func:`cross_entropy_rows`): row r is z[r, :], its
+classes contiguous (a class stride of 1, which Triton specialises: vectorised loads along the
+classes).  Class-major (N, C, S) (:func:`cross_entropy_class_major`, ``CLASS_MAJOR``): the
+rows are the positions, row s of sample n is z[n, :, s], at n·C·S + s + c·S — a program takes
+ROWS contiguous positions of one sample (grid (⌈S/ROWS⌉, N)) by BLOCK classes, so its loads
+coalesce along the positions, and walks the classes in tiles when C > BLOCK; no transposed copy
+in or out.  The losses, statistics and per-row scales are in (n, s) order.
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ from .row_math import (
     tanh,
 )
 
+#: classes of a class-major tile (more are walked in tiles of this many)
+CLASS_MAJOR_BLOCK = 64
+#: elements of a class-major tile (positions × classes) when C is short
+CLASS_MAJOR_TILE = 1024
+#: samples of one class-major launch (the grid's second axis)
+MAX_GRID_SAMPLES = 65535
+
 
 @triton.jit
 def _target_tile(ptrs_q, ptrs_w, mask, keep, uniform, ACC: tl.constexpr, HAS_PROB, HAS_WEIGHT, EVICT: tl.constexpr):
@@ -67,14 +82,32 @@ def _target_tile(ptrs_q, ptrs_w, mask, keep, uniform, ACC: tl.constexpr, HAS_PRO
 
 
 @triton.jit
+def _at(ptrs, c, class_stride, CLASS_MAJOR: tl.constexpr):
+    """ptrs + c·class_stride: the elements of classes ``c`` in the rows at ``ptrs`` (broadcast:
+    (ROWS, 1) and (1, BLOCK) for a tile) — in 64 bits for class-major rows (c·S may exceed 2³¹
+    in one sample); the rows' class stride is 1 (a constant: contiguous loads)."""
+    if CLASS_MAJOR:
+        offsets = c.to(tl.int64) * class_stride
+    else:
+        offsets = c * class_stride
+    return ptrs + offsets
+
+
+@triton.jit
 def cross_entropy_kernel(
     z_ptr,
+    z_sample_stride,
     z_stride,
+    z_class_stride,
     g_ptr,
+    g_sample_stride,
     g_stride,
+    g_class_stride,
     t_ptr,
     q_ptr,
+    q_sample_stride,
     q_stride,
+    q_class_stride,
     w_ptr,
     scale_ptr,
     loss_ptr,
@@ -93,14 +126,26 @@ def cross_entropy_kernel(
     ROW_SCALE: tl.constexpr,
     WANT_STATS: tl.constexpr,
     PER_LANE: tl.constexpr,
+    CLASS_MAJOR: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss (and gradient) of rows ``ROWS·program_id(0) …`` (a tile of ROWS × BLOCK at a
-    time); see the module docstring."""
+    time) of sample ``program_id(1)`` with ``CLASS_MAJOR`` (else of the one sample, the rows
+    (M, C)); element (r, c) of sample n at ``n·sample_stride + r·stride + c·class_stride``
+    (for z, g and q alike), the row's loss, target, scale and statistics at n·num_rows + r;
+    see the module docstring."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
+    if CLASS_MAJOR:  # rows are the positions of one sample: contiguous in memory
+        sample = tl.program_id(1).to(tl.int64)
+        out = sample * num_rows + rows
+        z_ptr += sample * z_sample_stride
+        g_ptr += sample * g_sample_stride
+        q_ptr += sample * q_sample_stride
+    else:
+        out = rows
     cols = tl.arange(0, BLOCK)
     # the float options travel in a tensor of the compute type (a float argument would be float32)
     scale_value = tl.load(params_ptr + 0)
@@ -116,7 +161,7 @@ def cross_entropy_kernel(
         bad = rows < 0
     else:
         # without ignore_index the host passes a value no valid index has
-        t = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
+        t = tl.load(t_ptr + out, mask=row_ok, other=ignore_index)
         active = row_ok & (t != ignore_index)
         bad = active & ((t < 0) | (t >= num_classes))
     safe_t = tl.where(active & ~bad, t, 0)
@@ -133,7 +178,7 @@ def cross_entropy_kernel(
         if HAS_WEIGHT:
             w_t = tl.load(w_ptr + safe_t, mask=fetch, other=1.0).to(ACC)
         # read before the gradient sweep may overwrite it
-        z_t = tl.load(z_ptr + rows * z_stride + safe_t, mask=fetch, other=0.0).to(ACC)
+        z_t = tl.load(_at(z_ptr + rows * z_stride, safe_t, z_class_stride, CLASS_MAJOR), mask=fetch, other=0.0).to(ACC)
         if HAS_CAP:
             z_t = cap * tanh(z_t / cap)
     if PER_LANE:  # a row of several tiles: per-lane statistics, the lanes combined once after the sweep
@@ -147,14 +192,16 @@ def cross_entropy_kernel(
         for start in range(0, sweep_end, BLOCK):
             c = start + cols
             mask = fetch[:, None] & (c < num_classes)[None, :]
-            z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
+            z, _ = load_tile(
+                _at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR), mask, cap, ACC, HAS_CAP, "evict_last"
+            )
             m_before = m_lane
             m_lane, s_lane, tile_max = lane_step(z, m_lane, s_lane, PER_LANE)
             if WANT_STATS:
                 arg_lane = lane_argmax_step(z, start, tile_max, m_before, arg_lane, PER_LANE)
             if HAS_PROB or HAS_SMOOTH:
                 y = _target_tile(
-                    q_rows + c[None, :],
+                    _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                     w_ptr + c[None, :],
                     mask,
                     keep,
@@ -179,7 +226,7 @@ def cross_entropy_kernel(
             for start in range(0, nan_end, BLOCK):
                 c = start + cols
                 mask = fetch[:, None] & (c < num_classes)[None, :]
-                z = tl.load(z_rows + c[None, :], mask=mask, other=0.0).to(ACC)
+                z = tl.load(_at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR), mask=mask, other=0.0).to(ACC)
                 tile_nan = tl.min(tl.where(z != z, c[None, :], num_classes), axis=1).to(tl.int64)
                 first_nan = tl.minimum(first_nan, tile_nan)
     else:
@@ -193,7 +240,9 @@ def cross_entropy_kernel(
         for start in range(0, sweep_end, BLOCK):
             c = start + cols
             mask = fetch[:, None] & (c < num_classes)[None, :]
-            z, _ = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_last")
+            z, _ = load_tile(
+                _at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR), mask, cap, ACC, HAS_CAP, "evict_last"
+            )
             if WANT_STATS:  # first index of the max (ties to the lowest, as torch.argmax) and of a NaN
                 tile_max = tl.max(tl.where(z == z, z, float("-inf")), axis=1)
                 tile_arg = tl.min(tl.where(z == tile_max[:, None], c[None, :], num_classes), axis=1).to(tl.int64)
@@ -204,7 +253,7 @@ def cross_entropy_kernel(
             m, s, m_safe = online_step(z, m, s)
             if HAS_PROB or HAS_SMOOTH:
                 y = _target_tile(
-                    q_rows + c[None, :],
+                    _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                     w_ptr + c[None, :],
                     mask,
                     keep,
@@ -238,17 +287,17 @@ def cross_entropy_kernel(
     if HAS_ZLOSS:
         loss = loss + lam * lse * lse
     loss = tl.where(bad, float("nan"), tl.where(active, loss, 0.0))
-    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
     if WANT_STATS:  # lse as torch.logsumexp (±inf where the max is, NaN with a NaN); argmax as torch.argmax
         has_nan = first_nan < num_classes
         lse_stat = tl.where((m == float("inf")) | (m == float("-inf")), m, lse)
         lse_stat = tl.where(has_nan | bad, float("nan"), tl.where(active, lse_stat, 0.0))
         argmax = tl.where(has_nan, first_nan, argmax)
-        tl.store(lse_ptr + rows, lse_stat.to(lse_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(argmax_ptr + rows, tl.where(fetch, argmax, -1), mask=row_ok)
+        tl.store(lse_ptr + out, lse_stat.to(lse_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(argmax_ptr + out, tl.where(fetch, argmax, -1), mask=row_ok)
     if WANT_GRAD:
         if ROW_SCALE:
-            r = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+            r = tl.load(scale_ptr + out, mask=row_ok, other=0.0).to(ACC)
         else:
             r = tl.full([ROWS], 1.0, ACC) * scale_value
         base = r * (total + 2.0 * lam * lse) / s
@@ -257,11 +306,18 @@ def cross_entropy_kernel(
             c = start + cols
             in_row = (c < num_classes)[None, :]
             mask = fetch[:, None] & in_row
-            z, th = load_tile(z_rows + c[None, :], mask, cap, ACC, HAS_CAP, "evict_first")
+            z, th = load_tile(
+                _at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR),
+                mask,
+                cap,
+                ACC,
+                HAS_CAP,
+                "evict_first",
+            )
             g = base[:, None] * tl.exp(z - m_safe[:, None])
             if HAS_PROB or HAS_SMOOTH:
                 y = _target_tile(
-                    q_rows + c[None, :],
+                    _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                     w_ptr + c[None, :],
                     mask,
                     keep,
@@ -282,7 +338,11 @@ def cross_entropy_kernel(
             if HAS_CAP:
                 g = g * (1.0 - th * th)
             g = tl.where(bad[:, None], float("nan"), tl.where(active[:, None], g, 0.0))
-            tl.store(g_rows + c[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & in_row)
+            tl.store(
+                _at(g_rows, c[None, :], g_class_stride, CLASS_MAJOR),
+                g.to(g_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & in_row,
+            )
 
 
 def _float_parameters(device, acc, scale, opts: CrossEntropyOptions, weight, num_classes: int) -> torch.Tensor:
@@ -361,24 +421,140 @@ def _cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats):
     if num_rows == 0:
         return loss
     has_prob = target.dim() == 2
+    q = target.contiguous() if has_prob and target.stride(-1) != 1 else target
+    g = grad_out if scale is not None else logits
+    rows_per_program, block, num_warps = row_config(num_classes, logits.element_size())
+    _launch(
+        (triton.cdiv(num_rows, rows_per_program),),
+        (logits, 0, logits.stride(0), 1),
+        (g, 0, g.stride(0), 1),
+        target if not has_prob else None,
+        (q, 0, q.stride(0), 1) if has_prob else None,
+        weight,
+        opts,
+        scale,
+        loss,
+        stats,
+        num_rows,
+        num_classes,
+        dict(PER_LANE=per_lane_sweep(num_classes, logits.element_size()), CLASS_MAJOR=False),
+        rows_per_program,
+        block,
+        num_warps,
+    )
+    return loss
+
+
+def cross_entropy_class_major(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CrossEntropyOptions,
+    scale: float | torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Per-position losses (N·S,) in (n, s) order — float32, float64 for float64 logits — of
+    class-major logits (N, C, S): position s of sample n is the row z_{n,·,s} (C,), read in
+    place (no transposed copy; copied first only when the positions are not contiguous).
+
+    The contract of :func:`cross_entropy_rows` with rows ↔ positions: ``target`` class indices
+    (N, S) of an integer dtype or probabilities (N, C, S); with ``scale`` (a number, a 0-d
+    tensor, or one per position (N·S,)) the gradient scale·∂ℓ/∂z goes to ``grad_out``
+    (N, C, S), which may be ``logits`` itself; ``stats``: contiguous (lse (N·S,), argmax
+    (N·S,) int64).  One program takes ROWS contiguous positions of one sample by BLOCK classes
+    (:func:`class_major_config`), the classes walked in tiles when C > BLOCK.
+    """
+    with launch.on_device_of(logits):
+        return _cross_entropy_class_major(logits, target, weight, opts, scale, grad_out, stats)
+
+
+def _cross_entropy_class_major(logits, target, weight, opts, scale, grad_out, stats):
+    """:func:`cross_entropy_class_major` with ``logits``' device current."""
+    if grad_out is not None and grad_out.shape[2] > 1 and grad_out.stride(2) != 1:
+        grad = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+        loss = _cross_entropy_class_major(logits, target, weight, opts, scale, grad, stats)
+        grad_out.copy_(grad)
+        return loss
+    if logits.shape[2] > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    num_samples, num_classes, num_positions = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(num_samples * num_positions, dtype=acc, device=logits.device)
+    if loss.numel() == 0:
+        return loss
+    has_prob = target.dim() == 3
+    if has_prob and num_positions > 1 and target.stride(2) != 1:
+        target = target.contiguous()
+    index = None if has_prob else target.to(torch.int64).reshape(-1).contiguous()
+    g = grad_out if scale is not None else logits
+    row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0 and scale.numel() > 1
+    rows, block, warps = class_major_config(num_classes, num_positions, logits.element_size())
+    layout = {"PER_LANE": 0, "CLASS_MAJOR": True}
+    for first in range(0, num_samples, MAX_GRID_SAMPLES):  # the grid's second axis holds 65535 at most
+        samples = slice(first, min(num_samples, first + MAX_GRID_SAMPLES))
+        part = slice(samples.start * num_positions, samples.stop * num_positions)
+        _launch(
+            (triton.cdiv(num_positions, rows), samples.stop - samples.start),
+            _class_major_strides(logits[samples]),
+            _class_major_strides(g[samples]),
+            None if has_prob else index[part],
+            _class_major_strides(target[samples]) if has_prob else None,
+            weight,
+            opts,
+            scale.reshape(-1)[part] if row_scale else scale,
+            loss[part],
+            None if stats is None else (stats[0][part], stats[1][part]),
+            num_positions,
+            num_classes,
+            layout,
+            rows,
+            block,
+            warps,
+        )
+    return loss
+
+
+def _class_major_strides(t: torch.Tensor) -> tuple:
+    """(t, sample stride, position stride, class stride) of a class-major (N, C, S) tensor."""
+    return t, t.stride(0), t.stride(2), t.stride(1)
+
+
+def class_major_config(num_classes: int, num_positions: int, itemsize: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps) of the class-major launch: BLOCK = C rounded up to a power of 2,
+    at most :data:`CLASS_MAJOR_BLOCK` (half that for 8-byte logits; more classes are walked in
+    tiles); ROWS positions — their elements adjacent in memory, so a tile's loads coalesce along
+    them — :data:`CLASS_MAJOR_TILE` / BLOCK within [32, 256], fewer (not under 16) for a
+    shorter S; one warp per 256 elements of the tile, 2 to 8.  Eight elements a thread: every
+    per-position statistic (a dozen of them) is held once per position a thread holds, and
+    larger tiles spill (tests/scripts/compile_gpu_kernels.py reports the registers)."""
+    cap = CLASS_MAJOR_BLOCK // 2 if itemsize > 4 else CLASS_MAJOR_BLOCK
+    block = min(triton.next_power_of_2(max(num_classes, 2)), cap)
+    rows = min(max(CLASS_MAJOR_TILE // block, 32), 256)
+    rows = min(rows, max(16, triton.next_power_of_2(num_positions)))
+    return rows, block, min(8, max(2, rows * block // 256))
+
+
+def _launch(grid, z, g, index, q, weight, opts, scale, loss, stats, num_rows, num_classes, layout, rows, block, warps):
+    """One launch of :func:`cross_entropy_kernel` over ``grid``: ``z``, ``g``, ``q`` are
+    (tensor, sample stride, row stride, class stride), ``index`` the class indices (one per
+    row, in the order of ``loss``) or None, ``layout`` the PER_LANE and CLASS_MAJOR constants."""
+    logits = z[0]
+    acc = loss.dtype
     want_grad = scale is not None
     row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0 and scale.numel() > 1
     scale_t = scale.to(device=logits.device, dtype=acc).reshape(-1).contiguous() if row_scale else loss
     scalar_scale = scale if want_grad and not row_scale else 0.0
     params = _float_parameters(logits.device, acc, scalar_scale, opts, weight, num_classes)
-    q = target.contiguous() if has_prob and target.stride(-1) != 1 else target
-    idx = logits if has_prob else target.to(torch.int64).contiguous()
+    has_prob = q is not None
+    idx = logits if has_prob else index.to(torch.int64).reshape(-1).contiguous()
+    q = q if has_prob else (logits, 0, 0, 1)
     w = logits if weight is None else weight.to(device=logits.device, dtype=acc).contiguous()
-    g = grad_out if want_grad else logits
-    rows_per_program, block, num_warps = row_config(num_classes, logits.element_size())
-    cross_entropy_kernel[(triton.cdiv(num_rows, rows_per_program),)](
-        logits,
-        logits.stride(0),
-        g,
-        g.stride(0),
+    cross_entropy_kernel[grid](
+        *z,
+        *g,
         idx,
-        q,
-        q.stride(0) if has_prob else 0,
+        *q,
         w,
         scale_t,
         loss,
@@ -396,10 +572,9 @@ def _cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats):
         WANT_GRAD=want_grad,
         ROW_SCALE=row_scale,
         WANT_STATS=stats is not None,
-        PER_LANE=per_lane_sweep(num_classes, logits.element_size()),
         ACC=compute_type(logits.dtype),
-        ROWS=rows_per_program,
+        ROWS=rows,
         BLOCK=block,
-        num_warps=num_warps,
+        num_warps=warps,
+        **layout,
     )
-    return loss

@@ -73,9 +73,12 @@ class Backend:
 
     def class_major_rows(self, want_stats: bool):
         """The cross-entropy of class-major logits (N, C, S): Numba's spatial kernel where it
-        serves (no statistics), else the rows kernel on transposed copies."""
+        serves (no statistics), Triton's kernel read in place (statistics included), else the
+        rows kernel on transposed copies."""
         if self.name == "numba" and not want_stats:
             return cpu_bridge.cross_entropy_spatial
+        if self.name == "triton":
+            return triton_module("cross_entropy").cross_entropy_class_major
         return partial(_class_major_by_rows, self.cross_entropy_rows)
 
     def index_target_stats(self, target, num_classes: int, opts, weight):
