@@ -33,8 +33,14 @@ def test_every_kernel_variant_compiles_for_sm90():
     kernels = [e for e in entries if "kernel" in e]
     assert entries[-1] == {"compiled": len(kernels)} and len(kernels) >= 60
     assert {e["kernel"] for e in kernels} == {
-        "cross_entropy", "cross_entropy_class_major", "softmax", "softmax_backward", "logsumexp", "logsumexp_backward"
+        "cross_entropy", "cross_entropy_class_major", "softmax", "softmax_backward", "logsumexp", "logsumexp_backward",
+        "distill",
     }  # fmt: skip
+    # the distillation rows: at most a few bytes of spills (16-bit long rows with every option), ~100 in float64
+    distill = [e for e in kernels if e["kernel"] == "distill"]
+    assert len(distill) == 48
+    limit = {"bf16": 16, "fp16": 16, "fp32": 0, "fp64": 128}
+    assert all(max(e["spill_stores"], e["spill_loads"]) <= limit[e["storage"]] for e in distill), distill
     assert all(e["cubin_bytes"] > 0 for e in kernels)
     # rows of several tiles take the per-lane first sweep (its state: a few registers a thread)
     per_lane = [e for e in kernels if "PER_LANE" in e["flags"]]

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from softxent.gpu import cross_entropy, softmax  # noqa: E402
+from softxent.gpu import cross_entropy, distill, softmax  # noqa: E402
 from softxent.gpu.launch import per_lane_sweep, row_config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -156,8 +156,33 @@ def main() -> None:
         asm = compile_one(softmax.logsumexp_backward_kernel, sig, shape, warps, num_classes)
         report("logsumexp_backward", storage, num_classes, {}, asm)
         count += 6
+    count += compile_distill()
     print(json.dumps({"compiled": count}))
     sys.stdout.flush()
+
+
+def compile_distill() -> int:
+    """The distillation rows kernel: each divergence, with and without the hard-label term, the
+    gradient and the statistics, short and long rows, every storage dtype; the count compiled."""
+    count = 0
+    for storage, num_classes in itertools.product(STORAGE, (7, 128256)):
+        acc = acc_for(storage)
+        rows, block, warps = distill.row_config(num_classes, STORAGE[storage])
+        p = f"*{storage}"
+        signature = {
+            "zs_ptr": p, "zs_stride": "i64", "zt_ptr": p, "zt_stride": "i64", "g_ptr": p, "g_stride": "i64",
+            "valid_ptr": "*i1", "labels_ptr": "*i64", "scale_ptr": POINTER[acc], "loss_ptr": POINTER[acc],
+            "div_ptr": POINTER[acc], "sarg_ptr": "*i64", "targ_ptr": "*i64", "params_ptr": POINTER[acc],
+            "num_rows": "i32", "num_classes": "i32",
+        }  # fmt: skip
+        for div, everything in itertools.product((distill.KL, distill.REVERSE_KL, distill.JSD), (False, True)):
+            flags = {"HAS_ALPHA": everything, "T_ONE": not everything, "WANT_GRAD": True,
+                     "ROW_SCALE": everything, "WANT_STATS": everything}  # fmt: skip
+            constants = {"DIV": div, **flags, "ACC": acc, "ROWS": rows, "BLOCK": block}
+            asm = compile_one(distill.distill_kernel, signature, constants, warps, num_classes)
+            report("distill", storage, num_classes, {**flags, f"DIV{div}": True}, asm)
+            count += 1
+    return count
 
 
 def report(name: str, storage: str, num_classes: int, setting: dict, asm: dict, extra: dict | None = None) -> None:

@@ -23,6 +23,7 @@ zero gradient row for tokens that do not count.
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 import triton
@@ -30,10 +31,34 @@ import triton.language as tl
 
 from .._distill_options import DistillOptions
 from . import launch
-from .launch import compute_type, row_config
+from .launch import compute_type
 from .row_math import normalizer, online_step
 
 KL, REVERSE_KL, JSD = 0, 1, 2
+
+#: columns of a tile, by element size: two rows (student, teacher) are live, so half the
+#: cross-entropy's tile (a quarter for float64) — 8 elements of each a thread
+MAX_BLOCK = {2: 8192, 4: 4096, 8: 1024}
+#: short rows are packed into tiles of about this many elements (a quarter of the
+#: cross-entropy's: a row carries a dozen running statistics, each a vector of the tile's rows;
+#: half of it for float64), 4 elements a thread
+MIN_TILE = 512
+#: elements per warp: 8 a thread for a long row, 4 for packed short rows
+ELEMENTS_PER_WARP = 256
+PACKED_ELEMENTS_PER_WARP = 128
+
+
+@cache
+def row_config(num_classes: int, itemsize: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps) of the distillation kernel for rows of ``num_classes`` elements of
+    ``itemsize`` bytes: the whole row in one tile up to :data:`MAX_BLOCK`, short rows packed (sizes
+    chosen from the sm_90 compile's registers: no spills but for float64)."""
+    block = min(triton.next_power_of_2(max(num_classes, 2)), MAX_BLOCK.get(itemsize, 4096))
+    rows = max(1, (MIN_TILE if itemsize < 8 else MIN_TILE // 2) // block)
+    per_warp = PACKED_ELEMENTS_PER_WARP if rows > 1 else ELEMENTS_PER_WARP
+    return rows, block, min(32, max(1, rows * block // per_warp))
+
+
 DIVERGENCE_CODE = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
 
 
@@ -301,7 +326,7 @@ def _distill_rows(z, teacher_logits, valid, labels, opts, scale, grad_out, stats
     g = grad_out if want_grad else z
     valid_t = valid.contiguous()
     div_out, s_out, t_out = stats if stats is not None else (loss, valid_t, valid_t)
-    rows_per_program, block, num_warps = row_config(num_classes, min(2 * z.element_size(), 8))
+    rows_per_program, block, num_warps = row_config(num_classes, z.element_size())
     distill_kernel[(triton.cdiv(num_rows, rows_per_program),)](
         z, z.stride(0), teacher_logits, teacher_logits.stride(0), g, g.stride(0), valid_t, label_t, scale_t,
         loss, div_out, s_out, t_out, params, num_rows, num_classes,
