@@ -39,7 +39,7 @@ cat "$out/versions.txt"
 # and every-option cases in float32 and bfloat16 run; the whole grid runs in CI under the interpreter):
 # the kernels, no host sync in a CE step (set_sync_debug_mode), the backward's scale kernel
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_no_host_sync.py \
-  tests/test_linear_graph_capture.py tests/test_linear_widening_gemm.py \
+  tests/test_linear_graph_capture.py tests/test_linear_widening_gemm.py tests/test_gpu_class_major.py tests/test_gpu_distill.py \
   tests/test_gpu_device_guard.py \
   -k "not float64_reference or ((plain or everything) and (float32 or bfloat16))" 2>&1 | tail -15 \
   | tee "$out/pytest-gpu.txt"
