@@ -28,7 +28,7 @@ TORCH_LAYERS = {
     "helpers": {"checks", "training", "saved_gradient", "linear_arrays", "linear_options"},
     "backends": {
         "backends", "cpu_bridge", "fallback", "distill_rows", "cpu_buffers", "openmp_threads",
-        "deferred_checks", "target_counts",
+        "deferred_checks", "target_counts", "widening_gemm",
     },
 }  # fmt: skip
 TORCH_ORDER = ["backends", "helpers", "ops", "public"]

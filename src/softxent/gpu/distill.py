@@ -103,6 +103,19 @@ def _terms(log_ps, log_pt, beta, log_beta, log_rest, DIV: tl.constexpr):
 
 
 @triton.jit
+def _gradient(
+    u, ps, u_total, zs, c, label, active, r, coef, alpha, safe_mz, log_sz, HAS_ALPHA: tl.constexpr, T_ONE: tl.constexpr
+):
+    """r·[(w/T)(u − p_s·U) + α(p⁽¹⁾ − onehot(y))] of a tile (0 for rows that do not count), with
+    ``coef`` = w/T and p⁽¹⁾ = softmax(z_s) (p_s itself at T = 1)."""
+    g = coef * (u - ps * u_total[:, None])
+    if HAS_ALPHA:
+        p1 = ps if T_ONE else tl.exp((zs - safe_mz[:, None]) - log_sz[:, None])
+        g = g + alpha * (p1 - tl.where(c[None, :] == label[:, None], 1.0, 0.0))
+    return tl.where(active[:, None], g * r[:, None], 0.0)
+
+
+@triton.jit
 def distill_kernel(
     zs_ptr,
     zs_stride,
@@ -221,11 +234,7 @@ def distill_kernel(
         if DIV != 0:
             u_total = u_total + tl.sum(tl.where(mask, u, 0.0), axis=1)
         if WANT_GRAD and DIV == 0:
-            g = coef * (u - ps * u_total[:, None])
-            if HAS_ALPHA:
-                p1 = ps if T_ONE else tl.exp((zs - safe_mz[:, None]) - log_sz[:, None])
-                g = g + alpha * (p1 - tl.where(c[None, :] == label[:, None], 1.0, 0.0))
-            g = tl.where(active[:, None], g * r[:, None], 0.0)
+            g = _gradient(u, ps, u_total, zs, c, label, active, r, coef, alpha, safe_mz, log_sz, HAS_ALPHA, T_ONE)
             tl.store(g_rows + c[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & in_row)
     if WANT_GRAD and DIV != 0:
         for start in range(0, num_classes, BLOCK):
@@ -239,11 +248,7 @@ def distill_kernel(
             log_ps = (zs * inv_t - safe_ma[:, None]) - log_sa[:, None]
             log_pt = (zt * inv_t - safe_mb[:, None]) - log_sb[:, None]
             _, u, ps = _terms(log_ps, log_pt, beta, log_beta, log_rest, DIV)
-            g = coef * (u - ps * u_total[:, None])
-            if HAS_ALPHA:
-                p1 = ps if T_ONE else tl.exp((zs - safe_mz[:, None]) - log_sz[:, None])
-                g = g + alpha * (p1 - tl.where(c[None, :] == label[:, None], 1.0, 0.0))
-            g = tl.where(active[:, None], g * r[:, None], 0.0)
+            g = _gradient(u, ps, u_total, zs, c, label, active, r, coef, alpha, safe_mz, log_sz, HAS_ALPHA, T_ONE)
             tl.store(g_rows + c[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & in_row)
     loss = weight * divergence
     if HAS_ALPHA:
