@@ -46,6 +46,7 @@ import triton.language as tl
 
 from .._options import CrossEntropyOptions
 from . import launch
+from .cross_entropy_math import gradient_tile, row_loss, store_row_results, target_tile
 from .launch import compute_type, per_lane_sweep, row_config
 from .row_math import (
     lane_argmax,
@@ -55,7 +56,6 @@ from .row_math import (
     lane_reduce,
     lane_step,
     load_tile,
-    normalizer,
     online_step,
     tanh,
 )
@@ -66,19 +66,6 @@ CLASS_MAJOR_BLOCK = 64
 CLASS_MAJOR_TILE = 1024
 #: samples of one class-major launch (the grid's second axis)
 MAX_GRID_SAMPLES = 65535
-
-
-@triton.jit
-def _target_tile(ptrs_q, ptrs_w, mask, keep, uniform, ACC: tl.constexpr, HAS_PROB, HAS_WEIGHT, EVICT: tl.constexpr):
-    """y of a tile: w·(keep·q + uniform) for probabilities, w (1 without weights) for the
-    smoothing term of class indices; 0 where ``mask`` is False."""
-    if HAS_PROB:
-        y = keep * tl.load(ptrs_q, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC) + uniform
-    else:
-        y = tl.full(mask.shape, 1.0, ACC)
-    if HAS_WEIGHT:
-        y = y * tl.load(ptrs_w, mask=mask, other=0.0).to(ACC)
-    return tl.where(mask, y, 0.0)
 
 
 @triton.jit
@@ -200,7 +187,7 @@ def cross_entropy_kernel(
             if WANT_STATS:
                 arg_lane = lane_argmax_step(z, start, tile_max, m_before, arg_lane, PER_LANE)
             if HAS_PROB or HAS_SMOOTH:
-                y = _target_tile(
+                y = target_tile(
                     _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                     w_ptr + c[None, :],
                     mask,
@@ -252,7 +239,7 @@ def cross_entropy_kernel(
                 )
             m, s, m_safe = online_step(z, m, s)
             if HAS_PROB or HAS_SMOOTH:
-                y = _target_tile(
+                y = target_tile(
                     _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                     w_ptr + c[None, :],
                     mask,
@@ -269,32 +256,26 @@ def cross_entropy_kernel(
                 dot = dot + tl.sum(tl.where(mask, y * (z - ref[:, None]), 0.0), axis=1)
                 y_total = y_total + tl.sum(y, axis=1)
         dot_rel = dot + y_total * (ref - m)  # Σ_k y_k (z_k − m)
-    log_s = normalizer(m, s)
-    lse = m + log_s
-    if HAS_PROB:
-        total = y_total
-        loss = y_total * log_s - dot_rel
-    else:
-        total = keep * w_t
-        loss = keep * w_t * (log_s - (z_t - m))
-        if HAS_SMOOTH:
-            total = total + uniform * weight_sum
-            smooth = weight_sum * log_s - dot_rel  # Σ_k w_k·(−log p_k)
-            # inf − inf: an infinite weight times −log p_k > 0, as the direct sum gives
-            w_sum = tl.zeros([ROWS], ACC) + weight_sum
-            smooth = tl.where((smooth != smooth) & (w_sum == float("inf")) & (log_s == log_s), w_sum, smooth)
-            loss = loss + uniform * smooth
-    if HAS_ZLOSS:
-        loss = loss + lam * lse * lse
-    loss = tl.where(bad, float("nan"), tl.where(active, loss, 0.0))
-    tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
-    if WANT_STATS:  # lse as torch.logsumexp (±inf where the max is, NaN with a NaN); argmax as torch.argmax
-        has_nan = first_nan < num_classes
-        lse_stat = tl.where((m == float("inf")) | (m == float("-inf")), m, lse)
-        lse_stat = tl.where(has_nan | bad, float("nan"), tl.where(active, lse_stat, 0.0))
-        argmax = tl.where(has_nan, first_nan, argmax)
-        tl.store(lse_ptr + out, lse_stat.to(lse_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(argmax_ptr + out, tl.where(fetch, argmax, -1), mask=row_ok)
+    loss, lse, total = row_loss(
+        m, s, dot_rel, y_total, z_t, w_t, keep, uniform, weight_sum, lam, active, bad, HAS_PROB, HAS_SMOOTH, HAS_ZLOSS
+    )
+    store_row_results(
+        loss_ptr,
+        lse_ptr,
+        argmax_ptr,
+        out,
+        row_ok,
+        loss,
+        lse,
+        m,
+        argmax,
+        first_nan,
+        active,
+        bad,
+        fetch,
+        num_classes,
+        WANT_STATS,
+    )
     if WANT_GRAD:
         if ROW_SCALE:
             r = tl.load(scale_ptr + out, mask=row_ok, other=0.0).to(ACC)
@@ -314,9 +295,9 @@ def cross_entropy_kernel(
                 HAS_CAP,
                 "evict_first",
             )
-            g = base[:, None] * tl.exp(z - m_safe[:, None])
+            y = z  # stands for "no target tile" (plain class indices)
             if HAS_PROB or HAS_SMOOTH:
-                y = _target_tile(
+                y = target_tile(
                     _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                     w_ptr + c[None, :],
                     mask,
@@ -327,17 +308,9 @@ def cross_entropy_kernel(
                     HAS_WEIGHT,
                     "evict_first",
                 )
-                if not HAS_PROB:
-                    y = uniform * y
-            else:
-                y = tl.zeros([ROWS, BLOCK], ACC)
-            if not HAS_PROB:
-                y = y + tl.where(c[None, :] == t[:, None], (keep * w_t)[:, None], 0.0)
-            # r·(A·p) − r·y, not r·(A·p − y): an infinite r (weights summing to 0) gives PyTorch's NaN/inf
-            g = g - tl.where(y == 0.0, 0.0, r[:, None] * y)
-            if HAS_CAP:
-                g = g * (1.0 - th * th)
-            g = tl.where(bad[:, None], float("nan"), tl.where(active[:, None], g, 0.0))
+            g = gradient_tile(
+                z, th, y, c[None, :], t, keep, w_t, base, r, m_safe, active, bad, uniform, HAS_PROB, HAS_SMOOTH, HAS_CAP
+            )
             tl.store(
                 _at(g_rows, c[None, :], g_class_stride, CLASS_MAJOR),
                 g.to(g_ptr.dtype.element_ty),
