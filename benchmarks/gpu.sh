@@ -41,7 +41,7 @@ cat "$out/versions.txt"
 # (set_sync_debug_mode), the backward's scale kernel
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_no_host_sync.py \
   tests/test_gpu_device_guard.py \
-  -k "(not float64_reference and not many_tiles_match) or ((plain or everything) and (float32 or bfloat16))" \
+  -k "((not float64_reference and not many_tiles_match) or ((plain or everything) and (float32 or bfloat16))) and not split" \
   2>&1 | tail -15 \
   | tee "$out/pytest-gpu.txt"
 # the class-major and distillation kernels, linear + CE under graph capture and autocast (a subset:
@@ -50,6 +50,12 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_class_major.
   tests/test_linear_graph_capture.py tests/test_linear_widening_gemm.py \
   -k "dtype or low_precision or fused_teacher or cuda or launch or statistics or nan" 2>&1 | tail -8 \
   | tee -a "$out/pytest-gpu.txt"
+
+# the rows split over programs (SOFTXENT_SPLIT_ROWS=1; its programs wait for each other, so a
+# short timeout of its own: a hang here must not cost the rest of the run)
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_split_rows.py \
+  tests/test_gpu_kernels.py -k "split_rows or (many_tiles_match and split and (plain or everything))" 2>&1 | tail -6 \
+  | tee -a "$out/pytest-gpu.txt" || echo "split-rows tests timed out or failed" | tee -a "$out/pytest-gpu.txt"
 
 bench() {  # name, then bench arguments
   local name=$1; shift
@@ -60,26 +66,27 @@ bench ce-bf16 --suite ce --dtype bfloat16 --shape 8192x128256 --shape 8192x25600
 bench ce-fp32 --suite ce --dtype float32 --shape 4096x32000 --reps 3
 bench lce-bf16 --suite lce --dtype bfloat16 --shape 8192x4096x128256 --reps 3
 bench lce-fp32 --suite lce --dtype float32 --shape 4096x1024x32000 --reps 3
+bench distill-bf16 --suite distill --dtype bfloat16 --shape 4096x4096x128256 --reps 3
 {
   echo "# softxent GPU run"; echo; echo '```'; cat "$out/versions.txt"; echo '```'
-  echo; echo "## forward+backward: ms, × copy (CE) or × the three-GEMM floor (linear + CE)"; echo
+  echo; echo "## forward+backward: ms, × copy (CE) or × the GEMM floor (linear + CE: three GEMMs; distillation: four)"; echo
   python3 - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-for name in ("ce-bf16", "ce-fp32", "lce-bf16", "lce-fp32"):
+for name in ("ce-bf16", "ce-fp32", "lce-bf16", "lce-fp32", "distill-bf16"):
     path = out / f"{name}.json"
     if not path.exists():
         print(f"{name}: no result"); continue
     rows = [r for r in json.loads(path.read_text())["rows"] if r["mode"] == "forward+backward"]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         mine = [r for r in rows if r["problem"] == problem]
-        floor = next((r["ms"] for r in mine if r["contender"].startswith("three GEMMs")), None)
+        floor = next((r["ms"] for r in mine if r["contender"].endswith("(floor)")), None)
         print(f"| {problem} | contender | ms | ratio |\n|---|---|---:|---:|")
         for r in mine:
             ratio = (f"{r['ms'] / floor:.2f}× floor" if floor else f"{r['fraction_of_baseline']:.2f} of copy")
             print(f"| | {r['contender']} | {r['ms']:.2f} | {ratio} |")
         print()
 PY
-  for f in ce-bf16 ce-fp32 lce-bf16 lce-fp32; do echo; echo "## $f"; echo; cat "$out/$f.md"; done
+  for f in ce-bf16 ce-fp32 lce-bf16 lce-fp32 distill-bf16; do echo; echo "## $f"; echo; cat "$out/$f.md"; done
 } >> "$out/summary.md"
 echo "wrote $out/summary.md"

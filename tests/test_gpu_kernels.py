@@ -22,6 +22,7 @@ from softxent.gpu.launch import MAX_BLOCK, per_lane_sweep, row_config
 
 triton_ce = pytest.importorskip("softxent.gpu.cross_entropy", reason="triton is not installed")
 triton_softmax = pytest.importorskip("softxent.gpu.softmax")
+triton_split = pytest.importorskip("softxent.gpu.cross_entropy_split")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not gpu.runs_on(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
@@ -401,13 +402,24 @@ def _assert_close_rows(ours, want, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
-@pytest.mark.parametrize("hostile", [False, True], ids=["random", "hostile"])
+@pytest.mark.parametrize(
+    ("kernel", "hostile"),
+    [("sweep", False), ("sweep", True), ("split", True)],
+    ids=["sweep-random", "sweep-hostile", "split-hostile"],
+)
 def test_rows_of_many_tiles_match_the_reference_with_every_option_and_statistic(
-    small_tiles, dtype, name, probabilities, hostile
+    small_tiles, dtype, name, probabilities, hostile, kernel
 ):
-    """Loss, gradient, lse and argmax of rows of many tiles (the per-lane sweep) against the
-    float64 reference, hostile rows included (NaN, ±inf, only −inf, huge logits, ties)."""
-    assert per_lane_sweep(SMALL_LONG, torch.empty((), dtype=dtype).element_size()) > 0
+    """Loss, gradient, lse and argmax of rows of many tiles against the float64 reference,
+    hostile rows included (NaN, ±inf, only −inf, huge logits, ties): the per-lane sweep
+    (``sweep``) and the rows split over programs (``split``, :mod:`softxent.gpu.cross_entropy_split`:
+    4, 7 and 13 slices of 16-, 32- and 64-bit rows)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    assert per_lane_sweep(SMALL_LONG, itemsize) > 0
+    rows_fn = triton_ce.cross_entropy_rows
+    if kernel == "split":
+        assert triton_split.split_of(SMALL_LONG, itemsize)[0] == {2: 4, 4: 7, 8: 13}[itemsize]
+        rows_fn = triton_split.cross_entropy_rows
     z, target, weight, opts = _problem(7, SMALL_LONG, dtype, probabilities, OPTIONS[name], seed=2)
     if hostile:
         z = _hostile_rows(dtype)
@@ -422,7 +434,7 @@ def test_rows_of_many_tiles_match_the_reference_with_every_option_and_statistic(
     grad = torch.empty_like(dev[0])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     stats = (torch.empty(7, dtype=acc, device=DEVICE), torch.empty(7, dtype=torch.int64, device=DEVICE))
-    loss = triton_ce.cross_entropy_rows(*dev, opts, 0.7, grad, stats)
+    loss = rows_fn(*dev, opts, 0.7, grad, stats)
     _assert_close_rows(loss.cpu(), want_loss[:, None], dtype)
     _assert_close_rows(grad.cpu().double(), want_grad, dtype)
     _assert_close_rows(stats[0].cpu(), want_stats[0][:, None], dtype)
@@ -430,7 +442,7 @@ def test_rows_of_many_tiles_match_the_reference_with_every_option_and_statistic(
     if hostile and not probabilities and opts.ignore_index is None:
         assert list(stats[1].cpu()[2:5]) == [0, 150, 120] and stats[1][6] == 37
     # the loss alone, without the gradient sweep and the statistics
-    _assert_close_rows(triton_ce.cross_entropy_rows(*dev, opts).cpu(), want_loss[:, None], dtype)
+    _assert_close_rows(rows_fn(*dev, opts).cpu(), want_loss[:, None], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

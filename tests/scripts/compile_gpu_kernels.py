@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from softxent.gpu import cross_entropy, distill, softmax  # noqa: E402
+from softxent.gpu import cross_entropy, cross_entropy_split, distill, softmax  # noqa: E402
 from softxent.gpu.launch import per_lane_sweep, row_config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -157,6 +157,7 @@ def main() -> None:
         report("logsumexp_backward", storage, num_classes, {}, asm)
         count += 6
     count += compile_distill()
+    count += compile_split_rows()
     print(json.dumps({"compiled": count}))
     sys.stdout.flush()
 
@@ -182,6 +183,34 @@ def compile_distill() -> int:
             asm = compile_one(distill.distill_kernel, signature, constants, warps, num_classes)
             report("distill", storage, num_classes, {**flags, f"DIV{div}": True}, asm)
             count += 1
+    return count
+
+
+def compile_split_rows() -> int:
+    """The cross-entropy of rows split over programs as CUDA launches it (``PHASE`` 0: the
+    programs wait for each other), with the options of :func:`cross_entropy_variants` for long
+    rows: 8 slices of a 16-bit row of 128256 logits, 16 of a 32-bit one, 13 of a 64-bit row of
+    50000; the count compiled."""
+    count = 0
+    for storage, num_classes, setting in cross_entropy_variants():
+        if num_classes < 1000:
+            continue
+        num_classes = 50000 if storage == "fp64" else num_classes
+        acc = acc_for(storage)
+        split, size = cross_entropy_split.split_of(num_classes, STORAGE[storage])
+        p = f"*{storage}"
+        signature = {
+            "z_ptr": p, "z_stride": "i64", "g_ptr": p, "g_stride": "i64", "t_ptr": "*i64", "q_ptr": p,
+            "q_stride": "i64", "w_ptr": POINTER[acc], "scale_ptr": POINTER[acc], "loss_ptr": POINTER[acc],
+            "lse_ptr": POINTER[acc], "argmax_ptr": "*i64", "params_ptr": POINTER[acc], "part_ptr": POINTER[acc],
+            "part_index_ptr": "*i32", "sync_ptr": "*i32", "num_rows": "i32", "num_classes": "i32",
+            "ignore_index": "i64",
+        }  # fmt: skip
+        shape = {"ACC": acc, "PHASE": 0, "SPLIT": split, "PARTS": triton.next_power_of_2(split), "SLICE": size}
+        warps = min(32, size // 512)
+        asm = compile_one(cross_entropy_split.split_cross_entropy_kernel, signature, {**setting, **shape}, warps, 16)
+        report("cross_entropy_split", storage, num_classes, setting, asm, {"SPLIT": split, "SLICE": size})
+        count += 1
     return count
 
 

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 import softxent.torch as sxt
 
+from .. import gpu
+from ..torch import backends
+
 
 @dataclass
 class Contender:
@@ -158,6 +161,7 @@ def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed:
 
     # another loss (weights, smoothing, z-loss and softcap): not checked against the reference
     _add_softxent(problem, "softxent every option", every_option, (logits, leaf, target), grad_bytes, checked=False)
+    _add_split_rows(problem, (logits, leaf, target), grad_bytes, every_option)
     if logits.dim() > 2:
         problem.skipped.append(("softxent inplace_backward", "(N, C, d1, …) logits: the gradient gets its own buffer"))
         return _peers(problem, logits, target, leaf, grad_bytes, device)
@@ -175,6 +179,28 @@ def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed:
         )
     )
     return _peers(problem, logits, target, leaf, grad_bytes, device)
+
+
+def _add_split_rows(problem: Problem, inputs, grad_bytes: int, every_option) -> None:
+    """On CUDA, for rows longer than one tile: softxent with each row split over programs, read
+    once (:mod:`softxent.gpu.cross_entropy_split`, not yet the default), plain and every option."""
+    logits = inputs[0]
+    if logits.device.type != "cuda" or logits.dim() != 2 or not gpu.runs_on("cuda"):
+        return
+    from ..gpu.cross_entropy_split import split_of
+
+    if split_of(logits.shape[1], logits.element_size()) is None:
+        return
+
+    def split(loss_fn):
+        def run(x, t):
+            with backends.splitting_rows():
+                return loss_fn(x, t)
+
+        return run
+
+    _add_softxent(problem, "softxent split rows", split(sxt.cross_entropy), inputs, grad_bytes)
+    _add_softxent(problem, "softxent every option, split rows", split(every_option), inputs, grad_bytes, checked=False)
 
 
 def _peers(problem: Problem, logits, target, leaf, grad_bytes: int, device: torch.device) -> Problem:

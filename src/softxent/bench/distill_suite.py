@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import softxent.torch as sxt
 
 from .contenders import Contender, Problem, backward_into_leaves, installed, layer_problem, timed_compile
+from .linear_contenders import gemm_floor
 
 #: tokens of the TopK teacher per position
 TOP_K = 64
@@ -78,6 +79,8 @@ def distill_problem(n: int, d: int, v: int, dtype: torch.dtype, device: torch.de
         checked=False,  # another loss: the teacher restricted to its top-k
     )
     add("naive F.linear ×2 + F.kl_div", naive)
+    floor = gemm_floor(hidden, weight, (teacher_hidden, teacher_weight))
+    problem.contenders.append(Contender("four GEMMs alone (floor)", None, floor, checked=False))
     compiled = backward_into_leaves(torch.compile(naive_distill), leaves, teacher_hidden, teacher_weight)
     add("torch.compile naive", compiled, compile_seconds=timed_compile(compiled))
     _add_liger(problem, add, leaves, fused, device)

@@ -74,7 +74,7 @@ def linear_cross_entropy_problem(
 
     add("softxent linear_cross_entropy", sxt.linear_cross_entropy)
     problem.contenders.append(
-        Contender("three GEMMs alone (floor)", None, _three_gemms(hidden, linear_weight), checked=False)
+        Contender("three GEMMs alone (floor)", None, gemm_floor(hidden, linear_weight), checked=False)
     )
     add("naive F.linear + F.cross_entropy", naive_linear_cross_entropy, fb=naive)
     compiled = backward_into_leaves(torch.compile(naive_linear_cross_entropy), leaves, target)
@@ -112,14 +112,18 @@ def _add_autocast_with_float32_weights(problem: Problem, hidden, linear_weight, 
         problem.contenders.append(Contender(name, None, fb, gradient_bytes=grad_bytes, checked=False))
 
 
-def _three_gemms(hidden: torch.Tensor, linear_weight: torch.Tensor):
+def gemm_floor(hidden: torch.Tensor, linear_weight: torch.Tensor, teacher: tuple | None = None):
     """Logits H Wᵀ, dH = G W and dW = Gᵀ H as three plain matmuls into preallocated buffers:
-    the time floor of any exact linear + cross-entropy (no loss, no softmax)."""
+    the time floor of any exact linear + cross-entropy (no loss, no softmax); with ``teacher``
+    (hidden, weight) a fourth, the teacher's logits — the floor of a fused distillation."""
     logits = torch.empty(hidden.shape[0], linear_weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     d_hidden = torch.empty_like(hidden)
     d_weight = torch.empty_like(linear_weight)
+    teacher_logits = None if teacher is None else torch.empty_like(logits)
 
     def run():
+        if teacher is not None:
+            torch.mm(teacher[0], teacher[1].T, out=teacher_logits)
         torch.mm(hidden, linear_weight.T, out=logits)
         torch.mm(logits, linear_weight, out=d_hidden)
         torch.mm(logits.T, hidden, out=d_weight)

@@ -508,11 +508,11 @@ def class_major_config(num_classes: int, num_positions: int, itemsize: int) -> t
     return rows, block, min(8, max(2, rows * block // 256))
 
 
-def _launch(grid, z, g, index, q, weight, opts, scale, loss, stats, num_rows, num_classes, layout, rows, block, warps):
-    """One launch of :func:`cross_entropy_kernel` over ``grid``: ``z``, ``g``, ``q`` are
-    (tensor, sample stride, row stride, class stride), ``index`` the class indices (one per
-    row, in the order of ``loss``) or None, ``layout`` the PER_LANE and CLASS_MAJOR constants."""
-    logits = z[0]
+def launch_arguments(logits, index, q, weight, opts, scale, loss, stats, num_classes: int):
+    """The arguments the cross-entropy kernels share, from a launch's tensors: (index, weight,
+    per-row scales, parameters, loss, lse, argmax) pointers and the option flags (a dict of
+    constants).  ``index`` the class indices (one per row) or None with probabilities ``q``;
+    unused pointers are filled with a tensor of the launch (never read)."""
     acc = loss.dtype
     want_grad = scale is not None
     row_scale = isinstance(scale, torch.Tensor) and scale.dim() > 0 and scale.numel() > 1
@@ -521,22 +521,17 @@ def _launch(grid, z, g, index, q, weight, opts, scale, loss, stats, num_rows, nu
     params = _float_parameters(logits.device, acc, scalar_scale, opts, weight, num_classes)
     has_prob = q is not None
     idx = logits if has_prob else index.to(torch.int64).reshape(-1).contiguous()
-    q = q if has_prob else (logits, 0, 0, 1)
     w = logits if weight is None else weight.to(device=logits.device, dtype=acc).contiguous()
-    cross_entropy_kernel[grid](
-        *z,
-        *g,
+    pointers = (
         idx,
-        *q,
         w,
         scale_t,
         loss,
         loss if stats is None else stats[0],
         idx if stats is None else stats[1],
         params,
-        num_rows,
-        num_classes,
-        -(2**62) if opts.ignore_index is None else opts.ignore_index,
+    )
+    flags = dict(
         HAS_PROB=has_prob,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTH=opts.label_smoothing > 0.0,
@@ -546,8 +541,40 @@ def _launch(grid, z, g, index, q, weight, opts, scale, loss, stats, num_rows, nu
         ROW_SCALE=row_scale,
         WANT_STATS=stats is not None,
         ACC=compute_type(logits.dtype),
+    )
+    return pointers, flags
+
+
+def ignore_value(opts: CrossEntropyOptions) -> int:
+    """The kernels' ``ignore_index``: a value no valid class index has when there is none."""
+    return -(2**62) if opts.ignore_index is None else opts.ignore_index
+
+
+def _launch(grid, z, g, index, q, weight, opts, scale, loss, stats, num_rows, num_classes, layout, rows, block, warps):
+    """One launch of :func:`cross_entropy_kernel` over ``grid``: ``z``, ``g``, ``q`` are
+    (tensor, sample stride, row stride, class stride), ``index`` the class indices (one per
+    row, in the order of ``loss``) or None, ``layout`` the PER_LANE and CLASS_MAJOR constants."""
+    logits = z[0]
+    pointers, flags = launch_arguments(logits, index, q, weight, opts, scale, loss, stats, num_classes)
+    idx, w, scale_t, loss, lse, argmax, params = pointers
+    q = q if q is not None else (logits, 0, 0, 1)
+    cross_entropy_kernel[grid](
+        *z,
+        *g,
+        idx,
+        *q,
+        w,
+        scale_t,
+        loss,
+        lse,
+        argmax,
+        params,
+        num_rows,
+        num_classes,
+        ignore_value(opts),
         ROWS=rows,
         BLOCK=block,
         num_warps=warps,
+        **flags,
         **layout,
     )

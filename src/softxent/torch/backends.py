@@ -18,6 +18,7 @@ and ``TRITON_INTERPRET`` may be set up to that moment.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class Backend:
         if self.name == "numba":
             return cpu_bridge.cross_entropy_rows(logits, target, weight, opts, scale, grad_out, inplace, stats)
         if self.name == "triton":
-            kernel = triton_module("cross_entropy").cross_entropy_rows
+            module = "cross_entropy_split" if split_rows_enabled() else "cross_entropy"
+            kernel = triton_module(module).cross_entropy_rows
             return kernel(logits, target, weight, opts, scale, grad_out, stats)
         return fallback.cross_entropy_rows(logits, target, weight, opts, scale, grad_out, stats)[0]
 
@@ -195,6 +197,30 @@ class Backend:
     def bias_in_gemm(self) -> bool:
         """True where the logits GEMM adds the bias in its epilogue (cuBLAS's addmm)."""
         return self.device.type == "cuda"
+
+
+def split_rows_enabled() -> bool:
+    """Whether Triton's cross-entropy reads a row longer than one tile once, split over several
+    programs (:mod:`softxent.gpu.cross_entropy_split`), rather than twice by one: asked for
+    with ``SOFTXENT_SPLIT_ROWS=1`` or inside :func:`splitting_rows` — not the default until it
+    is measured on a GPU."""
+    if _SPLIT_ROWS:
+        return _SPLIT_ROWS[-1]
+    return os.environ.get("SOFTXENT_SPLIT_ROWS", "0") not in ("", "0")
+
+
+_SPLIT_ROWS: list[bool] = []
+
+
+@contextlib.contextmanager
+def splitting_rows(enabled: bool = True):
+    """Within the block, Triton's cross-entropy splits long rows over programs (``enabled``) or
+    does not, whatever ``SOFTXENT_SPLIT_ROWS`` says (``softxent bench`` times both ways)."""
+    _SPLIT_ROWS.append(enabled)
+    try:
+        yield
+    finally:
+        _SPLIT_ROWS.pop()
 
 
 def backend_for(device: torch.device) -> Backend:
