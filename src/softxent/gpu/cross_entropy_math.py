@@ -6,6 +6,8 @@ s = Σ e^{z−m}, Y = Σ_k y_k and Σ_k y_k (z_k − m) (y_k = w_k·((1−ε)·q
 probabilities, w_k — 1 without weights — for the smoothing term of a class index), then apply
 the formulas here, so the loss and the gradient are written once:
 
+* :func:`float_options`, :func:`row_targets` — what a program reads of its launch's options and
+  of its rows' class indices;
 * :func:`row_loss` — ℓ and lse of each row:
 
       ℓ = (1−ε)·w_t·(log s − (z_t − m)) + (ε/C)·(W·log s − Σ_k w_k (z_k − m)) + λ·lse²   (class index t)
@@ -24,6 +26,41 @@ import triton
 import triton.language as tl
 
 from .row_math import normalizer
+
+
+@triton.jit
+def float_options(params_ptr, num_classes):
+    """The float options a launch passes in one tensor of the compute type (a float argument
+    would be float32): (scale, ε, λ, softcap s, W = Σ w, 1 − ε, ε/C)."""
+    eps = tl.load(params_ptr + 1)
+    return (
+        tl.load(params_ptr + 0),
+        eps,
+        tl.load(params_ptr + 2),
+        tl.load(params_ptr + 3),
+        tl.load(params_ptr + 4),
+        1.0 - eps,
+        eps / num_classes,
+    )
+
+
+@triton.jit
+def row_targets(t_ptr, out, row_ok, num_classes, ignore_index, HAS_PROB):
+    """(t, active, bad, safe_t, fetch) of rows whose class indices are at ``t_ptr + out``:
+    ``active`` rows count (not ignored), ``bad`` ones hold an index outside [0, C), ``safe_t``
+    is an index that may be read (0 for the others), ``fetch`` the rows whose logits are read;
+    with probabilities every row in range is active and t is 0."""
+    if HAS_PROB:
+        t = tl.zeros_like(out)
+        active = row_ok
+        bad = out < 0
+    else:
+        # without ignore_index the host passes a value no valid index has
+        t = tl.load(t_ptr + out, mask=row_ok, other=ignore_index)
+        active = row_ok & (t != ignore_index)
+        bad = active & ((t < 0) | (t >= num_classes))
+    fetch = active & ~bad
+    return t, active, bad, tl.where(fetch, t, 0), fetch
 
 
 @triton.jit

@@ -45,7 +45,7 @@ import triton.language as tl
 from . import launch
 from .cross_entropy import cross_entropy_rows as row_kernel_rows
 from .cross_entropy import ignore_value, launch_arguments
-from .cross_entropy_math import gradient_tile, row_loss, store_row_results, target_tile
+from .cross_entropy_math import float_options, gradient_tile, row_loss, row_targets, store_row_results, target_tile
 from .row_math import lane_argmax, lane_dot_reduce, lane_reduce, load_tile, tanh
 
 #: most programs a row is split over (all of a row's programs must be resident at once)
@@ -103,23 +103,8 @@ def split_cross_entropy_kernel(
     first_part = (tl.zeros([1], tl.int32) + part) == 0  # (1,): program 0 of its row
     c = (part * SLICE + tl.arange(0, SLICE))[None, :]
     in_row = c < num_classes
-    scale_value = tl.load(params_ptr + 0)
-    eps = tl.load(params_ptr + 1)
-    lam = tl.load(params_ptr + 2)
-    cap = tl.load(params_ptr + 3)
-    weight_sum = tl.load(params_ptr + 4)
-    keep = 1.0 - eps
-    uniform = eps / num_classes
-    if HAS_PROB:
-        t = tl.zeros([1], tl.int64)
-        active = row_ok
-        bad = rows < 0
-    else:
-        t = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
-        active = row_ok & (t != ignore_index)
-        bad = active & ((t < 0) | (t >= num_classes))
-    safe_t = tl.where(active & ~bad, t, 0)
-    fetch = active & ~bad
+    scale_value, eps, lam, cap, weight_sum, keep, uniform = float_options(params_ptr, num_classes)
+    t, active, bad, safe_t, fetch = row_targets(t_ptr, rows, row_ok, num_classes, ignore_index, HAS_PROB)
     mask = fetch[:, None] & in_row
     z_row = z_ptr + rows[:, None] * z_stride
     q_row = q_ptr + rows[:, None] * q_stride
