@@ -51,10 +51,11 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_class_major.
   -k "dtype or low_precision or fused_teacher or cuda or launch or statistics or nan" 2>&1 | tail -8 \
   | tee -a "$out/pytest-gpu.txt"
 
-# the rows split over programs (SOFTXENT_SPLIT_ROWS=1; its programs wait for each other, so a
-# short timeout of its own: a hang here must not cost the rest of the run)
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_split_rows.py \
-  tests/test_gpu_kernels.py -k "split_rows or (many_tiles_match and split and (plain or everything))" 2>&1 | tail -6 \
+# the rows split over programs (SOFTXENT_SPLIT_ROWS=1: cross-entropy, softmax and log_softmax; its
+# programs wait for each other, so a short timeout of its own: a hang here must not cost the rest of the run)
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_split_rows.py tests/test_gpu_softmax_split.py \
+  tests/test_gpu_kernels.py \
+  -k "split_rows or softmax_split or (many_tiles_match and split and (plain or everything))" 2>&1 | tail -6 \
   | tee -a "$out/pytest-gpu.txt" || echo "split-rows tests timed out or failed" | tee -a "$out/pytest-gpu.txt"
 
 bench() {  # name, then bench arguments

@@ -6,7 +6,8 @@ compiler sees: each variant is lowered to PTX and assembled into a cubin with
 Triton's ahead-of-time path, in a subprocess without ``TRITON_INTERPRET``, and
 ptxas reports its registers and spills: the per-lane first sweep of rows of several
 tiles must not spill, nor may the class-major variants (positions × classes tiles), nor the
-rows split over programs (but with nearly every option at once in 16 bits).
+rows split over programs (cross-entropy: but with nearly every option at once in 16 bits;
+softmax / log_softmax forward and backward: none).
 """
 
 import json
@@ -35,7 +36,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert entries[-1] == {"compiled": len(kernels)} and len(kernels) >= 60
     assert {e["kernel"] for e in kernels} == {
         "cross_entropy", "cross_entropy_class_major", "softmax", "softmax_backward", "logsumexp", "logsumexp_backward",
-        "distill", "cross_entropy_split",
+        "distill", "cross_entropy_split", "softmax_split", "softmax_split_backward",
     }  # fmt: skip
     # the distillation rows: at most a few bytes of spills (16-bit long rows with every option), ~100 in float64
     distill = [e for e in kernels if e["kernel"] == "distill"]
@@ -51,6 +52,14 @@ def test_every_kernel_variant_compiles_for_sm90():
     spilled = [e for e in split if e["spill_stores"] or e["spill_loads"]]
     assert all(e["storage"] in ("bf16", "fp16") and len(e["flags"]) >= 7 for e in spilled), spilled
     assert all(max(e["spill_stores"], e["spill_loads"]) <= 128 for e in spilled), spilled
+    # softmax / log_softmax of rows split over programs, forward and backward, as CUDA launches them:
+    # each storage dtype and LOG, 8 / 16 / 13 slices; the slices in registers, no spill at all
+    split_softmax = [e for e in kernels if e["kernel"] in ("softmax_split", "softmax_split_backward")]
+    assert len(split_softmax) == 16 and {e["SPLIT"] for e in split_softmax} == {8, 16, 13}
+    assert {(e["kernel"], e["storage"], "LOG" in e["flags"]) for e in split_softmax} == {
+        (k, s, log) for k in ("softmax_split", "softmax_split_backward") for s in STORAGES for log in (False, True)
+    }
+    assert all(e["spill_stores"] == 0 and e["spill_loads"] == 0 for e in split_softmax), split_softmax
     # rows of several tiles take the per-lane first sweep (its state: a few registers a thread)
     per_lane = [e for e in kernels if "PER_LANE" in e["flags"]]
     assert {e["kernel"] for e in per_lane} == {"cross_entropy", "softmax", "logsumexp"}

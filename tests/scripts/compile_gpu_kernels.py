@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from softxent.gpu import cross_entropy, cross_entropy_split, distill, softmax  # noqa: E402
+from softxent.gpu import cross_entropy, cross_entropy_split, distill, softmax, softmax_split  # noqa: E402
 from softxent.gpu.launch import per_lane_sweep, row_config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -158,6 +158,7 @@ def main() -> None:
         count += 6
     count += compile_distill()
     count += compile_split_rows()
+    count += compile_split_softmax()
     print(json.dumps({"compiled": count}))
     sys.stdout.flush()
 
@@ -211,6 +212,31 @@ def compile_split_rows() -> int:
         asm = compile_one(cross_entropy_split.split_cross_entropy_kernel, signature, {**setting, **shape}, warps, 16)
         report("cross_entropy_split", storage, num_classes, setting, asm, {"SPLIT": split, "SLICE": size})
         count += 1
+    return count
+
+
+def compile_split_softmax() -> int:
+    """softmax / log_softmax of rows split over programs, forward and backward, as CUDA launches
+    them (``PHASE`` 0): 8 slices of a 16-bit row of 128256, 16 of a 32-bit one, 13 of a 64-bit
+    row of 50000, for each storage dtype and ``LOG``; the count compiled."""
+    count = 0
+    for storage, log in itertools.product(STORAGE, (False, True)):
+        num_classes = 50000 if storage == "fp64" else 128256
+        acc = acc_for(storage)
+        split, size = cross_entropy_split.split_of(num_classes, STORAGE[storage])
+        p = f"*{storage}"
+        dims = {"part_ptr": POINTER[acc], "sync_ptr": "*i32", "num_rows": "i32", "num_classes": "i32"}
+        parts = triton.next_power_of_2(split)
+        shape = {"LOG": log, "ACC": acc, "PHASE": 0, "SPLIT": split, "PARTS": parts, "SLICE": size}
+        warps = min(32, size // 512)
+        extra = {"SPLIT": split, "SLICE": size, "num_warps": warps}
+        sig = {"z_ptr": p, "z_stride": "i64", "out_ptr": p, "out_stride": "i64", **dims}
+        asm = compile_one(softmax_split.split_softmax_kernel, sig, shape, warps, 16)
+        report("softmax_split", storage, num_classes, {"LOG": log}, asm, extra)
+        sig = {"y_ptr": p, "y_stride": "i64", "g_ptr": p, "g_stride": "i64", "out_ptr": p, "out_stride": "i64", **dims}
+        asm = compile_one(softmax_split.split_softmax_backward_kernel, sig, shape, warps, 16)
+        report("softmax_split_backward", storage, num_classes, {"LOG": log}, asm, extra)
+        count += 2
     return count
 
 

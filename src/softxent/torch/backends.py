@@ -91,21 +91,27 @@ class Backend:
 
     def rows_kernel(self, kind: str):
         """The fused ``kind`` ("softmax", "log_softmax", "logsumexp") of rows (M, C), or None
-        where PyTorch's own op serves."""
+        where PyTorch's own op serves.  On Triton, softmax and log_softmax read a row longer than
+        one tile once, split over programs (:mod:`softxent.gpu.softmax_split`), when
+        :func:`split_rows_enabled` (logsumexp reads each row once already)."""
         if self.name == "numba":
             return getattr(cpu_bridge, f"{kind}_rows")
         if self.name == "triton":
-            module = triton_module("softmax")
+            split = kind != "logsumexp" and split_rows_enabled()
+            module = triton_module("softmax_split" if split else "softmax")
             if kind == "log_softmax":
                 return partial(module.softmax_rows, log=True)
             return getattr(module, f"{kind}_rows")
         return None
 
     def backward_kernel(self, kind: str):
-        """The fused backward of "softmax" (``(y, g, log)``) or "logsumexp" (``(z, lse, g)``), or None."""
+        """The fused backward of "softmax" (``(y, g, log)``) or "logsumexp" (``(z, lse, g)``), or None;
+        softmax's from rows split over programs (:mod:`softxent.gpu.softmax_split`) when
+        :func:`split_rows_enabled`."""
         if self.name != "triton":
             return None
-        return getattr(triton_module("softmax"), f"{kind}_backward_rows")
+        split = kind == "softmax" and split_rows_enabled()
+        return getattr(triton_module("softmax_split" if split else "softmax"), f"{kind}_backward_rows")
 
     def scale_unless_one_(self, grad, upstream):
         """grad ·= upstream (one element on the device) by a kernel that does nothing when it is 1,
@@ -200,8 +206,9 @@ class Backend:
 
 
 def split_rows_enabled() -> bool:
-    """Whether Triton's cross-entropy reads a row longer than one tile once, split over several
-    programs (:mod:`softxent.gpu.cross_entropy_split`), rather than twice by one: asked for
+    """Whether Triton's cross-entropy, softmax and log_softmax (forward and backward) read a row
+    longer than one tile once, split over several programs (:mod:`softxent.gpu.cross_entropy_split`,
+    :mod:`softxent.gpu.softmax_split`), rather than twice by one: asked for
     with ``SOFTXENT_SPLIT_ROWS=1`` or inside :func:`splitting_rows` — not the default until it
     is measured on a GPU."""
     if _SPLIT_ROWS:
@@ -214,8 +221,9 @@ _SPLIT_ROWS: list[bool] = []
 
 @contextlib.contextmanager
 def splitting_rows(enabled: bool = True):
-    """Within the block, Triton's cross-entropy splits long rows over programs (``enabled``) or
-    does not, whatever ``SOFTXENT_SPLIT_ROWS`` says (``softxent bench`` times both ways)."""
+    """Within the block, Triton's cross-entropy, softmax and log_softmax split long rows over
+    programs (``enabled``) or do not, whatever ``SOFTXENT_SPLIT_ROWS`` says (``softxent bench``
+    times the cross-entropy both ways); a backward follows the setting of the moment it runs."""
     _SPLIT_ROWS.append(enabled)
     try:
         yield
