@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .._options import CrossEntropyOptions
 from . import launch
-from .cross_entropy_math import float_options, gradient_tile, row_loss, row_targets, store_row_results, target_tile
+from .cross_entropy_math import gradient_tile, row_loss, store_row_results, target_tile
 from .launch import compute_type, per_lane_sweep, row_config
 from .row_math import (
     lane_argmax,
@@ -135,8 +135,27 @@ def cross_entropy_kernel(
         out = rows
     cols = tl.arange(0, BLOCK)
     # the float options travel in a tensor of the compute type (a float argument would be float32)
-    scale_value, eps, lam, cap, weight_sum, keep, uniform = float_options(params_ptr, num_classes)
-    t, active, bad, safe_t, fetch = row_targets(t_ptr, out, row_ok, num_classes, ignore_index, HAS_PROB)
+    # the float options travel in a tensor of the compute type (a float argument would be float32);
+    # read here rather than through cross_entropy_math.float_options / row_targets (the split
+    # kernel's): in this order ptxas allocates the class-major variants without a spill
+    scale_value = tl.load(params_ptr + 0)
+    eps = tl.load(params_ptr + 1)
+    lam = tl.load(params_ptr + 2)
+    cap = tl.load(params_ptr + 3)
+    weight_sum = tl.load(params_ptr + 4)
+    keep = 1.0 - eps
+    uniform = eps / num_classes
+    if HAS_PROB:
+        t = tl.zeros([ROWS], tl.int64)
+        active = row_ok
+        bad = rows < 0
+    else:
+        # without ignore_index the host passes a value no valid index has
+        t = tl.load(t_ptr + out, mask=row_ok, other=ignore_index)
+        active = row_ok & (t != ignore_index)
+        bad = active & ((t < 0) | (t >= num_classes))
+    safe_t = tl.where(active & ~bad, t, 0)
+    fetch = active & ~bad  # rows whose logits are read (ignored and bad rows are not)
     z_rows = z_ptr + rows[:, None] * z_stride
     g_rows = g_ptr + rows[:, None] * g_stride
     q_rows = q_ptr + rows[:, None] * q_stride

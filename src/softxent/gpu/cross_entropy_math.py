@@ -32,16 +32,12 @@ from .row_math import normalizer
 def float_options(params_ptr, num_classes):
     """The float options a launch passes in one tensor of the compute type (a float argument
     would be float32): (scale, ε, λ, softcap s, W = Σ w, 1 − ε, ε/C)."""
+    scale = tl.load(params_ptr + 0)
     eps = tl.load(params_ptr + 1)
-    return (
-        tl.load(params_ptr + 0),
-        eps,
-        tl.load(params_ptr + 2),
-        tl.load(params_ptr + 3),
-        tl.load(params_ptr + 4),
-        1.0 - eps,
-        eps / num_classes,
-    )
+    lam = tl.load(params_ptr + 2)
+    cap = tl.load(params_ptr + 3)
+    weight_sum = tl.load(params_ptr + 4)
+    return scale, eps, lam, cap, weight_sum, 1.0 - eps, eps / num_classes
 
 
 @triton.jit
