@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernel_spy import KernelSpy
 from softxent import _reference, gpu
 from softxent._options import CrossEntropyOptions
 from softxent.gpu import launch
@@ -322,24 +323,10 @@ def test_the_host_selects_the_per_lane_sweep_for_rows_of_several_tiles():
     assert per_lane_sweep(LONG, 4) and per_lane_sweep(LONG, 8)
 
 
-class _Spy:
-    """Stands for a Triton kernel: records the constexprs of each launch, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch_(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch_
-
-
 def test_the_kernels_are_launched_per_lane_for_a_row_of_several_tiles(monkeypatch):
-    ce = _Spy(triton_ce.cross_entropy_kernel)
-    sm = _Spy(triton_softmax.softmax_forward_kernel)
-    lse = _Spy(triton_softmax.logsumexp_forward_kernel)
+    ce = KernelSpy(triton_ce.cross_entropy_kernel)
+    sm = KernelSpy(triton_softmax.softmax_forward_kernel)
+    lse = KernelSpy(triton_softmax.logsumexp_forward_kernel)
     monkeypatch.setattr(triton_ce, "cross_entropy_kernel", ce)
     monkeypatch.setattr(triton_softmax, "softmax_forward_kernel", sm)
     monkeypatch.setattr(triton_softmax, "logsumexp_forward_kernel", lse)

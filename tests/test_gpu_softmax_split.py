@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernel_spy import KernelSpy
 from softxent import gpu
 from softxent.gpu import launch
 from softxent.gpu.launch import MAX_BLOCK
@@ -30,25 +31,11 @@ DTYPES = list(TOL)
 BACKWARD_ATOL = 0.05
 
 
-class _Spy:
-    """Stands for a Triton kernel: records the constexprs of each launch, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch_(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch_
-
-
 @pytest.fixture
 def spies(monkeypatch):
     """(forward, backward) spies in place of the split kernels."""
-    forward = _Spy(split_sm.split_softmax_kernel)
-    backward = _Spy(split_sm.split_softmax_backward_kernel)
+    forward = KernelSpy(split_sm.split_softmax_kernel)
+    backward = KernelSpy(split_sm.split_softmax_backward_kernel)
     monkeypatch.setattr(split_sm, "split_softmax_kernel", forward)
     monkeypatch.setattr(split_sm, "split_softmax_backward_kernel", backward)
     return forward, backward

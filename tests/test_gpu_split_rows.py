@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_spy import KernelSpy
 from softxent import _reference, gpu
 from softxent._options import CrossEntropyOptions
 from softxent.gpu.launch import MAX_BLOCK
@@ -127,21 +128,9 @@ def test_which_rows_are_split():
     assert split_rows.split_of(300, 4, slice_size=64) == (5, 64)
 
 
-class _Spy:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch_(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch_
-
-
 def test_rows_that_are_not_split_go_to_the_row_kernel(monkeypatch):
     """Short rows and rows whose classes are not contiguous: the row kernel, the same answer."""
-    spy = _Spy(split_rows.split_cross_entropy_kernel)
+    spy = KernelSpy(split_rows.split_cross_entropy_kernel)
     monkeypatch.setattr(split_rows, "split_cross_entropy_kernel", spy)
     opts = CrossEntropyOptions()
     z = torch.randn(3, 50, device=DEVICE)
@@ -166,7 +155,7 @@ def test_public_cross_entropy_splits_rows_when_asked(how, monkeypatch, triton_ba
     import softxent.torch as sxt
 
     monkeypatch.setattr(split_rows.launch, "MAX_BLOCK", {2: 64, 4: 64, 8: 64})
-    spy = _Spy(split_rows.split_cross_entropy_kernel)
+    spy = KernelSpy(split_rows.split_cross_entropy_kernel)
     monkeypatch.setattr(split_rows, "split_cross_entropy_kernel", spy)
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(6, 300, generator=gen).to(DEVICE).requires_grad_()
