@@ -7,7 +7,7 @@
 # Works on a machine with torch, Triton, NumPy and Numba but neither softxent nor the peers
 # installed: softxent runs from this tree (PYTHONPATH=src); the peers' wheels are taken from
 # $WHEELS, else .wheels/, else ../shared/wheels/, and installed into a temporary folder.
-# Writes OUT_DIR/{versions.txt, pytest-gpu.txt, ce-*.{json,md}, lce-*.{json,md}, summary.md}.
+# Writes OUT_DIR/{versions.txt, pytest-gpu.txt, {ce,lce,distill}-*.{json,md}, softmax.md, summary.md}.
 # Under 5 minutes on one H100 (the CUDA tests' quick tier included).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
@@ -68,6 +68,8 @@ bench ce-fp32 --suite ce --dtype float32 --shape 4096x32000 --reps 3
 bench lce-bf16 --suite lce --dtype bfloat16 --shape 8192x4096x128256 --reps 3
 bench lce-fp32 --suite lce --dtype float32 --shape 4096x1024x32000 --reps 3
 bench distill-bf16 --suite distill --dtype bfloat16 --shape 4096x4096x128256 --reps 3
+timeout 120 python3 benchmarks/softmax_cuda.py "$out/softmax.md" > "$out/softmax.log" 2>&1 \
+  || echo "softmax timing failed: see softmax.log" | tee -a "$out/summary.md"
 {
   echo "# softxent GPU run"; echo; echo '```'; cat "$out/versions.txt"; echo '```'
   echo; echo "## forward+backward: ms, × copy (CE) or × the GEMM floor (linear + CE: three GEMMs; distillation: four)"; echo
@@ -88,6 +90,8 @@ for name in ("ce-bf16", "ce-fp32", "lce-bf16", "lce-fp32", "distill-bf16"):
             print(f"| | {r['contender']} | {r['ms']:.2f} | {ratio} |")
         print()
 PY
+  echo; echo "## softmax / log_softmax forward+backward (× two copies)"; echo
+  cat "$out/softmax.md" 2>/dev/null
   for f in ce-bf16 ce-fp32 lce-bf16 lce-fp32 distill-bf16; do echo; echo "## $f"; echo; cat "$out/$f.md"; done
 } >> "$out/summary.md"
 echo "wrote $out/summary.md"
