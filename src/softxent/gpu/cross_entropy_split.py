@@ -47,6 +47,7 @@ from .cross_entropy import cross_entropy_rows as row_kernel_rows
 from .cross_entropy import ignore_value, launch_arguments
 from .cross_entropy_math import float_options, gradient_tile, row_loss, row_targets, store_row_results, target_tile
 from .row_math import lane_argmax, lane_dot_reduce, lane_reduce, load_tile, tanh
+from .split_sync import take_slice, wait_for_row
 
 #: most programs a row is split over (all of a row's programs must be resident at once)
 MAX_SPLIT = 16
@@ -93,15 +94,9 @@ def split_cross_entropy_kernel(
     ``part_ptr`` (num_rows, SPLIT, 4) in the compute type and ``part_index_ptr`` (num_rows,
     SPLIT, 2) int32 (statistics only) hold the partials; ``sync_ptr`` int32 (1 + num_rows,
     zeros) the ticket counter and each row's arrivals (``PHASE`` 0 only)."""
-    ticket = tl.program_id(0)
-    if PHASE == 0:
-        ticket = tl.atomic_add(sync_ptr, 1)  # the order programs start in, not their id
-    row = ticket // SPLIT
-    part = ticket % SPLIT
-    rows = row.to(tl.int64) + tl.arange(0, 1)  # (1,): the shapes of the row kernels' helpers
+    rows, row, part, c = take_slice(sync_ptr, PHASE, SPLIT, SLICE)
     row_ok = rows < num_rows
     first_part = (tl.zeros([1], tl.int32) + part) == 0  # (1,): program 0 of its row
-    c = (part * SLICE + tl.arange(0, SLICE))[None, :]
     in_row = c < num_classes
     scale_value, eps, lam, cap, weight_sum, keep, uniform = float_options(params_ptr, num_classes)
     t, active, bad, safe_t, fetch = row_targets(t_ptr, rows, row_ok, num_classes, ignore_index, HAS_PROB)
@@ -137,12 +132,7 @@ def split_cross_entropy_kernel(
             tl.store(indices + 0, tl.where(m_i == float("-inf"), first_col, arg_i))
             tl.store(indices + 1, tl.min(tl.where(z != z, c, num_classes), axis=1))
     if PHASE == 0:  # 2. wait for the row's other programs
-        arrivals = sync_ptr + 1 + row
-        tl.debug_barrier()  # every thread's partials stored before the release
-        tl.atomic_add(arrivals, 1, sem="release", scope="gpu")
-        while tl.atomic_add(arrivals, 0, sem="acquire", scope="gpu") < SPLIT:
-            pass
-        tl.debug_barrier()
+        wait_for_row(sync_ptr, row, SPLIT)
     if PHASE != 1:  # 3. combine, the loss (program 0), the gradient of the slice
         if PHASE == 2:
             z, th = load_tile(z_row + c, mask, cap, ACC, HAS_CAP, "")

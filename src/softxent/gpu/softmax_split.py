@@ -57,36 +57,10 @@ from . import softmax as row_kernels
 from .cross_entropy_split import split_of
 from .launch import compute_type
 from .row_math import lane_reduce, load_tile, normalizer
+from .split_sync import take_slice, wait_for_row
 
 #: numbers of the partial statistics a forward program stores: m_i, s_i
 PARTIAL = 2
-
-
-@triton.jit
-def _ticket(sync_ptr, PHASE: tl.constexpr, SPLIT: tl.constexpr, SLICE: tl.constexpr):
-    """(rows (1,) int64, row, part, columns (1, SLICE)) of this program's slice — ticket
-    row·SPLIT + part: taken in start order on CUDA (``PHASE`` 0), the program id under the
-    interpreter."""
-    ticket = tl.program_id(0)
-    if PHASE == 0:
-        ticket = tl.atomic_add(sync_ptr, 1)  # the order programs start in, not their id
-    row = ticket // SPLIT
-    part = ticket % SPLIT
-    rows = row.to(tl.int64) + tl.arange(0, 1)  # (1,): the shapes of the row kernels' helpers
-    c = (part * SLICE + tl.arange(0, SLICE))[None, :]
-    return rows, row, part, c
-
-
-@triton.jit
-def _wait_for_row(sync_ptr, row, SPLIT: tl.constexpr):
-    """Publish this program's partials (stored before) and wait until the row's SPLIT programs
-    have published theirs: a release increment of the row's counter, acquire reads until SPLIT."""
-    arrivals = sync_ptr + 1 + row
-    tl.debug_barrier()  # every thread's partials stored before the release
-    tl.atomic_add(arrivals, 1, sem="release", scope="gpu")
-    while tl.atomic_add(arrivals, 0, sem="acquire", scope="gpu") < SPLIT:
-        pass
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -110,7 +84,7 @@ def split_softmax_kernel(
     r·SPLIT + part): see the module docstring.  ``part_ptr`` (num_rows, SPLIT, 2) in the compute
     type holds the partials (m_i, s_i); ``sync_ptr`` int32 (1 + num_rows, zeros) the ticket
     counter and each row's arrivals (``PHASE`` 0 only)."""
-    rows, row, part, c = _ticket(sync_ptr, PHASE, SPLIT, SLICE)
+    rows, row, part, c = take_slice(sync_ptr, PHASE, SPLIT, SLICE)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (c < num_classes)
     z_row = z_ptr + rows[:, None] * z_stride
@@ -123,7 +97,7 @@ def split_softmax_kernel(
         tl.store(partials + 0, m_i, mask=row_ok)
         tl.store(partials + 1, tl.sum(tl.exp(z - ref_i[:, None]), axis=1), mask=row_ok)
     if PHASE == 0:  # 2. wait for the row's other programs
-        _wait_for_row(sync_ptr, row, SPLIT)
+        wait_for_row(sync_ptr, row, SPLIT)
     if PHASE != 1:  # 3. combine, write the slice
         if PHASE == 2:
             z, _ = load_tile(z_row + c, mask, 0.0, ACC, False, "")
@@ -160,7 +134,7 @@ def split_softmax_backward_kernel(
     """∂z of slice ``part`` of row ``row`` from the forward output y (p, or log p with ``LOG``)
     and g: see the module docstring.  ``part_ptr`` (num_rows, SPLIT) in the compute type holds
     the partial sums T_i; ``sync_ptr`` as :func:`split_softmax_kernel`'s."""
-    rows, row, part, c = _ticket(sync_ptr, PHASE, SPLIT, SLICE)
+    rows, row, part, c = take_slice(sync_ptr, PHASE, SPLIT, SLICE)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (c < num_classes)
     y_row = y_ptr + rows[:, None] * y_stride
@@ -177,7 +151,7 @@ def split_softmax_backward_kernel(
             y = tl.load(y_row + c, mask=mask, other=0.0).to(ACC)
             tl.store(part_ptr + rows * SPLIT + part, tl.sum(g * y, axis=1), mask=row_ok)
     if PHASE == 0:  # 2. wait for the row's other programs
-        _wait_for_row(sync_ptr, row, SPLIT)
+        wait_for_row(sync_ptr, row, SPLIT)
     if PHASE != 1:  # 3. T = Σ_i T_i, write the slice
         if PHASE == 2:
             g = tl.load(g_row + c, mask=mask, other=0.0).to(ACC)
