@@ -112,8 +112,9 @@ def test_ignored_and_out_of_range_targets_and_empty_input():
     want = F.cross_entropy(z[[0, 4]].double(), target[[0, 4]], reduction="none")
     torch.testing.assert_close(loss[[0, 4]].double(), want, rtol=1e-6, atol=1e-6)
     empty = split_rows.cross_entropy_rows(
-        torch.empty(0, 300, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE), None, opts, None, None
-    )
+        torch.empty(0, 300, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE), None, opts, 1.0,
+        torch.empty(0, 300, device=DEVICE), None, 64,
+    )  # fmt: skip
     assert empty.shape == (0,)
 
 
@@ -146,8 +147,34 @@ def test_rows_that_are_not_split_go_to_the_row_kernel(monkeypatch):
     assert [k["PHASE"] for k in spy.launches] == ([0] if DEVICE == "cuda" else [1, 2])
 
 
+def test_no_split_where_the_programs_of_a_row_may_not_all_be_resident(monkeypatch):
+    """A device with fewer than RESIDENCY_MARGIN·SPLIT multiprocessors (a MIG slice, an MPS
+    share, a small GPU) gets the row kernel: a row whose programs cannot all run at once would
+    wait for ever."""
+    from softxent.gpu import split_sync
+
+    monkeypatch.setattr(split_sync, "_multiprocessors", lambda index: 14)
+    cuda = torch.device("cuda", 0)
+    assert split_sync.enough_multiprocessors(3, cuda) and not split_sync.enough_multiprocessors(4, cuda)
+    assert split_sync.enough_multiprocessors(16, torch.device("cpu"))
+    spy = KernelSpy(split_rows.split_cross_entropy_kernel)
+    monkeypatch.setattr(split_rows, "split_cross_entropy_kernel", spy)
+    monkeypatch.setattr(split_sync, "enough_multiprocessors", lambda split, device: split <= 4)
+    z = torch.randn(2, 300, device=DEVICE)
+    t = torch.tensor([3, 299], device=DEVICE)
+    want = F.cross_entropy(z, t, reduction="none")
+    torch.testing.assert_close(
+        split_rows.cross_entropy_rows(z, t, None, CrossEntropyOptions(), None, None, None, 64), want
+    )
+    assert spy.launches == []  # 5 slices: the row kernel
+    torch.testing.assert_close(
+        split_rows.cross_entropy_rows(z, t, None, CrossEntropyOptions(), None, None, None, 128), want
+    )
+    assert [k["SPLIT"] for k in spy.launches][:1] == [3]
+
+
 @pytest.mark.parametrize("how", ["environment", "context"])
-def test_public_cross_entropy_splits_rows_when_asked(how, monkeypatch, triton_backend):
+def test_public_cross_entropy_splits_rows_when_asked(how, monkeypatch, triton_backend, request):
     """``SOFTXENT_SPLIT_ROWS=1`` or :func:`backends.splitting_rows`: sxt.cross_entropy of rows of
     several tiles runs the split kernel, forward and backward as PyTorch; not by default."""
     import contextlib
@@ -155,6 +182,10 @@ def test_public_cross_entropy_splits_rows_when_asked(how, monkeypatch, triton_ba
     import softxent.torch as sxt
 
     monkeypatch.setattr(split_rows.launch, "MAX_BLOCK", {2: 64, 4: 64, 8: 64})
+    split_rows.launch.row_config.cache_clear()  # the row kernel's tiles follow MAX_BLOCK, and back after
+    split_rows.launch.per_lane_sweep.cache_clear()
+    request.addfinalizer(split_rows.launch.row_config.cache_clear)
+    request.addfinalizer(split_rows.launch.per_lane_sweep.cache_clear)
     spy = KernelSpy(split_rows.split_cross_entropy_kernel)
     monkeypatch.setattr(split_rows, "split_cross_entropy_kernel", spy)
     gen = torch.Generator().manual_seed(5)
@@ -187,10 +218,19 @@ def test_many_rows_on_cuda_all_finish_and_match_the_row_kernel():
     t = torch.randint(0, 128256, (8192,), device="cuda")
     opts = CrossEntropyOptions()
     grad_split, grad_rows = torch.empty_like(z), torch.empty_like(z)
-    loss_split = split_rows.cross_entropy_rows(z, t, None, opts, 1.0 / 8192, grad_split)
+    # scale 1: every gradient entry (p_j ≈ 1e-5) is compared, not only the target's — a program
+    # that combined stale or unpublished partials would show in its slice of the gradient
+    loss_split = split_rows.cross_entropy_rows(z, t, None, opts, 1.0, grad_split)
     from softxent.gpu import cross_entropy
 
-    loss_rows = cross_entropy.cross_entropy_rows(z, t, None, opts, 1.0 / 8192, grad_rows)
+    loss_rows = cross_entropy.cross_entropy_rows(z, t, None, opts, 1.0, grad_rows)
     torch.cuda.synchronize()
     torch.testing.assert_close(loss_split, loss_rows, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_split.float(), grad_rows.float(), rtol=1.6e-2, atol=1e-6)
+    rows = torch.arange(8192, device="cuda")
+    ours, theirs = grad_split.float(), grad_rows.float()
+    torch.testing.assert_close(ours[rows, t], theirs[rows, t], rtol=0, atol=8e-3)  # p_t − 1, to bf16's ulp at 1
+    ours[rows, t] = 0
+    theirs[rows, t] = 0
+    torch.testing.assert_close(ours, theirs, rtol=1.6e-2, atol=1e-12)  # every p_j (≈ 1e-5), to one bf16 ulp
+    # g = p − onehot: each row sums to Σp − 1 = 0 (a program with a wrong normalizer breaks this)
+    torch.testing.assert_close(grad_split.float().sum(dim=1), torch.zeros(8192, device="cuda"), rtol=0, atol=2e-2)

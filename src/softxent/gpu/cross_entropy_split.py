@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
+from . import launch, split_sync
 from .cross_entropy import cross_entropy_rows as row_kernel_rows
 from .cross_entropy import ignore_value, launch_arguments
 from .cross_entropy_math import float_options, gradient_tile, row_loss, row_targets, store_row_results, target_tile
@@ -218,7 +218,10 @@ def cross_entropy_rows(
     not split go to the row kernel.  ``slice_size`` (a power of 2) overrides the slice (tests)."""
     split = split_of(logits.shape[-1], logits.element_size(), slice_size) if logits.dim() == 2 else None
     contiguous = logits.stride(-1) == 1 and (grad_out is None or grad_out.stride(-1) == 1)
-    if split is None or not contiguous or logits.shape[0] * split[0] >= 2**31:
+    too_many = split is not None and (
+        logits.shape[0] * split[0] >= 2**31 or not split_sync.enough_multiprocessors(split[0], logits.device)
+    )
+    if split is None or not contiguous or too_many:
         return row_kernel_rows(logits, target, weight, opts, scale, grad_out, stats)
     with launch.on_device_of(logits):
         return _split_rows(logits, target, weight, opts, scale, grad_out, stats, *split)

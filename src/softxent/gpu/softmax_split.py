@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
+from . import launch, split_sync
 from . import softmax as row_kernels
 from .cross_entropy_split import split_of
 from .launch import compute_type
@@ -173,7 +173,7 @@ def _split(x: torch.Tensor, slice_size: int | None) -> tuple[int, int] | None:
     if x.dim() != 2 or x.shape[0] == 0 or x.stride(-1) != 1:
         return None
     split = split_of(x.shape[1], x.element_size(), slice_size)
-    if split is None or x.shape[0] * split[0] >= 2**31:
+    if split is None or x.shape[0] * split[0] >= 2**31 or not split_sync.enough_multiprocessors(split[0], x.device):
         return None
     return split
 

@@ -11,6 +11,7 @@ SPLIT programs have stored theirs, then combines them and writes its slice from 
   programs that get a slot as soon as any finished row frees one: no deadlock while SPLIT
   programs fit on the device at once, whatever other kernels occupy.  Under Triton's
   interpreter (``PHASE`` 1 and 2: two launches, programs run one after the other) the program id.
+* :func:`enough_multiprocessors` (host) — whether a device can hold the programs of a row at once.
 * :func:`wait_for_row` — a barrier of the row's programs: every thread's stores made before a
   release increment of the row's counter, then acquire reads of it until it reaches SPLIT (the
   partials are then read with volatile loads, past the incoherent L1).
@@ -18,8 +19,31 @@ SPLIT programs have stored theirs, then combines them and writes its slice from 
 
 from __future__ import annotations
 
+from functools import cache
+
+import torch
 import triton
 import triton.language as tl
+
+#: a split launch runs only on a device with this many multiprocessors per program of a row
+#: (a program of the largest slice fills an SM): room for other kernels and a concurrent split launch
+RESIDENCY_MARGIN = 4
+
+
+@cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def enough_multiprocessors(split: int, device: torch.device) -> bool:
+    """Whether rows split over ``split`` programs may run on ``device``: its multiprocessors
+    number at least RESIDENCY_MARGIN·split (a MIG slice, an MPS share or a small GPU may hold
+    fewer, and a row whose programs cannot all be resident would wait for ever).  True off CUDA
+    (the interpreter runs two launches, no program waits)."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index) >= RESIDENCY_MARGIN * split
 
 
 @triton.jit

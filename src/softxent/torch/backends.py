@@ -223,7 +223,9 @@ _SPLIT_ROWS: list[bool] = []
 def splitting_rows(enabled: bool = True):
     """Within the block, Triton's cross-entropy, softmax and log_softmax split long rows over
     programs (``enabled``) or do not, whatever ``SOFTXENT_SPLIT_ROWS`` says (``softxent bench``
-    times the cross-entropy both ways); a backward follows the setting of the moment it runs."""
+    times the cross-entropy both ways); a backward follows the setting of the moment it runs.  The
+    setting is process-wide — the autograd engine's threads see it — so blocks on several threads
+    at once must agree."""
     _SPLIT_ROWS.append(enabled)
     try:
         yield
