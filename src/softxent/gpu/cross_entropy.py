@@ -134,7 +134,6 @@ def cross_entropy_kernel(
     else:
         out = rows
     cols = tl.arange(0, BLOCK)
-    # the float options travel in a tensor of the compute type (a float argument would be float32)
     # the float options travel in a tensor of the compute type (a float argument would be float32);
     # read here rather than through cross_entropy_math.float_options / row_targets (the split
     # kernel's): in this order ptxas allocates the class-major variants without a spill

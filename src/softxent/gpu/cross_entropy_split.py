@@ -113,16 +113,17 @@ def split_cross_entropy_kernel(
             z_t = cap * tanh(z_t * (1.0 / cap))
     partials = part_ptr + (rows * SPLIT + part) * 4
     indices = part_index_ptr + (rows * SPLIT + part) * 2
-    y = tl.zeros([1, SLICE], ACC)
-    z = tl.zeros([1, SLICE], ACC)
-    th = tl.zeros([1, SLICE], ACC)
+    # the slice, read once (again in the interpreter's second launch) and kept until its gradient is written
+    z, th = load_tile(z_row + c, mask, cap, ACC, HAS_CAP, "")
+    y = z  # stands for "no target tile" (plain class indices)
+    if (HAS_PROB or HAS_SMOOTH) and PHASE == 2:
+        y = target_tile(q_row + c, w_ptr + c, mask, keep, uniform, ACC, HAS_PROB, HAS_WEIGHT, "")
     if PHASE != 2:  # 1. the slice's partial statistics
-        z, th = load_tile(z_row + c, mask, cap, ACC, HAS_CAP, "")
         m_i = tl.max(tl.where(z == z, z, float("-inf")), axis=1)  # NaN ignored: e^{NaN} makes s_i NaN
         ref_i = tl.where(m_i == float("-inf"), 0.0, m_i)
         tl.store(partials + 0, m_i)
         tl.store(partials + 1, tl.sum(tl.exp(z - ref_i[:, None]), axis=1))
-        if HAS_PROB or HAS_SMOOTH:
+        if HAS_PROB or HAS_SMOOTH:  # y read after the max and the sum: fewer registers live (no spill)
             y = target_tile(q_row + c, w_ptr + c, mask, keep, uniform, ACC, HAS_PROB, HAS_WEIGHT, "")
             tl.store(partials + 2, tl.sum(tl.where(mask, y * (z - ref_i[:, None]), 0.0), axis=1))
             tl.store(partials + 3, tl.sum(y, axis=1))
@@ -134,10 +135,6 @@ def split_cross_entropy_kernel(
     if PHASE == 0:  # 2. wait for the row's other programs
         wait_for_row(sync_ptr, row, SPLIT)
     if PHASE != 1:  # 3. combine, the loss (program 0), the gradient of the slice
-        if PHASE == 2:
-            z, th = load_tile(z_row + c, mask, cap, ACC, HAS_CAP, "")
-            if HAS_PROB or HAS_SMOOTH:
-                y = target_tile(q_row + c, w_ptr + c, mask, keep, uniform, ACC, HAS_PROB, HAS_WEIGHT, "")
         p = tl.arange(0, PARTS)[None, :]
         have = p < SPLIT
         every = part_ptr + (rows[:, None] * SPLIT + p) * 4
