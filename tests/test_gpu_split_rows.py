@@ -234,3 +234,49 @@ def test_many_rows_on_cuda_all_finish_and_match_the_row_kernel():
     torch.testing.assert_close(ours, theirs, rtol=1.6e-2, atol=1e-12)  # every p_j (≈ 1e-5), to one bf16 ulp
     # g = p − onehot: each row sums to Σp − 1 = 0 (a program with a wrong normalizer breaks this)
     torch.testing.assert_close(grad_split.float().sum(dim=1), torch.zeros(8192, device="cuda"), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e8, 3e38])
+def test_precision_does_not_depend_on_the_logits_magnitude(magnitude):
+    """Relative to the row max across slices: two maxima M in different slices give log 2 (the
+    rest at −M), a row of only −M gives log C — at 1e4 as at 3e38."""
+    z = torch.full((2, 300), -magnitude, device=DEVICE)
+    z[0, [5, 250]] = magnitude
+    target = torch.tensor([5, 7], device=DEVICE)
+    grad = torch.empty_like(z)
+    loss = split_rows.cross_entropy_rows(z, target, None, CrossEntropyOptions(), 1.0, grad, None, 64)
+    torch.testing.assert_close(loss.cpu(), torch.tensor([np.log(2.0), np.log(300.0)], dtype=torch.float32))
+    want = torch.zeros(2, 300)
+    want[0, [5, 250]] = 0.5
+    want[0, 5] -= 1.0
+    want[1] = 1.0 / 300
+    want[1, 7] -= 1.0
+    torch.testing.assert_close(grad.cpu(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_gradcheck_and_a_retained_graph_through_the_split_kernel(monkeypatch, triton_backend, request):
+    """float64 finite differences of sxt.cross_entropy with every option on the split kernel, and
+    a second backward through a retained graph adding the gradient once more."""
+    import softxent.torch as sxt
+
+    monkeypatch.setattr(split_rows.launch, "MAX_BLOCK", {2: 64, 4: 64, 8: 64})
+    split_rows.launch.row_config.cache_clear()
+    split_rows.launch.per_lane_sweep.cache_clear()
+    request.addfinalizer(split_rows.launch.row_config.cache_clear)
+    request.addfinalizer(split_rows.launch.per_lane_sweep.cache_clear)
+    spy = KernelSpy(split_rows.split_cross_entropy_kernel)
+    monkeypatch.setattr(split_rows, "split_cross_entropy_kernel", spy)
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(3, 150, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    t = torch.tensor([0, 77, 149], device=DEVICE)
+    w = (torch.rand(150, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+    with backends.splitting_rows():
+        # fast mode (a random direction): each full evaluation is two interpreter launches
+        assert torch.autograd.gradcheck(lambda x: sxt.cross_entropy(x, t, **kw), (z,), fast_mode=True)
+        loss = sxt.cross_entropy(z, t, **kw)
+        (once,) = torch.autograd.grad(loss, z, retain_graph=True)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert spy.launches and all(k["SPLIT"] == 3 for k in spy.launches)
+    torch.testing.assert_close(z.grad, 2 * once)
