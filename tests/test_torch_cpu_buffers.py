@@ -68,3 +68,28 @@ def test_training_steps_reuse_one_gradient_buffer_and_stay_correct():
     x.grad = None
     sxt.cross_entropy(x, t).backward()
     assert cpu_buffers.cached_bytes() <= (cpu_buffers.MAX_FREE_BUFFERS + 1) * x.numel() * 4
+
+
+def test_trimming_past_a_buffer_in_use_keeps_it_and_drops_the_oldest_free_ones():
+    # one buffer in use ahead of more than MAX_FREE_BUFFERS free ones: trimming must not compare arrays by value
+    held = cpu_buffers.empty(SHAPE, torch.float32)
+    held_ptr = held.data_ptr()
+    rows = SHAPE[0]
+    for _ in range(cpu_buffers.MAX_FREE_BUFFERS + 3):
+        rows = rows * 2 + 1  # each request more than twice the last: no free buffer fits it
+        cpu_buffers.empty((rows, SHAPE[1] // 8), torch.float32)
+    assert held.data_ptr() == held_ptr
+    held.fill_(1.0)
+    # kept: the buffer in use, MAX_FREE_BUFFERS free ones and the last one handed out (free once its tensor died)
+    assert len(cpu_buffers._buffers) == cpu_buffers.MAX_FREE_BUFFERS + 2
+    assert cpu_buffers.cached_bytes() > held.numel() * 4
+
+
+def test_linear_cross_entropy_with_growing_batches_and_a_kept_weight_gradient():
+    V, D = 65536, 64
+    w = torch.randn(V, D, requires_grad=True)
+    for n in range(64, 72):
+        x = torch.randn(n, D, requires_grad=True)
+        t = torch.randint(0, V, (n,))
+        sxt.linear_cross_entropy(x, w, t, chunk_size=n).backward()
+    assert torch.isfinite(w.grad).all()

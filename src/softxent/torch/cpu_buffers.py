@@ -40,10 +40,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < MIN_CACHED_BYTES:
         return torch.empty(shape, dtype=dtype)
     with _lock:
-        chosen = None
-        for arr in _buffers:
-            if nbytes <= arr.nbytes <= 2 * nbytes and _is_free(arr) and (chosen is None or arr.nbytes < chosen.nbytes):
-                chosen = arr
+        chosen = _smallest_free(nbytes)
         if chosen is None:
             chosen = np.empty(nbytes, np.uint8)
             _buffers.append(chosen)
@@ -52,10 +49,22 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(view).view(dtype).view(shape)
 
 
+def _smallest_free(nbytes: int) -> np.ndarray | None:
+    # a function of its own, so that no loop variable outlives the search and holds a buffer
+    chosen = None
+    for arr in _buffers:
+        if nbytes <= arr.nbytes <= 2 * nbytes and _is_free(arr) and (chosen is None or arr.nbytes < chosen.nbytes):
+            chosen = arr
+    return chosen
+
+
 def _trim() -> None:
+    # drop the oldest free buffers beyond MAX_FREE_BUFFERS; buffers are told apart by
+    # identity (list.remove would compare arrays with ==, which NumPy broadcasts)
     free = [arr for arr in _buffers if _is_free(arr)]
-    for arr in free[: max(0, len(free) - MAX_FREE_BUFFERS)]:
-        _buffers.remove(arr)
+    dropped = {id(arr) for arr in free[: max(0, len(free) - MAX_FREE_BUFFERS)]}
+    del free
+    _buffers[:] = [arr for arr in _buffers if id(arr) not in dropped]
 
 
 def empty_cache() -> None:
