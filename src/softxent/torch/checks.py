@@ -10,7 +10,7 @@ from torch.autograd import forward_ad
 
 from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from .._options import CrossEntropyOptions
-from .._validate import check_weight_shape, target_is_index
+from .._validate import check_target_range, check_weight_shape, target_is_index
 
 
 def check_input(input: Tensor, name: str = "input") -> None:
@@ -55,6 +55,21 @@ def check_target(
     return is_index
 
 
+def unwrapped(t: Tensor) -> Tensor:
+    """The plain tensor under ``torch.func`` wrappers (vmap's batched tensors, grad's wrappers), whose
+    values a check can read on the host — ``bool()`` of a batched tensor is an error under vmap."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def check_index_range(target: Tensor, num_classes: int, ignore_index: int | None) -> None:
+    """:func:`softxent._validate.check_target_range` of class indices, also under ``torch.vmap``
+    (the values of every batch entry are checked at once)."""
+    check_target_range(unwrapped(target), num_classes, ignore_index)
+
+
 def class_indices(target: Tensor, num_classes: int) -> Tensor:
     """``target`` as int64, refusing uint64 values ≥ 2⁶³ that the conversion would wrap
     (2⁶⁴ − 100 would silently become ignore_index −100)."""
@@ -62,8 +77,9 @@ def class_indices(target: Tensor, num_classes: int) -> Tensor:
         return target
     if target.dtype == torch.uint64:
         bits = target.view(torch.int64)
-        if bool((bits < 0).any()):
-            first = int(bits[bits < 0][0]) + 2**64
+        plain = unwrapped(bits)
+        if bool((plain < 0).any()):
+            first = int(plain[plain < 0][0]) + 2**64
             raise TargetIndexError(
                 f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
             )

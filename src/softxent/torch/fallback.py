@@ -142,14 +142,20 @@ def _valid_rows(target: torch.Tensor, opts: CrossEntropyOptions, is_index: bool)
     return target != opts.ignore_index
 
 
-def row_stats(z: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, stats, rows) -> None:
-    """Write the reported lse (±inf where the row max is, as ``torch.logsumexp``) and the
-    first argmax of the (capped) rows ``z`` into ``stats[0][rows]``, ``stats[1][rows]``;
-    ignored rows get 0 and −1."""
+def reported_stats(z: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, argmax) (B,) as reported for the (capped) rows ``z`` (B, C) of lse ``lse``: ±inf
+    where the row max is, as ``torch.logsumexp``, and the first argmax; ignored rows (not
+    ``valid``) get 0 and −1.  Out of place, so that it also runs under ``torch.vmap``."""
     m = z.amax(dim=1)
     lse = torch.where(torch.isinf(m), m, lse)
-    stats[0][rows] = torch.where(valid, lse, 0.0).to(stats[0].dtype)
-    stats[1][rows] = torch.where(valid, z.argmax(dim=1), -1)
+    return torch.where(valid, lse, 0.0), torch.where(valid, z.argmax(dim=1), -1)
+
+
+def row_stats(z: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, stats, rows) -> None:
+    """Write :func:`reported_stats` of the rows ``z`` into ``stats[0][rows]``, ``stats[1][rows]``."""
+    lse, argmax = reported_stats(z, lse, valid)
+    stats[0][rows] = lse.to(stats[0].dtype)
+    stats[1][rows] = argmax
 
 
 def composite_cross_entropy(

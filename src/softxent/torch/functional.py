@@ -15,11 +15,18 @@ from torch import Tensor
 
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions, make_options
-from .._validate import check_target_range, normalize_axis
+from .._validate import normalize_axis
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
 from . import fallback, ops, training
 from .backends import backend_for
-from .checks import autocast_enabled, check_input, check_target, class_indices, composite_needed
+from .checks import (
+    autocast_enabled,
+    check_index_range,
+    check_input,
+    check_target,
+    class_indices,
+    composite_needed,
+)
 from .saved_gradient import scale_saved_gradient
 
 
@@ -176,7 +183,7 @@ def _composite_loss(call: _Layout, return_stats: bool):
     rows = _to_rows(input, class_dim) if input.dim() > 1 else input.reshape(1, num_classes)
     target_rows = class_indices(target.reshape(-1), num_classes) if call.is_index else _to_rows(target, class_dim)
     if call.is_index:
-        check_target_range(target_rows, num_classes, opts.ignore_index)
+        check_index_range(target_rows, num_classes, opts.ignore_index)
     loss = fallback.composite_cross_entropy(rows, target_rows, call.weight, opts)
     return loss, training.row_stats(rows, opts, target_rows) if return_stats else None
 
@@ -257,7 +264,7 @@ def _no_class_loss(input: Tensor, target: Tensor, is_index: bool, class_dim: int
     probability-target mean divides by numel/C = 0/0 (NaN); class indices must all be ignored
     (then the empty mean is 0.0, softxent's rule)."""
     if is_index:
-        check_target_range(target.reshape(-1), 0, opts.ignore_index)
+        check_index_range(target.reshape(-1), 0, opts.ignore_index)
         per_sample = (input * 0).sum(class_dim)
     else:
         per_sample = -(input * target).sum(class_dim)

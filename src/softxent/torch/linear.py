@@ -32,7 +32,15 @@ from .._options import CrossEntropyOptions, make_options
 from .._validate import check_linear_shapes, check_target_range
 from . import fallback, ops, training
 from .backends import backend_for
-from .checks import autocast_enabled, check_input, check_same_device, check_target, class_indices, composite_needed
+from .checks import (
+    autocast_enabled,
+    check_index_range,
+    check_input,
+    check_same_device,
+    check_target,
+    class_indices,
+    composite_needed,
+)
 from .checks import matmul_dtype as matmul_dtype_of
 from .functional import cross_entropy
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
@@ -377,8 +385,8 @@ def linear_cross_entropy(
     target_rows = class_indices(target.reshape(-1), num_classes) if is_index else target.reshape(-1, num_classes)
     layer = (hidden, linear_weight, linear_bias)
     if composite_needed(input, linear_weight, linear_bias, target):  # torch.func, forward AD: plain ops
-        loss, stats = _composite_loss(layer, target_rows, weight, opts, matmul_dtype_of(input, linear_weight))
-        stats = stats if return_stats else None
+        loss, stats = _composite_loss(layer, target_rows, weight, opts, matmul_dtype_of(input, linear_weight),
+                                      return_stats)  # fmt: skip
     else:
         loss, stats = _fused_loss(layer, target_rows, target, weight, opts, chunk, is_index, return_stats)
     if opts.reduction == "none":
@@ -410,18 +418,26 @@ def _check_layer(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | Non
     if linear_bias is not None:
         check_input(linear_bias, "linear_bias")
     num_classes = check_linear_shapes(
-        input.shape, linear_weight.shape, None if linear_bias is None else linear_bias.shape, "input", True
+        input.shape,
+        linear_weight.shape,
+        None if linear_bias is None else linear_bias.shape,
+        ("input", "linear_weight", "linear_bias"),
+        k_dimensional=True,
     )
     check_same_device(input, linear_weight=linear_weight, linear_bias=linear_bias)
     return num_classes
 
 
-def _composite_loss(layer, target_rows: Tensor, weight, opts: CrossEntropyOptions, matmul_dtype: torch.dtype):
-    """(loss, per-token (lse, argmax)) from differentiable PyTorch ops (``torch.func``, forward AD)."""
+def _composite_loss(
+    layer, target_rows: Tensor, weight, opts: CrossEntropyOptions, matmul_dtype: torch.dtype, return_stats: bool
+):
+    """(loss, per-token (lse, argmax) or None) from differentiable PyTorch ops (``torch.func``, forward AD)."""
     hidden, linear_weight, linear_bias = layer
+    if target_rows.dim() == 1:
+        check_index_range(target_rows, linear_weight.shape[0], opts.ignore_index)
     logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
     loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
-    return loss, training.row_stats(logits, opts, target_rows)
+    return loss, training.row_stats(logits, opts, target_rows) if return_stats else None
 
 
 def _fused_loss(layer, target_rows, target, weight, opts, chunk: int, is_index: bool, return_stats: bool):

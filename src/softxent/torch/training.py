@@ -9,7 +9,7 @@ from torch import Tensor
 from .._options import CrossEntropyOptions
 from .._training import CrossEntropyStats, check_shift, shifted_labels, summarize
 from . import fallback
-from .target_counts import device_loss_scale, empty_stats
+from .target_counts import device_loss_scale
 
 
 def shift_target(target: Tensor, is_index: bool, opts: CrossEntropyOptions, shift: bool) -> Tensor:
@@ -42,12 +42,11 @@ def stats_of_rows(
 
 
 def row_stats(rows: Tensor, opts: CrossEntropyOptions, target_rows: Tensor) -> tuple[Tensor, Tensor]:
-    """(lse, argmax) of rows (M, C) from PyTorch ops (the composite path, under ``torch.func``)."""
+    """(lse, argmax) of rows (M, C) from PyTorch ops, out of place (the composite path, under
+    ``torch.func`` transforms such as ``vmap``)."""
     with torch.no_grad():
         z, _ = fallback.capped_logits(rows.detach().to(fallback.compute_dtype(rows.dtype)), opts.softcap)
-        stats = empty_stats(rows, rows.shape[0])
         valid = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         if target_rows.dim() == 1 and opts.ignore_index is not None:
             valid = target_rows != opts.ignore_index
-        fallback.row_stats(z, torch.logsumexp(z, dim=1), valid, stats, slice(None))
-        return stats
+        return fallback.reported_stats(z, torch.logsumexp(z, dim=1), valid)
