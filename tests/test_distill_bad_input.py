@@ -113,3 +113,40 @@ def test_a_fused_teacher_needs_the_linear_form_and_matching_shapes():
         sxt.linear_distill_loss(
             torch.ones(2, 5, 4, dtype=torch.int64), torch.as_tensor(weight), torch.as_tensor(teacher)
         )
+
+
+def _linear_distill_calls():
+    calls = [
+        lambda h, w, t, b: sx.linear_distill_loss(h, w, t, student_bias=b),
+        lambda h, w, t, b: sxt.linear_distill_loss(
+            torch.as_tensor(h),
+            torch.as_tensor(w),
+            torch.as_tensor(t),
+            student_bias=None if b is None else torch.as_tensor(b),
+        ),
+    ]
+    try:
+        import softxent.jax as sxj
+    except ImportError:
+        return calls
+    return calls + [lambda h, w, t, b: sxj.linear_distill_loss(h, w, t, student_bias=b)]
+
+
+@pytest.mark.parametrize("backend", range(3), ids=["numpy", "torch", "jax"])
+def test_linear_distill_shape_errors_name_the_student_arguments(backend):
+    calls = _linear_distill_calls()
+    if backend >= len(calls):
+        pytest.skip("JAX is not installed")
+    call = calls[backend]
+    hidden, weight, teacher = np.ones((2, 5, 4)), np.ones((V, 4)), np.ones((2, 5, V))
+    bad = [
+        ((hidden, np.ones((V, 3)), teacher, None), "student_weight .* must have D=4"),
+        ((hidden, np.ones((V, 2, 4)), teacher, None), "student_weight must have shape"),
+        ((hidden, np.ones((0, 4)), np.ones((2, 5, 0)), None), "student_weight must have at least one class"),
+        ((hidden, weight, teacher, np.ones(V + 1)), "student_bias must have shape"),
+        ((np.ones(()), weight, teacher, None), "student_hidden must have at least one dimension"),
+    ]
+    for args, message in bad:
+        with pytest.raises(InvalidArgumentError, match=message) as raised:
+            call(*args)
+        assert "linear_" not in str(raised.value)

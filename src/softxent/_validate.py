@@ -102,36 +102,37 @@ def check_linear_shapes(
     hidden_shape: Sequence[int],
     weight_shape: Sequence[int],
     bias_shape,
-    hidden_name: str = "hidden",
+    names: Sequence[str] = ("hidden", "linear_weight", "linear_bias"),
     k_dimensional: bool = False,
 ) -> int:
-    """The layer of a fused linear + cross-entropy: hidden ``(…, D)`` (called
-    ``hidden_name`` in messages), weight ``(V, D)``, bias ``(V,)`` or None.  Returns V.
+    """The layer of a fused linear + loss: hidden ``(…, D)``, weight ``(V, D)``, bias ``(V,)`` or
+    None, called ``names`` (hidden, weight, bias) in messages.  Returns V.
 
     With ``k_dimensional`` (PyTorch's K-dimensional loss) the weight may also be
     ``(V, d1, …, dK, D)`` with a bias ``(V, d1, …, dK)``; hidden must then be ``(N, D)``.
     """
+    hidden_name, weight_name, bias_name = names
     hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
     if len(hidden_shape) == 0:
         raise InvalidArgumentError(f"{hidden_name} must have at least one dimension (the features D), got a scalar")
     if len(weight_shape) < 2 or (len(weight_shape) > 2 and not k_dimensional):
         expected = "(V, D) or (V, d1, …, dK, D)" if k_dimensional else "(V, D)"
-        raise InvalidArgumentError(f"linear_weight must have shape {expected} (classes × features), got {weight_shape}")
+        raise InvalidArgumentError(f"{weight_name} must have shape {expected} (classes × features), got {weight_shape}")
     if weight_shape[-1] != hidden_shape[-1]:
         raise InvalidArgumentError(
-            f"linear_weight {weight_shape} must have D={hidden_shape[-1]} columns, the last dimension of "
+            f"{weight_name} {weight_shape} must have D={hidden_shape[-1]} columns, the last dimension of "
             f"{hidden_name} {hidden_shape}"
         )
     if weight_shape[0] == 0:
-        raise InvalidArgumentError(f"linear_weight must have at least one class (row), got shape {weight_shape}")
+        raise InvalidArgumentError(f"{weight_name} must have at least one class (row), got shape {weight_shape}")
     if bias_shape is not None and tuple(bias_shape) != weight_shape[:-1]:
         raise InvalidArgumentError(
-            f"linear_bias must have shape {weight_shape[:-1]}, one entry per class (and per position of a "
-            f"K-dimensional linear_weight), got {tuple(bias_shape)}"
+            f"{bias_name} must have shape {weight_shape[:-1]}, one entry per class (and per position of a "
+            f"K-dimensional {weight_name}), got {tuple(bias_shape)}"
         )
     if len(weight_shape) > 2 and len(hidden_shape) != 2:
         raise InvalidArgumentError(
-            f"a K-dimensional linear_weight {weight_shape} needs batched {hidden_name} of shape "
+            f"a K-dimensional {weight_name} {weight_shape} needs batched {hidden_name} of shape "
             f"(N, {weight_shape[-1]}), got {hidden_shape}"
         )
     return weight_shape[0]

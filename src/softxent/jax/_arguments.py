@@ -81,7 +81,7 @@ def layer_inputs(hidden, weight, bias, chunk_size, names=LINEAR_NAMES) -> LayerI
     h, w, *b = layer_primals(hidden, weight, bias, names)
     b = b[0] if b else None
     chunk = check_chunk_size(chunk_size)
-    num_classes = check_linear_shapes(h.shape, w.shape, None if b is None else b.shape, names[0])
+    num_classes = check_linear_shapes(h.shape, w.shape, None if b is None else b.shape, names)
     return LayerInputs(h, w, b, chunk, num_classes)
 
 

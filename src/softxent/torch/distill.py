@@ -544,7 +544,9 @@ def linear_distill_loss(
     if student_bias is not None:
         check_input(student_bias, "student_bias")
     bias_shape = None if student_bias is None else student_bias.shape
-    num_classes = check_linear_shapes(student_hidden.shape, student_weight.shape, bias_shape, "student_hidden")
+    num_classes = check_linear_shapes(
+        student_hidden.shape, student_weight.shape, bias_shape, ("student_hidden", "student_weight", "student_bias")
+    )
     device = student_hidden.device
     check_same_device(student_hidden, "student_hidden", student_weight=student_weight, student_bias=student_bias)
     lead = tuple(student_hidden.shape[:-1])
