@@ -97,6 +97,15 @@ def composite_needed(*tensors) -> bool:
     return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def loss_dtype(dtype: torch.dtype, target: Tensor, weight: Tensor | None, is_index: bool) -> torch.dtype:
+    """The dtype of a loss computed from logits of ``dtype``: PyTorch's −Σ q·w·log_softmax(z)
+    promotes it with the dtypes of probability targets ``q`` and class weights ``w``."""
+    if is_index:
+        return dtype
+    dtype = torch.promote_types(dtype, target.dtype)
+    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type``."""
     try:

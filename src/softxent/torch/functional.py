@@ -26,6 +26,7 @@ from .checks import (
     check_target,
     class_indices,
     composite_needed,
+    loss_dtype,
 )
 from .saved_gradient import scale_saved_gradient
 
@@ -149,7 +150,7 @@ def cross_entropy(
         loss, stats = _composite_loss(layout, return_stats)
     else:
         loss, stats = _fused_loss(layout, inplace_backward, return_stats)
-    loss = _shaped_loss(loss, input, target, is_index, class_dim, opts)
+    loss = _shaped_loss(loss, input, target, weight, is_index, class_dim, opts)
     if not return_stats:
         return loss
     return loss, _stats(stats, input, target, weight, is_index, class_dim, opts, loss.dtype)
@@ -232,8 +233,10 @@ def _stats(stats, input, target, weight, is_index: bool, class_dim: int, opts, l
     return training.stats_of_rows(*stats, flat_target, weight, opts, num_classes, loss_shape, loss_dtype)
 
 
-def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, is_index: bool, class_dim: int, opts) -> Tensor:
-    """The op's loss in PyTorch's shape (``reduction="none"``: the target's sample shape) and dtype.
+def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, weight, is_index: bool, class_dim: int, opts) -> Tensor:
+    """The op's loss in PyTorch's shape (``reduction="none"``: the target's sample shape) and dtype:
+    ``input``'s (float32 under autocast, float64 staying float64), promoted with the dtypes of
+    probability targets and of ``weight`` there, as PyTorch's −Σ q·w·log_softmax(z) is.
 
     Per-sample losses of class-index targets laid out channels-last (a 4-D ``channels_last``
     or 5-D ``channels_last_3d`` target, e.g. of a 5-D/6-D input) are laid out like the
@@ -242,9 +245,9 @@ def _shaped_loss(loss: Tensor, input: Tensor, target: Tensor, is_index: bool, cl
         loss = loss.reshape(target.shape if is_index else target.shape[:class_dim] + target.shape[class_dim + 1 :])
         if is_index:
             loss = loss.contiguous(memory_format=_channels_last_format(target))
-    if autocast_enabled(input.device.type):
-        return loss  # float32 (float64 stays float64), as PyTorch's autocast policy for cross_entropy
-    return loss.to(input.dtype)
+    # under autocast: float32 (float64 stays float64), as PyTorch's autocast policy for cross_entropy
+    dtype = loss.dtype if autocast_enabled(input.device.type) else input.dtype
+    return loss.to(loss_dtype(dtype, target, weight, is_index))
 
 
 def _channels_last_format(t: Tensor) -> torch.memory_format:

@@ -41,6 +41,7 @@ from .checks import (
     class_indices,
     composite_needed,
 )
+from .checks import loss_dtype as promoted_loss_dtype
 from .checks import matmul_dtype as matmul_dtype_of
 from .functional import cross_entropy
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
@@ -393,8 +394,9 @@ def linear_cross_entropy(
         loss = loss.reshape(lead)
     if loss_dtype is not None:
         loss = loss.to(loss_dtype)
-    elif not autocast_enabled(input.device.type):
-        loss = loss.to(input.dtype)
+    else:
+        dtype = loss.dtype if autocast_enabled(input.device.type) else input.dtype
+        loss = loss.to(promoted_loss_dtype(dtype, target, weight, is_index))
     if not return_stats:
         return loss
     return loss, training.stats_of_rows(*stats, target_rows, weight, opts, num_classes, lead, loss.dtype)

@@ -169,13 +169,17 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.opts = options_from_op(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     # probability targets are differentiable in PyTorch: ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j)
     ctx.target_grad = target.dim() == logits.dim() and target.requires_grad
+    ctx.target_dtype = target.dtype
     ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics are data
-    ctx.save_for_backward(output[1], logits if ctx.target_grad else None, weight)
+    # −log softmax for ∂ℓ/∂q, saved as PyTorch saves log_softmax (not the logits, which the
+    # caller may then modify in place)
+    nlp = _neg_log_probs(logits.detach(), target.dtype, ctx.opts.softcap) if ctx.target_grad else None
+    ctx.save_for_backward(output[1], nlp, weight)
 
 
 def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
     deferred_checks.raise_completed()
-    grad, logits, weight = ctx.saved_tensors
+    grad, nlp, weight = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
         raise RuntimeError(
             "softxent.torch.cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
@@ -187,23 +191,29 @@ def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
         grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy")
     grad_target = None
     if ctx.target_grad:
-        grad_target = _probability_target_gradient(ctx, logits, weight, grad_loss)
+        grad_target = _probability_target_gradient(ctx, nlp, weight, grad_loss)
     return (grad_logits, grad_target) + (None,) * 9
 
 
-def _probability_target_gradient(ctx, logits: Tensor, weight: Tensor | None, grad_loss: Tensor) -> Tensor:
-    """∂loss/∂q = g·r·(1−ε)·w ⊙ (lse − z'), recomputed from the saved logits."""
+def _neg_log_probs(logits: Tensor, target_dtype: torch.dtype, softcap: float | None) -> Tensor:
+    """lse − z' of the (capped) logits — rows (M, C) or class-major (N, C, S) — computed in the
+    compute dtype and kept in the wider of the logits' and the target's dtypes."""
+    z, _ = fallback.capped_logits(logits.to(fallback.compute_dtype(logits.dtype)), softcap)
+    return fallback.neg_log_softmax(z).to(torch.promote_types(logits.dtype, target_dtype))
+
+
+def _probability_target_gradient(ctx, nlp: Tensor, weight: Tensor | None, grad_loss: Tensor) -> Tensor:
+    """∂loss/∂q = g·r·(1−ε)·w ⊙ (lse − z') from the saved ``nlp`` = lse − z', in the target's dtype."""
     opts = ctx.opts
-    z, _ = fallback.capped_logits(logits.to(fallback.compute_dtype(logits.dtype)), opts.softcap)
-    nlp = fallback.neg_log_softmax(z)
+    nlp = nlp.to(fallback.compute_dtype(nlp.dtype))
     if weight is not None:  # (C,) along the class dimension 1 of rows (M, C) or class-major (N, C, S)
-        nlp = nlp * weight.to(nlp.dtype).reshape(-1, *([1] * (logits.dim() - 2)))
+        nlp = nlp * weight.to(nlp.dtype).reshape(-1, *([1] * (nlp.dim() - 2)))
     scale = grad_loss.to(nlp.dtype)
     if opts.reduction == "none":
-        scale = scale.reshape(logits.shape[0], 1, -1) if logits.dim() == 3 else scale[:, None]
+        scale = scale.reshape(nlp.shape[0], 1, -1) if nlp.dim() == 3 else scale[:, None]
     elif opts.reduction == "mean":
-        scale = scale / max(num_samples(logits), 1)
-    return ((1.0 - opts.label_smoothing) * scale * nlp).to(logits.dtype)
+        scale = scale / max(num_samples(nlp), 1)
+    return ((1.0 - opts.label_smoothing) * scale * nlp).to(ctx.target_dtype)
 
 
 cross_entropy_op.register_autograd(_backward_cross_entropy, setup_context=_setup_cross_entropy)
