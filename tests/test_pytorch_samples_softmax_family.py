@@ -31,3 +31,22 @@ def test_pytorch_samples_give_pytorchs_values_and_gradients(name, dtype):
             (a,) = torch.autograd.grad(ref, s.input, g)
             (b,) = torch.autograd.grad(ours, s.input, g)
             torch.testing.assert_close(b, a, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), 1.5, -3.0])
+@pytest.mark.parametrize("name", ["logsumexp", "logsumexp_keepdim", "softmax", "log_softmax"])
+def test_a_0d_input_gives_pytorchs_value_and_gradient_even_when_not_finite(name, value):
+    ours_fn, theirs_fn = {
+        "logsumexp": (lambda x: sxt.logsumexp(x, 0), lambda x: torch.logsumexp(x, 0)),
+        "logsumexp_keepdim": (lambda x: sxt.logsumexp(x, -1, keepdim=True), lambda x: torch.logsumexp(x, -1, True)),
+        "softmax": (lambda x: sxt.softmax(x, 0), lambda x: torch.softmax(x, 0)),
+        "log_softmax": (lambda x: sxt.log_softmax(x, 0), lambda x: torch.log_softmax(x, 0)),
+    }[name]
+    results = []
+    for fn in (ours_fn, theirs_fn):
+        x = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        y = fn(x)
+        results.append((y, *torch.autograd.grad(y, x)))
+    for a, b in zip(*results, strict=True):
+        assert a.shape == b.shape == ()
+        torch.testing.assert_close(a, b, equal_nan=True)

@@ -354,8 +354,8 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
         return torch.logsumexp(input, dim, keepdim=keepdim)
     check_input(input)
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
-    if input.dim() == 0:
-        return input.clone()
+    if input.dim() == 0:  # one row of one class: z itself, and (as PyTorch) a NaN gradient where z is ±inf or NaN
+        return logsumexp(input.reshape(1), 0)
     if input.shape[dim] == 0 or composite_needed(input):  # −inf for no classes; forward-mode AD
         return torch.logsumexp(input, dim, keepdim=keepdim)
     out = ops.logsumexp_op(_to_rows(input, dim).contiguous())
