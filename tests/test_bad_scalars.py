@@ -146,3 +146,34 @@ def test_uint64_targets_past_int64_are_refused_under_torch_func_too():
     target = torch.tensor([0, 2**63 + 5], dtype=torch.uint64)
     with pytest.raises(ValueError, match="target contains class index 9223372036854775813"):
         torch.func.grad(lambda x: sxt.cross_entropy(x, target))(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+def test_zero_weights_with_label_smoothing_give_pytorchs_nan(backend, label_smoothing):
+    # every counted target's weight is 0: PyTorch's smoothed mean is 0/0 + x/0 = NaN (not inf)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w, t = torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0, 1, -100, 0])
+    kw = dict(weight=w, label_smoothing=label_smoothing)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = F.cross_entropy(a, t, **kw)
+    ref.backward()
+    ours = sxt.cross_entropy(b, t, **kw)
+    ours.backward()
+    assert torch.isnan(ref) and torch.isnan(ours)
+    torch.testing.assert_close(b.grad, a.grad, equal_nan=True)
+    composite = torch.func.grad(lambda z: sxt.cross_entropy(z, t, **kw))(x)
+    torch.testing.assert_close(composite, a.grad, equal_nan=True)
+    loss, grad = sx.cross_entropy_grad(x.numpy(), t.numpy(), weight=w.numpy(), label_smoothing=label_smoothing)
+    assert np.isnan(loss)
+    np.testing.assert_allclose(grad, a.grad.numpy(), equal_nan=True)
+    h, W = torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    assert torch.isnan(sxt.linear_cross_entropy(h, W, t, **kw))
+    assert np.isnan(sx.linear_cross_entropy(h.numpy(), W.numpy(), t.numpy(), **kw))
+
+
+def test_zero_weights_with_label_smoothing_give_nan_in_jax():
+    sxj = pytest.importorskip("softxent.jax")
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    w, t = np.array([0.0, 0.0, 2.0]), np.array([0, 1, -100, 0])
+    assert np.isnan(sxj.cross_entropy(x, t, weight=w, label_smoothing=0.1))
+    assert np.isnan(sxj.cross_entropy(x, t, weight=w, label_smoothing=0.0))  # 0·inf: NaN as well, as PyTorch

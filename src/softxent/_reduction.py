@@ -13,7 +13,11 @@ softxent difference (documented): a mean over **zero samples** (N = 0, or
 every sample ignored) is 0.0 with an all-zero gradient instead of NaN.  A mean
 over samples whose weights sum to 0 divides by 0 exactly as PyTorch does
 (NaN or ±inf in the loss and the gradient): that is a bug in the weights, not
-a padded batch, and must not be hidden.
+a padded batch, and must not be hidden.  With label smoothing PyTorch divides
+its two terms by 0 separately, (1−ε)·Σ w_t·nll / 0 + ε/C·Σ Σ_k w_k·nll_k / 0,
+which for zero weights (the usual way the sum reaches 0) is 0/0 + x/0: NaN,
+and softxent gives NaN.  (Weights of both signs that cancel exactly can give
+PyTorch ±inf there; softxent, which sums each sample's loss whole, gives NaN.)
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ def mean_denominator(target, weight, ignore_index: int | None, is_index: bool) -
     return float(weight[target[valid]].sum()), count
 
 
-def reduced_loss_scale(reduction: str, denominator: tuple[float, int]) -> float:
+def reduced_loss_scale(reduction: str, denominator: tuple[float, int], label_smoothing: float = 0.0) -> float:
     """Factor that turns Σ_i ℓ_i into the reduced loss: 1/D for mean, 1 otherwise.
 
     0 when no sample counts (the documented empty mean); ±inf when the counted
-    samples' weights sum to ±0 (PyTorch's division by zero: NaN or ±inf).
+    samples' weights sum to ±0 (PyTorch's division by zero: NaN or ±inf), NaN
+    there with ``label_smoothing`` > 0 (see the module's docstring).
     """
     if reduction != "mean":
         return 1.0
@@ -49,12 +54,15 @@ def reduced_loss_scale(reduction: str, denominator: tuple[float, int]) -> float:
     if count == 0:
         return 0.0
     if value == 0.0:
-        return math.copysign(math.inf, value)
+        return math.nan if label_smoothing > 0.0 else math.copysign(math.inf, value)
     return 1.0 / value
 
 
-def loss_scale(reduction: str, target, weight, ignore_index: int | None, is_index: bool) -> float:
+def loss_scale(
+    reduction: str, target, weight, ignore_index: int | None, is_index: bool, label_smoothing: float = 0.0
+) -> float:
     """:func:`reduced_loss_scale` of the :func:`mean_denominator` of ``target``."""
     if reduction != "mean":
         return 1.0
-    return reduced_loss_scale(reduction, mean_denominator(target, weight, ignore_index, is_index))
+    denominator = mean_denominator(target, weight, ignore_index, is_index)
+    return reduced_loss_scale(reduction, denominator, label_smoothing)

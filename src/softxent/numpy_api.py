@@ -144,7 +144,14 @@ class _CrossEntropyCall:
     @property
     def loss_scale(self) -> float:
         """1/D for mean (see :mod:`softxent._reduction`), 1 otherwise."""
-        return reduction_scale(self.opts.reduction, self.target, self.weight, self.opts.ignore_index, self.is_index)
+        return reduction_scale(
+            self.opts.reduction,
+            self.target,
+            self.weight,
+            self.opts.ignore_index,
+            self.is_index,
+            self.opts.label_smoothing,
+        )
 
 
 def prepare_target(

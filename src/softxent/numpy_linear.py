@@ -146,7 +146,7 @@ def _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, g
     lead, num_classes = layer.lead, layer.num_classes
     shift, return_stats = extras
     target_rows, weight, is_index = prepare_target(lead + (num_classes,), len(lead), target, weight, opts, shift)
-    scale_of_sum = loss_scale(opts.reduction, target_rows, weight, opts.ignore_index, is_index)
+    scale_of_sum = loss_scale(opts.reduction, target_rows, weight, opts.ignore_index, is_index, opts.label_smoothing)
     scale = row_scale(grad_output, lead, opts.reduction, scale_of_sum) if want_grad else None
 
     num_tokens = layer.h.shape[0]

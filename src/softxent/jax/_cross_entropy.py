@@ -46,7 +46,7 @@ class Spec(NamedTuple):
 
 def mean_scale(target, weight, opts: CrossEntropyOptions, is_index: bool, ok, dtype):
     """The factor of Σℓ: 1/D for a mean (0 when nothing counts; ±inf when the counted weights
-    sum to 0, as PyTorch divides by zero), 1 otherwise — a traced scalar."""
+    sum to 0, as PyTorch divides by zero — NaN with label smoothing), 1 otherwise — a traced scalar."""
     if opts.reduction != "mean":
         return jnp.asarray(1.0, dtype)
     if is_index:
@@ -60,7 +60,10 @@ def mean_scale(target, weight, opts: CrossEntropyOptions, is_index: bool, ok, dt
     else:
         count = jnp.sum(ok)
         total = count.astype(dtype)
-    return jnp.where(count > 0, 1.0 / jnp.where(count > 0, total, 1.0), 0.0).astype(dtype)
+    scale = 1.0 / jnp.where(count > 0, total, 1.0)
+    if opts.label_smoothing > 0.0:  # a zero weight sum: NaN, as :func:`softxent._reduction.reduced_loss_scale`
+        scale = jnp.where(total == 0, jnp.nan, scale)
+    return jnp.where(count > 0, scale, 0.0).astype(dtype)
 
 
 def mean_weight_gradient(target, num_classes: int, opts: CrossEntropyOptions, is_index: bool, ok, scale, loss):

@@ -507,7 +507,7 @@ def _mean_scale(opts, target: Tensor, valid: Tensor | None, w_t: Tensor | None) 
     counted = torch.ones_like(target, dtype=torch.bool) if valid is None else valid
     count = int(counted.sum())
     total = float(count) if w_t is None else float(torch.where(counted, w_t, torch.zeros_like(w_t)).sum())
-    return _reduction.reduced_loss_scale("mean", (total, count))
+    return _reduction.reduced_loss_scale("mean", (total, count), opts.label_smoothing)
 
 
 def _shard_gradient(e, m_local, th, target, weight, opts, is_index, start, rows: _GlobalRows, row_scale):

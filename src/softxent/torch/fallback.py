@@ -182,6 +182,7 @@ def composite_cross_entropy(
     else:
         denominator = (weight.to(total.dtype)[torch.where(valid, target, 0)] * valid).sum()
     empty = ~valid.any()  # no counted sample: 0.0; weights summing to 0 divide by 0, as in PyTorch
-    return torch.where(
-        empty, torch.zeros_like(total), total / torch.where(empty, torch.ones_like(denominator), denominator)
-    )
+    denominator = torch.where(empty, torch.ones_like(denominator), denominator)
+    if opts.label_smoothing > 0.0:  # PyTorch's 0/0 + x/0 for zero weights (see softxent._reduction)
+        denominator = torch.where(denominator == 0, torch.nan, denominator)
+    return torch.where(empty, torch.zeros_like(total), total / denominator)

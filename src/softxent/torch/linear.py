@@ -96,7 +96,9 @@ def _run(
     else:
         if is_index:
             check_target_range(target, num_classes, opts.ignore_index)
-        loss_scale = _reduction.loss_scale(opts.reduction, target, weight, opts.ignore_index, is_index)
+        loss_scale = _reduction.loss_scale(
+            opts.reduction, target, weight, opts.ignore_index, is_index, opts.label_smoothing
+        )
         tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
     want_grad = any(wanted)
     scale = None

@@ -70,9 +70,9 @@ def _loss_scale(backend: Backend, logits: Tensor, target: Tensor, weight, opts: 
         bad, count, weight_sum = backend.index_target_stats(target, num_classes, opts, weight)
         if bad:
             check_target_range(target.reshape(-1), num_classes, opts.ignore_index)  # raises, naming the index
-        return _reduction.reduced_loss_scale(opts.reduction, (weight_sum, count))
+        return _reduction.reduced_loss_scale(opts.reduction, (weight_sum, count), opts.label_smoothing)
     flat = target.movedim(1, -1).reshape(-1, num_classes)
-    return _reduction.loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index)
+    return _reduction.loss_scale(opts.reduction, flat, weight, opts.ignore_index, is_index, opts.label_smoothing)
 
 
 def _forward_loss_scale(backend: Backend, logits: Tensor, target: Tensor, weight, opts, is_index: bool):

@@ -49,7 +49,10 @@ def device_loss_scale(
     if not is_index:
         return torch.full((), 1.0 / num_samples if num_samples else 0.0, dtype=dtype, device=target.device)
     _, count, weight_sum = device_target_counts(target, num_classes, opts, weight, dtype)
-    return torch.where(count > 0, 1.0 / weight_sum, torch.zeros_like(weight_sum))
+    scale = 1.0 / weight_sum
+    if opts.label_smoothing > 0.0:  # a zero weight sum: NaN, as :func:`softxent._reduction.reduced_loss_scale`
+        scale = torch.where(weight_sum == 0, torch.nan, scale)
+    return torch.where(count > 0, scale, torch.zeros_like(weight_sum))
 
 
 def empty_stats(logits: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
