@@ -213,6 +213,7 @@ def _fused_loss(call: _Layout, inplace_backward: bool, return_stats: bool):
         and rows.data_ptr() == input.data_ptr()
         and rows.is_contiguous()
         and not (not is_index and target_rows.requires_grad)
+        and not (call.weight is not None and call.weight.requires_grad)  # the op's backward handles it
     )
     if use_inplace:
         loss, *stats = _InplaceCrossEntropy.apply(rows, target_rows, *op_args, return_stats)

@@ -228,16 +228,21 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_grads_of_grads):
-    if ctx.needs_input_grad[4]:
+    input, linear_weight, linear_bias, target, weight, *computed_grads = ctx.saved_tensors
+    is_index = target.dim() == 1
+    if ctx.needs_input_grad[4] and is_index:
         raise RuntimeError(
-            "softxent.torch.linear_cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
+            "softxent.torch.linear_cross_entropy: the derivative for 'weight' with class-index targets is not "
+            "implemented (as in PyTorch)"
         )
     none = (None,) * 19
     if grad_loss is None:
         return none
     if torch.is_grad_enabled():
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
-    input, linear_weight, linear_bias, target, weight, *computed_grads = ctx.saved_tensors
+    grad_class_weight = None
+    if ctx.needs_input_grad[4]:
+        grad_class_weight = _class_weight_gradient(ctx, (input, linear_weight, linear_bias), target, weight, grad_loss)
     wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
     if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
         grads = [
@@ -251,7 +256,32 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
             ctx.chunk_size, ctx.matmul_dtype, *wanted,
         )  # fmt: skip
         grads = [g if need else None for g, need in zip(outputs[1:5], wanted, strict=True)]
-    return tuple(grads) + none[4:]
+    return tuple(grads) + (grad_class_weight,) + none[5:]
+
+
+def _class_weight_gradient(ctx, layer, target: Tensor, weight: Tensor, grad_loss: Tensor) -> Tensor:
+    r"""∂L/∂w_k = Σ_i g_i·r·((1−ε)·q_ik + ε/C)·(lse_i − z'_ik) for probability targets q (N, V), with
+    g the upstream gradient and r the mean's 1/N — the logits recomputed a chunk of tokens at a
+    time (this gradient is rare: it costs one more pass of the logits GEMM)."""
+    hidden, linear_weight, linear_bias = layer
+    acc = fallback.compute_dtype(ctx.matmul_dtype)
+    num_tokens, num_classes = target.shape
+    eps = ctx.opts.label_smoothing
+    upstream = grad_loss.to(acc).reshape(-1, 1)  # (N, 1) for "none", else (1, 1)
+    if ctx.reduction == "mean":
+        upstream = upstream / max(num_tokens, 1)
+    w = linear_weight.to(ctx.matmul_dtype)
+    b = None if linear_bias is None else linear_bias.to(ctx.matmul_dtype)
+    itemsize = torch.empty((), dtype=ctx.matmul_dtype).element_size()
+    step = ctx.chunk_size or backend_for(hidden.device).chunk_rows(num_tokens, num_classes, itemsize)
+    total = torch.zeros(num_classes, dtype=acc, device=hidden.device)
+    for start in range(0, num_tokens, step):
+        rows = slice(start, start + step)
+        z = torch.nn.functional.linear(hidden[rows].to(ctx.matmul_dtype), w, b).to(acc)
+        nlp = fallback.neg_log_softmax(fallback.capped_logits(z, ctx.opts.softcap)[0])
+        y = (1.0 - eps) * target[rows].to(acc) + eps / num_classes
+        total += ((upstream[rows] if upstream.shape[0] > 1 else upstream) * y * nlp).sum(0)
+    return total.to(weight.dtype)
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

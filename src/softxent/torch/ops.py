@@ -167,32 +167,45 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.opts = options_from_op(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
-    # probability targets are differentiable in PyTorch: ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j)
-    ctx.target_grad = target.dim() == logits.dim() and target.requires_grad
+    # probability targets and their class weights are differentiable in PyTorch (class indices'
+    # weights are not): ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j), ∂ℓ/∂w_j = ((1−ε)·q_j + ε/C)·(lse − z_j)
+    is_probability = target.dim() == logits.dim()
+    ctx.target_grad = is_probability and target.requires_grad
+    ctx.weight_grad = is_probability and weight is not None and weight.requires_grad
     ctx.target_dtype = target.dtype
     ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics are data
-    # −log softmax for ∂ℓ/∂q, saved as PyTorch saves log_softmax (not the logits, which the
-    # caller may then modify in place)
-    nlp = _neg_log_probs(logits.detach(), target.dtype, ctx.opts.softcap) if ctx.target_grad else None
-    ctx.save_for_backward(output[1], nlp, weight)
+    # −log softmax for those gradients, saved as PyTorch saves log_softmax (not the logits, which
+    # the caller may then modify in place)
+    nlp = None
+    if ctx.target_grad or ctx.weight_grad:
+        nlp = _neg_log_probs(logits.detach(), target.dtype, ctx.opts.softcap)
+    ctx.save_for_backward(output[1], nlp, weight, target if ctx.weight_grad else None)
 
 
 def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
     deferred_checks.raise_completed()
-    grad, nlp, weight = ctx.saved_tensors
-    if ctx.needs_input_grad[2]:
+    grad, nlp, weight, target = ctx.saved_tensors
+    if ctx.needs_input_grad[2] and not ctx.weight_grad:
         raise RuntimeError(
-            "softxent.torch.cross_entropy: the derivative for 'weight' is not implemented (as in PyTorch)"
+            "softxent.torch.cross_entropy: the derivative for 'weight' with class-index targets is not "
+            "implemented (as in PyTorch)"
         )
     if grad_loss is None:
         return (None,) * 11
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy")
-    grad_target = None
-    if ctx.target_grad:
-        grad_target = _probability_target_gradient(ctx, nlp, weight, grad_loss)
-    return (grad_logits, grad_target) + (None,) * 9
+    grad_target = grad_weight = None
+    if ctx.target_grad or ctx.weight_grad:
+        nlp = nlp.to(fallback.compute_dtype(nlp.dtype)) * _upstream_scale(ctx, nlp, grad_loss)
+        eps = ctx.opts.label_smoothing
+        if ctx.target_grad:
+            grad_target = ((1.0 - eps) * _along_classes(weight, nlp) * nlp).to(ctx.target_dtype)
+        if ctx.weight_grad:
+            y = (1.0 - eps) * target.to(nlp.dtype) + eps / nlp.shape[1]
+            class_sums = (y * nlp).movedim(1, -1).reshape(-1, nlp.shape[1]).sum(0)
+            grad_weight = class_sums.to(weight.dtype)
+    return (grad_logits, grad_target, grad_weight) + (None,) * 8
 
 
 def _neg_log_probs(logits: Tensor, target_dtype: torch.dtype, softcap: float | None) -> Tensor:
@@ -202,18 +215,23 @@ def _neg_log_probs(logits: Tensor, target_dtype: torch.dtype, softcap: float | N
     return fallback.neg_log_softmax(z).to(torch.promote_types(logits.dtype, target_dtype))
 
 
-def _probability_target_gradient(ctx, nlp: Tensor, weight: Tensor | None, grad_loss: Tensor) -> Tensor:
-    """∂loss/∂q = g·r·(1−ε)·w ⊙ (lse − z') from the saved ``nlp`` = lse − z', in the target's dtype."""
-    opts = ctx.opts
-    nlp = nlp.to(fallback.compute_dtype(nlp.dtype))
-    if weight is not None:  # (C,) along the class dimension 1 of rows (M, C) or class-major (N, C, S)
-        nlp = nlp * weight.to(nlp.dtype).reshape(-1, *([1] * (nlp.dim() - 2)))
+def _along_classes(weight: Tensor | None, like: Tensor):
+    """The class weights (C,) shaped to broadcast along dimension 1 of rows (M, C) or class-major
+    (N, C, S) ``like``, in its dtype; 1.0 without weights."""
+    if weight is None:
+        return 1.0
+    return weight.to(like.dtype).reshape(-1, *([1] * (like.dim() - 2)))
+
+
+def _upstream_scale(ctx, nlp: Tensor, grad_loss: Tensor) -> Tensor:
+    """g·r of each sample, broadcastable to ``nlp``: the upstream gradient of the loss (per sample
+    for ``"none"``) times the mean's 1/N (probability targets divide by the sample count)."""
     scale = grad_loss.to(nlp.dtype)
-    if opts.reduction == "none":
-        scale = scale.reshape(nlp.shape[0], 1, -1) if nlp.dim() == 3 else scale[:, None]
-    elif opts.reduction == "mean":
-        scale = scale / max(num_samples(nlp), 1)
-    return ((1.0 - opts.label_smoothing) * scale * nlp).to(ctx.target_dtype)
+    if ctx.opts.reduction == "none":
+        return scale.reshape(nlp.shape[0], 1, -1) if nlp.dim() == 3 else scale[:, None]
+    if ctx.opts.reduction == "mean":
+        return scale / max(num_samples(nlp), 1)
+    return scale
 
 
 cross_entropy_op.register_autograd(_backward_cross_entropy, setup_context=_setup_cross_entropy)
