@@ -14,7 +14,24 @@ def test_check_prints_a_table_and_exits_zero(capsys):
     out = capsys.readouterr().out
     assert "max abs err" in out and "cross_entropy prob, every option, sum" in out
     assert "linear_cross_entropy index, every option: dlinear_weight" in out
+    assert "distill_loss top-k ignore, reverse_kl, sum" in out
+    assert "linear_distill_loss fused teacher, jsd, T=2, alpha: dstudent_weight" in out
     assert "FAIL" not in out
+
+
+def test_check_catches_a_wrong_distillation_gradient(monkeypatch, capsys):
+    from softxent.cli import check
+
+    real = check.sx.distill_loss_grad
+
+    def off_by_a_little(*args, **kwargs):
+        loss, grad = real(*args, **kwargs)
+        return loss, grad * 1.001
+
+    monkeypatch.setattr(check.sx, "distill_loss_grad", off_by_a_little)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "distill_loss kl" in out and "FAILED" in out and "cross_entropy index, mean" not in out.split("FAILED")[1]
 
 
 def test_check_exits_one_when_a_case_fails(monkeypatch, capsys):

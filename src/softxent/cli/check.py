@@ -1,4 +1,5 @@
-"""``softxent check``: float64 finite-difference checks of every function and option.
+"""``softxent check``: float64 finite-difference checks of every function and option
+(softmax family, cross-entropy, linear + cross-entropy, distillation and linear distillation).
 
 Each case compares an analytic derivative that softxent returns (or that its
 docstring states in closed form, for softmax / log_softmax / logsumexp) with
@@ -155,11 +156,68 @@ def _linear_cross_entropy_cases(rng: np.random.Generator):
     return out
 
 
+def _with_upstream(loss, g) -> float:
+    return float((loss * g).sum()) if g is not None else float(loss)
+
+
+def _distill_cases(rng: np.random.Generator):
+    """distill_loss_grad's dstudent (dense and top-k teachers, every divergence and option) and
+    linear_distill_loss_grad's dstudent_hidden, dstudent_weight, dstudent_bias (a fused teacher,
+    chunked) against differences."""
+    n, v, d, k = 6, 8, 3, 3
+    z = rng.normal(scale=1.5, size=(n, v))
+    zt = rng.normal(scale=1.5, size=(n, v))
+    t = rng.integers(0, v, size=n)
+    t[2] = -100
+    top = np.argsort(-zt, axis=-1)[:, :k]
+    logprobs = np.take_along_axis(sx.log_softmax(zt), top, axis=-1)
+    g_none = rng.normal(size=n)
+    cases = [
+        ("kl", zt, None, {}),
+        ("reverse_kl, T=2", zt, None, dict(divergence="reverse_kl", temperature=2.0)),
+        ("jsd beta=0.3, alpha, ignore_index", zt, t, dict(divergence="jsd", beta=0.3, alpha=0.2)),
+        ("kl, T=1.5, alpha, no T^2, none + grad_output", zt, t,
+         dict(temperature=1.5, alpha=0.3, temperature_scaling=False, reduction="none", grad_output=g_none)),
+        ("top-k renormalize, jsd", sx.TopK(top, logprobs), t, dict(divergence="jsd", alpha=0.1)),
+        ("top-k ignore, reverse_kl, sum", sx.TopK(top, logprobs), None,
+         dict(divergence="reverse_kl", topk_rest="ignore", reduction="sum")),
+    ]  # fmt: skip
+    out = []
+    for name, teacher, target, options in cases:
+
+        def run(teacher=teacher, target=target, options=options):
+            g = options.get("grad_output")
+            _, analytic = sx.distill_loss_grad(z, teacher, target, **options)
+            plain = {key: val for key, val in options.items() if key != "grad_output"}
+            f = lambda x: _with_upstream(sx.distill_loss(x, teacher, target, **plain), g)  # noqa: E731
+            return analytic, numerical_gradient(f, z.copy())
+
+        out.append(("distill_loss " + name, run))
+    h, w, b = rng.normal(size=(n, d)), rng.normal(size=(v, d)), rng.normal(size=v)
+    fused = sx.FusedTeacher(rng.normal(size=(n, 2)), rng.normal(size=(v, 2)), rng.normal(size=v))
+    options = dict(divergence="jsd", temperature=2.0, alpha=0.2)
+    for which, wrt in (("dstudent_hidden", 0), ("dstudent_weight", 1), ("dstudent_bias", 2)):
+
+        def run_linear(wrt=wrt):
+            grads = sx.linear_distill_loss_grad(h, w, fused, t, student_bias=b, chunk_size=4, **options)
+            params = [h, w, b]
+
+            def f(x):
+                args = [x if i == wrt else p for i, p in enumerate(params)]
+                return float(sx.linear_distill_loss(args[0], args[1], fused, t, student_bias=args[2], **options))
+
+            return grads[1 + wrt], numerical_gradient(f, params[wrt].copy())
+
+        out.append((f"linear_distill_loss fused teacher, jsd, T=2, alpha: {which}", run_linear))
+    return out
+
+
 def run_checks(seed: int = 0) -> list[CheckResult]:
     """Run every case on random float64 inputs drawn from ``seed``."""
     rng = np.random.default_rng(seed)
     results = []
-    for name, case in _vjp_cases(rng) + _cross_entropy_cases(rng) + _linear_cross_entropy_cases(rng):
+    cases = _vjp_cases(rng) + _cross_entropy_cases(rng) + _linear_cross_entropy_cases(rng) + _distill_cases(rng)
+    for name, case in cases:
         analytic, numeric = case()
         results.append(_compare(name, analytic, numeric))
     return results
