@@ -49,8 +49,9 @@ from .._options import check_chunk_size
 from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
 from .backends import backend_for
-from .checks import autocast_enabled, check_input, check_same_device
+from .checks import autocast_enabled, check_input, check_same_device, composite_needed
 from .checks import matmul_dtype as matmul_dtype_of
+from .distill_composite import composite_distill
 from .fallback import compute_dtype
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
@@ -479,12 +480,16 @@ def distill_loss(
         )
     lead, num_classes = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     valid, labels = _counted(lead, target, opts, shift, student_logits.device)
-    teacher_logits, *_, indices, logprobs, _ = _check_teacher(teacher, lead, num_classes, False, student_logits.device)
-    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _, *stats = distill_op(
-        student_logits.reshape(-1, num_classes), teacher_logits, indices, logprobs, valid, labels,
-        *flat_options(opts), want_grad, return_stats,
-    )  # fmt: skip
+    teacher_tensors = _check_teacher(teacher, lead, num_classes, False, student_logits.device)
+    teacher_logits, *_, indices, logprobs, _ = teacher_tensors
+    rows = student_logits.reshape(-1, num_classes)
+    if composite_needed(student_logits, *teacher_tensors):  # torch.func transforms, forward-mode AD
+        loss, stats = composite_distill(rows, teacher_tensors, valid, labels, opts, rows.dtype)
+    else:
+        want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        loss, _, *stats = distill_op(
+            rows, teacher_logits, indices, logprobs, valid, labels, *flat_options(opts), want_grad, return_stats,
+        )  # fmt: skip
     dtype = torch.float32 if autocast_enabled(student_logits.device.type) else student_logits.dtype
     return _finish(loss, stats, valid, lead, opts, dtype, return_stats)
 
@@ -560,10 +565,16 @@ def linear_distill_loss(
     if opts.reduction == "none":
         wanted = [False] * 3  # computed in backward, with each token's upstream gradient
     hidden = student_hidden.reshape(math.prod(lead), student_hidden.shape[-1])  # not -1: D may be 0
-    loss, *_, div, s_top, t_top = linear_distill_op(
-        hidden, student_weight, student_bias, *teacher_tensors[:6], valid, labels, None, *flat_options(opts),
-        chunk, matmul_dtype, teacher_dtype, *wanted, return_stats,
-    )  # fmt: skip
+    if composite_needed(student_hidden, student_weight, student_bias):  # torch.func transforms, forward AD
+        bias = None if student_bias is None else student_bias.to(matmul_dtype)
+        logits = torch.nn.functional.linear(hidden.to(matmul_dtype), student_weight.to(matmul_dtype), bias)
+        loss, stats = composite_distill(logits, teacher_tensors, valid, labels, opts, teacher_dtype)
+    else:
+        loss, *_, div, s_top, t_top = linear_distill_op(
+            hidden, student_weight, student_bias, *teacher_tensors[:6], valid, labels, None, *flat_options(opts),
+            chunk, matmul_dtype, teacher_dtype, *wanted, return_stats,
+        )  # fmt: skip
+        stats = (div, s_top, t_top)
     autocast = autocast_enabled(device.type)
     dtype = torch.float32 if autocast else torch.promote_types(student_hidden.dtype, student_weight.dtype)
-    return _finish(loss, (div, s_top, t_top), valid, lead, opts, dtype, return_stats)
+    return _finish(loss, stats, valid, lead, opts, dtype, return_stats)
