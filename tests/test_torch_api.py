@@ -303,8 +303,13 @@ def test_module_mirrors_nn_cross_entropy_loss():
     legacy = sxt.CrossEntropyLoss(size_average=False)
     assert legacy.reduction == "sum"
     assert "label_smoothing=0.1" in repr(ours)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        sxt.CrossEntropyLoss(label_smoothing=2.0)
+    # as PyTorch's module: built with a bad option, it raises when called (PyTorch's own test expects that)
+    for bad in (dict(label_smoothing=2.0), dict(reduction="avg"), dict(softcap=-1.0)):
+        module = sxt.CrossEntropyLoss(**bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            module(x, t)
+    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
+        sxt.CrossEntropyLoss(label_smoothing=1.2)(x, t)
 
 
 @pytest.mark.parametrize(
@@ -374,6 +379,9 @@ def test_custom_ops_pass_opcheck():
         (t, None, "mean", 0.0, 0.0, 0.0),
         (t, torch.rand(9), "none", 0.1, 1e-3, 5.0),
         (q, torch.rand(9), "sum", 0.2, 0.0, 0.0),
+        (q.clone().requires_grad_(), torch.rand(9), "mean", 0.1, 0.0, 2.0),  # the target's gradient
+        (q, torch.rand(9).requires_grad_(), "none", 0.1, 0.0, 0.0),  # the class weights' gradient
+        (q.double().requires_grad_(), torch.rand(9, requires_grad=True), "sum", 0.0, 0.0, 0.0),
     ]:
         torch.library.opcheck(ce, (x, target, weight, -100, True, reduction, smoothing, z_loss, cap, True))
     for op in (torch.ops.softxent.softmax.default, torch.ops.softxent.log_softmax.default):

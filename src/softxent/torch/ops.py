@@ -211,8 +211,13 @@ def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
 def _neg_log_probs(logits: Tensor, target_dtype: torch.dtype, softcap: float | None) -> Tensor:
     """lse − z' of the (capped) logits — rows (M, C) or class-major (N, C, S) — computed in the
     compute dtype and kept in the wider of the logits' and the target's dtypes."""
-    z, _ = fallback.capped_logits(logits.to(fallback.compute_dtype(logits.dtype)), softcap)
-    return fallback.neg_log_softmax(z).to(torch.promote_types(logits.dtype, target_dtype))
+    # a new tensor in every case: no `.to` that hands back its input (opcheck refuses outputs of
+    # setup_context's ops that alias the op's inputs)
+    acc = fallback.compute_dtype(logits.dtype)
+    z, _ = fallback.capped_logits(logits if logits.dtype == acc else logits.to(acc), softcap)
+    nlp = fallback.neg_log_softmax(z)
+    keep = torch.promote_types(logits.dtype, target_dtype)
+    return nlp if nlp.dtype == keep else nlp.to(keep)
 
 
 def _along_classes(weight: Tensor | None, like: Tensor):
