@@ -80,3 +80,24 @@ def test_linear_cross_entropy_class_weight_gradient_matches_pytorch(reduction, c
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda w: sxt.linear_cross_entropy(h, lw, q, weight=w, softcap=1.5), (_weight(),))
+
+
+def test_forward_mode_ad_through_the_class_weight_of_both_losses():
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    lw = torch.randn(C, 3, dtype=torch.float64, generator=g)
+    q = torch.softmax(torch.randn(4, C, dtype=torch.float64, generator=g), -1)
+    w, dw = torch.rand(C, dtype=torch.float64, generator=g), torch.randn(C, dtype=torch.float64, generator=g)
+    tangents = []
+    with fwAD.dual_level():
+        for loss in (
+            lambda wd: F.cross_entropy(h @ lw.T, q, weight=wd, label_smoothing=0.1),
+            lambda wd: sxt.cross_entropy(h @ lw.T, q, weight=wd, label_smoothing=0.1),
+            lambda wd: sxt.linear_cross_entropy(h, lw, q, weight=wd, label_smoothing=0.1),
+        ):
+            tangents.append(fwAD.unpack_dual(loss(fwAD.make_dual(w, dw))).tangent)
+    assert tangents[0] is not None
+    for t in tangents[1:]:
+        torch.testing.assert_close(t, tangents[0])

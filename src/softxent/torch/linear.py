@@ -417,7 +417,7 @@ def linear_cross_entropy(
     hidden = input.reshape(math.prod(lead), input.shape[-1])  # not -1: D may be 0
     target_rows = class_indices(target.reshape(-1), num_classes) if is_index else target.reshape(-1, num_classes)
     layer = (hidden, linear_weight, linear_bias)
-    if composite_needed(input, linear_weight, linear_bias, target):  # torch.func, forward AD: plain ops
+    if composite_needed(input, linear_weight, linear_bias, target, weight):  # torch.func, forward AD: plain ops
         loss, stats = _composite_loss(layer, target_rows, weight, opts, matmul_dtype_of(input, linear_weight),
                                       return_stats)  # fmt: skip
     else:
