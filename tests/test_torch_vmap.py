@@ -109,3 +109,20 @@ def test_a_bad_class_index_under_vmap_raises_a_clear_error(bad):
     huge[2, 3] = -1  # as uint64 (as is -100): ≥ 2**63, which a conversion to int64 would wrap
     with pytest.raises(TargetIndexError, match="class index 184467440737095515"):
         torch.vmap(sxt.cross_entropy)(x, huge.view(torch.uint64))
+
+
+def test_torch_compile_fullgraph_of_transforms_over_class_index_losses():
+    # the index check reads values on the host; while Dynamo traces it is skipped, so fullgraph holds
+    x, t, _, _ = _inputs()
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, N, D, dtype=torch.float64, generator=g)
+    lw = torch.randn(C, D, dtype=torch.float64, generator=g)
+    cases = [
+        (lambda a, b: torch.func.grad(lambda u: sxt.linear_cross_entropy(u, lw, b))(a), h),
+        (lambda a, b: torch.vmap(sxt.cross_entropy)(a, b), x),
+    ]
+    for fn, arg in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(arg, t), fn(arg, t))
+    torch._dynamo.reset()

@@ -66,7 +66,11 @@ def unwrapped(t: Tensor) -> Tensor:
 
 def check_index_range(target: Tensor, num_classes: int, ignore_index: int | None) -> None:
     """:func:`softxent._validate.check_target_range` of class indices, also under ``torch.vmap``
-    (the values of every batch entry are checked at once)."""
+    (the values of every batch entry are checked at once).  Not while ``torch.compile`` traces
+    (there are no values to read; the compiled graph's ``gather`` still refuses an index out of
+    range)."""
+    if torch.compiler.is_compiling():
+        return
     check_target_range(unwrapped(target), num_classes, ignore_index)
 
 
@@ -77,8 +81,8 @@ def class_indices(target: Tensor, num_classes: int) -> Tensor:
         return target
     if target.dtype == torch.uint64:
         bits = target.view(torch.int64)
-        plain = unwrapped(bits)
-        if bool((plain < 0).any()):
+        plain = bits if torch.compiler.is_compiling() else unwrapped(bits)
+        if not torch.compiler.is_compiling() and bool((plain < 0).any()):
             first = int(plain[plain < 0][0]) + 2**64
             raise TargetIndexError(
                 f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
