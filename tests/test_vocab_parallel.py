@@ -159,6 +159,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     loss = sxt.linear_cross_entropy(h, w, distribute_tensor(target, mesh, [Replicate()]), linear_bias=b, **options)
     loss.backward()
     results["dtensor-linear"] = (loss.detach(), h.grad, w.grad.full_tensor(), b.grad.full_tensor())
+    # float32 logits with float64 probabilities: the loss is promoted to float64, as PyTorch's
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    logits, target, _, _, _ = make_case("plain", "probability", "mean")
+    x32, q64 = distribute_tensor(logits.float(), mesh, [Shard(1)]), distribute_tensor(target, mesh, [Shard(1)])
+    with loss_parallel():
+        want_dtype = torch.nn.functional.cross_entropy(x32, q64).dtype
+    results["dtensor-dtype"] = (want_dtype, sxt.cross_entropy(x32, q64).dtype)
     # under torch.compile: a graph break around the op, the same numbers
     logits, target, weight, options, upstream = make_case("everything", "index", "mean")
     local = logits[:, shard].clone().requires_grad_()
@@ -265,6 +273,13 @@ def test_dtensor_linear_weight_sharded_on_the_vocabulary(ranks):
         torch.testing.assert_close(loss, want.detach(), rtol=1e-11, atol=1e-12)
         for got, ref in ((d_hidden, h.grad), (d_weight, w.grad), (d_bias, b.grad)):
             torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-12)
+
+
+def test_dtensor_probability_targets_promote_the_loss_dtype_as_pytorch(ranks):
+    world, outputs = ranks
+    for rank in range(world):
+        want, got = outputs[rank]["results"]["dtensor-dtype"]
+        assert got == want == torch.float64
 
 
 def test_under_torch_compile_the_op_is_a_graph_break_with_the_same_numbers(ranks):

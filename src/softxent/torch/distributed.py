@@ -61,6 +61,7 @@ from .._options import CrossEntropyOptions, make_options
 from .._validate import check_target_range
 from . import fallback
 from .backends import backend_for
+from .checks import loss_dtype
 from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
 
 #: columns of the packed per-token statistics
@@ -589,7 +590,7 @@ def vocab_parallel_cross_entropy(
     loss = _VocabParallelCrossEntropy.apply(rows, target_rows, weight, group, vocab_start, opts, is_index)
     if opts.reduction == "none":
         loss = loss.reshape(lead)
-    return loss.to(local_logits.dtype)
+    return loss.to(loss_dtype(local_logits.dtype, target, weight, is_index))  # promoted as PyTorch's
 
 
 def _prepare(local_logits, target, group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -759,7 +760,7 @@ def vocab_parallel_linear_cross_entropy(
     )  # fmt: skip
     if opts.reduction == "none":
         loss = loss.reshape(lead)
-    return loss.to(input.dtype)
+    return loss.to(loss_dtype(input.dtype, target, weight, is_index))  # promoted as PyTorch's
 
 
 # --- DTensor inputs: what torch.distributed.tensor.parallel.loss_parallel() does, dispatched here ---
