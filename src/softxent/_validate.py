@@ -27,22 +27,33 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
 
 def check_target_shape(logits_shape: Sequence[int], axis: int, target_shape: Sequence[int], is_index: bool) -> None:
     """Class-index targets have the logits' shape without the class axis;
-    probability targets have the logits' shape."""
+    probability targets have the logits' shape.
+
+    Each message starts with PyTorch's own words for the mistake (its tests match them),
+    then names the shapes."""
     logits_shape = tuple(logits_shape)
     target_shape = tuple(target_shape)
-    if is_index:
-        expected = logits_shape[:axis] + logits_shape[axis + 1 :]
-        if target_shape != expected:
-            hint = ""
-            if target_shape == logits_shape:
-                hint = " (probability targets must have a floating dtype)"
-            raise InvalidArgumentError(
-                f"target of class indices must have shape {expected} (logits shape "
-                f"{logits_shape} without the class axis {axis}), got {target_shape}{hint}"
+    index_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    if is_index and target_shape != index_shape:
+        if target_shape == logits_shape:
+            pytorch_words = "Expected floating point type for target with class probabilities"
+        elif len(logits_shape) == 2 and len(target_shape) == 1:
+            pytorch_words = (
+                f"Expected input batch_size ({logits_shape[0]}) to match target batch_size ({target_shape[0]})"
             )
-    elif target_shape != logits_shape:
+        else:
+            pytorch_words = f"Expected target size {list(index_shape)}, got {list(target_shape)}"
         raise InvalidArgumentError(
-            f"target of class probabilities must have the logits' shape {logits_shape}, got "
+            f"{pytorch_words}: target of class indices must have shape {index_shape} (logits shape "
+            f"{logits_shape} without the class axis {axis}), got {target_shape}"
+            + (" (probability targets must have a floating dtype)" if target_shape == logits_shape else "")
+        )
+    if not is_index and target_shape != logits_shape:
+        pytorch_words = "Expected target size"
+        if target_shape == index_shape:
+            pytorch_words = "expected target dtype to be Long or Byte for class indices"
+        raise InvalidArgumentError(
+            f"{pytorch_words}: target of class probabilities must have the logits' shape {logits_shape}, got "
             f"{target_shape} (class indices must have an integer dtype)"
         )
 
@@ -85,7 +96,8 @@ def check_weight_shape(weight_shape: Sequence[int], num_classes: int) -> None:
     """A class weight is a vector with one entry per class."""
     if tuple(weight_shape) != (num_classes,):
         raise InvalidArgumentError(
-            f"weight must have shape ({num_classes},), one entry per class, got {tuple(weight_shape)}"
+            f"weight tensor should be defined either for all {num_classes} classes or no classes: weight must "
+            f"have shape ({num_classes},), one entry per class, got {tuple(weight_shape)}"
         )
 
 
@@ -93,8 +105,8 @@ def check_ignore_index_for_probabilities(is_index: bool, ignore_index: int | Non
     """As in PyTorch, probability targets accept only the default ignore_index (or None)."""
     if not is_index and ignore_index not in (None, -100):
         raise InvalidArgumentError(
-            f"ignore_index={ignore_index} is not supported for probability (floating point) targets; "
-            "leave it at -100 or None"
+            f"ignore_index is not supported for floating point target: ignore_index={ignore_index} is not "
+            "supported for probability (floating point) targets; leave it at -100 or None"
         )
 
 

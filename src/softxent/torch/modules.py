@@ -13,16 +13,17 @@ _CHECKED = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap")
 
 
 class _OptionsModule(torch.nn.Module):
-    """A loss module that holds only options (its ``__constants__``) and the class ``weight`` buffer:
-    checked once when built, passed back to the function as keywords."""
+    """A loss module that holds only options (its ``__constants__``) and the class ``weight`` buffer,
+    passed back to the function as keywords (which checks them at each call)."""
 
     __constants__: list[str] = []
     #: the options ``repr`` shows
     _shown: tuple[str, ...] = _CHECKED
 
-    def _hold(self, weight: Tensor | None, arguments: dict) -> None:
+    def _hold(self, weight: Tensor | None, arguments: dict, check_now: bool = True) -> None:
         options = {name: arguments[name] for name in self.__constants__}
-        make_options(**{name: options[name] for name in _CHECKED})
+        if check_now:
+            make_options(**{name: options[name] for name in _CHECKED})
         self.register_buffer("weight", weight)
         for name, value in options.items():
             setattr(self, name, value)
@@ -43,7 +44,8 @@ class CrossEntropyLoss(_OptionsModule):
     Same constructor (``weight``, the deprecated ``size_average``/``reduce``,
     ``ignore_index``, ``reduction``, ``label_smoothing``) plus ``z_loss``,
     ``softcap`` and ``inplace_backward``; ``weight`` is a buffer, as in PyTorch.
-    The options are checked when the module is built.
+    As in PyTorch, the options are checked when the module is called (a module built
+    with ``label_smoothing=1.5`` raises at its first call, not before).
 
     Example::
 
@@ -73,7 +75,7 @@ class CrossEntropyLoss(_OptionsModule):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-        self._hold(weight, locals())
+        self._hold(weight, locals(), check_now=False)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of ``input`` logits against ``target`` (see :func:`softxent.torch.cross_entropy`)."""
