@@ -25,7 +25,8 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 TORCH_LAYERS = {
     "public": {"functional", "linear", "distill", "modules", "distributed"},
     "ops": {"ops"},
-    "helpers": {"checks", "training", "saved_gradient", "linear_arrays", "linear_options", "distill_composite"},
+    "helpers": {"checks", "training", "saved_gradient", "linear_arrays", "linear_options", "distill_composite",
+                "higher_order"},
     "backends": {
         "backends", "cpu_bridge", "fallback", "distill_rows", "cpu_buffers", "openmp_threads",
         "deferred_checks", "target_counts", "widening_gemm",

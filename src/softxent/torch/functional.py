@@ -8,6 +8,7 @@ CPU, blocks of PyTorch ops on other devices.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions, make_options
 from .._validate import normalize_axis
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
-from . import fallback, ops, training
+from . import fallback, higher_order, ops, training
 from .backends import backend_for
 from .checks import (
     autocast_enabled,
@@ -121,8 +122,10 @@ def cross_entropy(
         ``return_stats``.
 
     The gradient is computed in the forward pass (one read of the logits, one
-    write of the gradient); backward only scales it.  Double backward is not
-    supported.  A DTensor ``input`` sharded on the classes (``Shard(1)`` of a 1-D
+    write of the gradient); backward only scales it.  Double backward
+    (``create_graph=True``: Hessian-vector products, gradient penalties) recomputes the loss
+    from the logits with differentiable PyTorch ops while the caller still holds them
+    (:mod:`softxent.torch.higher_order`); a clear error otherwise.  A DTensor ``input`` sharded on the classes (``Shard(1)`` of a 1-D
     mesh, as under ``loss_parallel()``) runs
     :func:`softxent.torch.distributed.vocab_parallel_cross_entropy` on its shard.
     """
@@ -219,7 +222,35 @@ def _fused_loss(call: _Layout, inplace_backward: bool, return_stats: bool):
         loss, *stats = _InplaceCrossEntropy.apply(rows, target_rows, *op_args, return_stats)
     else:
         loss, _, *stats = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad, return_stats)
+        if torch.is_grad_enabled():  # for a later backward with create_graph=True (weak references)
+            higher_order.remember(
+                loss,
+                input,
+                target,
+                is_index,
+                partial(_composite_loss_of, _without_tensors(call)),
+                partial(_op_layout, shape=rows.shape),
+            )
     return loss, stats
+
+
+def _without_tensors(call: _Layout) -> _Layout:
+    """``call`` holding no tensor (what a weakly held recompute may keep)."""
+    return call._replace(input=None, target=None, weight=None)
+
+
+def _composite_loss_of(call: _Layout, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """The loss of ``call`` with these tensors, as the op returns it (reduced, or one value per
+    row), from the differentiable composite: what double backward differentiates."""
+    return _composite_loss(call._replace(input=logits, target=target, weight=weight), False)[0]
+
+
+def _op_layout(t: Tensor, shape: torch.Size) -> Tensor:
+    """A tensor of the caller's logits' shape (a gradient) laid out as the op's logits ``shape``:
+    class-major (N, C, S), or rows (M, C) with the classes last."""
+    if len(shape) == 3 or t.dim() < 2:
+        return t.reshape(shape)
+    return t.movedim(1, -1).reshape(shape)
 
 
 def _stats(stats, input, target, weight, is_index: bool, class_dim: int, opts, loss_dtype):

@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import _reduction
 from .._options import CrossEntropyOptions
 from .._validate import check_target_range
-from . import deferred_checks, fallback
+from . import deferred_checks, fallback, higher_order
 from .backends import Backend, backend_for
 from .saved_gradient import scale_saved_gradient
 from .target_counts import bad_indices, device_loss_scale, empty_stats
@@ -192,6 +192,8 @@ def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
         )
     if grad_loss is None:
         return (None,) * 11
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient, from the logits
+        return higher_order.gradients(ctx, weight, grad_loss, "cross_entropy") + (None,) * 8
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy")
