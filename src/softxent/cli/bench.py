@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--world", default="1,2,4", help="suite dist: comma-separated world sizes (processes), default 1,2,4"
     )
     parser.add_argument("--n", type=int, help="rows (tokens); with --v (and --d for lce) replaces the default shapes")
-    parser.add_argument("--d", type=int, default=1024, help="features of the hidden states (suite lce, default 1024)")
+    parser.add_argument(
+        "--d", type=int, default=1024, help="features of the hidden states (suites lce and distill, default 1024)"
+    )
     parser.add_argument("--v", type=int, help="classes (vocabulary size)")
     parser.add_argument(
         "--shape",
@@ -73,7 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
-        "--reps", type=int, default=None, help="timed repetitions per contender, median (default 5 for ce, 3 for lce)"
+        "--reps",
+        type=int,
+        default=None,
+        help="timed repetitions per contender, median (default 5 for ce, 3 for lce and distill, 10 for dist)",
     )
     parser.add_argument("--out", default="softxent-bench", help="folder for bench.json, bench.md, bench.png")
     parser.add_argument("--json", default=None, help="path of the JSON report (default OUT/bench.json)")

@@ -125,8 +125,8 @@ def cross_entropy(
     write of the gradient); backward only scales it.  Double backward
     (``create_graph=True``: Hessian-vector products, gradient penalties) recomputes the loss
     from the logits with differentiable PyTorch ops while the caller still holds them
-    (:mod:`softxent.torch.higher_order`); a clear error otherwise.  A DTensor ``input`` sharded on the classes (``Shard(1)`` of a 1-D
-    mesh, as under ``loss_parallel()``) runs
+    (:mod:`softxent.torch.higher_order`); a clear error otherwise.  A DTensor ``input``
+    sharded on the classes (``Shard(1)`` of a 1-D mesh, as under ``loss_parallel()``) runs
     :func:`softxent.torch.distributed.vocab_parallel_cross_entropy` on its shard.
     """
     if size_average is not None or reduce is not None:
