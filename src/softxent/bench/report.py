@@ -93,7 +93,7 @@ def write_chart(path: Path, rows: list[Row], machine: dict) -> None:
         bars = ax.barh(names, ms, color=["#d95f02" if n.startswith("softxent") else "#7570b3" for n in names])
         ax.invert_yaxis()
         ax.set_xlabel("ms (lower is better)")
-        ax.set_title(f"{problem} — {mode} (baseline: {sub[0].baseline}, {sub[0].baseline_ms:.1f} ms)", fontsize=9)
+        ax.set_title(f"{problem} — {mode}\nbaseline: {sub[0].baseline}, {sub[0].baseline_ms:.1f} ms", fontsize=9)
         for bar, r in zip(bars, sub, strict=True):
             ax.text(
                 bar.get_width(),
