@@ -81,7 +81,7 @@ def test_logits_that_are_gone_or_modified_give_a_clear_error():
     w = torch.randn(3, 7, dtype=torch.float64)
     t = torch.randint(0, 7, (6,))
     loss = sxt.cross_entropy(h @ w, t)  # the logits are a temporary: not kept for this
-    with pytest.raises(RuntimeError, match="logits, which are no longer alive"):
+    with pytest.raises(RuntimeError, match="logits, but they are no longer alive"):
         torch.autograd.grad(loss, h, create_graph=True)
     logits = h @ w
     loss = sxt.cross_entropy(logits, t)
@@ -91,9 +91,38 @@ def test_logits_that_are_gone_or_modified_give_a_clear_error():
         torch.autograd.grad(loss, h, create_graph=True)
     x = torch.randn(6, 7, requires_grad=True)
     loss = sxt.cross_entropy(x * 1.0, t, inplace_backward=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError, match="inplace_backward=True overwrote"):
         torch.autograd.grad(loss, x, create_graph=True)
     # a first-order backward keeps working as before in every one of these cases
     loss = sxt.cross_entropy(h @ w, t)
     (dh,) = torch.autograd.grad(loss, h)
     torch.testing.assert_close(dh, torch.autograd.grad(F.cross_entropy(h @ w, t), h)[0])
+
+
+def test_hooks_run_once_and_views_made_in_the_call_work():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 7, (2, 3), generator=g)
+    results = []
+    for fn in (F.cross_entropy, sxt.cross_entropy):
+        calls = []
+        logits = h @ w  # (2, 3, 7), held; the loss gets a view made on the spot, as LM code does
+        logits.register_hook(lambda grad, calls=calls: calls.append(1) or grad * 2.0)
+        loss = fn(logits.view(-1, 7), t.view(-1))
+        (dh,) = torch.autograd.grad(loss, h, create_graph=True)
+        results.append((len(calls), dh, *torch.autograd.grad(dh.pow(2).sum(), (h, w))))
+    assert results[0][0] == results[1][0] == 1
+    for ours, theirs in zip(results[1][1:], results[0][1:], strict=True):
+        torch.testing.assert_close(ours, theirs)
+    # a transposed view of a held (N, C) tensor: (C, N) → .t()
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    hvps = []
+    for fn in (F.cross_entropy, sxt.cross_entropy):
+        (gx,) = torch.autograd.grad(fn(x.t(), t.view(-1)[:5]), x, create_graph=True)
+        hvps.append(torch.autograd.grad(gx.sin().sum(), x)[0])
+    torch.testing.assert_close(hvps[1], hvps[0])
+    # a cast made in the call is a new tensor nobody holds: a clear error
+    loss = sxt.cross_entropy(x.t().float(), t.view(-1)[:5])
+    with pytest.raises(RuntimeError, match="keep a reference to the tensor you passed"):
+        torch.autograd.grad(loss, x, create_graph=True)

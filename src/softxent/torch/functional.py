@@ -330,6 +330,11 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_argmax):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "softxent.torch.cross_entropy: double backward (create_graph=True) needs the logits, which "
+                "inplace_backward=True overwrote with their gradient; call without inplace_backward"
+            )
         (grad,) = ctx.saved_tensors
         return (scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 9
 

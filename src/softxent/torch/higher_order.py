@@ -14,7 +14,13 @@ and differentiates it with ``create_graph=True``:
 (autograd forms the second derivative from the composite's graph).  The logits are not kept alive
 for this — that would double the memory of every training step — but remembered by a weak
 reference: higher-order derivatives work while the caller holds the logits (a variable, a model
-output, ``gradgradcheck``'s inputs) and unchanged; otherwise a clear error says so.
+output, ``gradgradcheck``'s inputs — or the tensor a view made in the call was taken of) and
+unchanged; otherwise a clear error says so.  The gradient is taken with respect to fresh aliases,
+so hooks on the caller's tensors run once, in the outer backward.
+
+Under ``torch.compile`` the op's backward is traced once, without this path: a compiled backward
+with ``create_graph=True`` returns the first-order gradient as a constant (PyTorch's compiled loss
+raises, because its graph saves the logits; softxent's saves only the gradient).
 """
 
 from __future__ import annotations
@@ -28,24 +34,51 @@ from torch import Tensor
 
 from .saved_gradient import NO_DOUBLE_BACKWARD
 
-NOT_HELD = (
+GONE = (
     "softxent.torch: double backward (create_graph=True) through {name} recomputes the loss from the "
-    "{what}, which {are} no longer alive{why}: keep a reference until this backward "
-    "(logits = model(x); loss = cross_entropy(logits, target)), or use torch.nn.functional"
+    "{what}, but {they} no longer alive: keep a reference to the tensor you passed (or to the tensor it "
+    "is a view of) until this backward — logits = model(x); loss = cross_entropy(logits, target) — or "
+    "use torch.nn.functional"
 )
+MODIFIED = (
+    "softxent.torch: double backward (create_graph=True) through {name} recomputes the loss from the "
+    "{what}, but {they} been modified in place since the call; use torch.nn.functional"
+)
+
+
+class _Held:
+    """A weak handle on a tensor given to the loss: the tensor itself, or — for a view, which the
+    call may have made on the spot (``logits.view(-1, V)``, ``x.t()``) — its base and the view's
+    geometry, rebuilt with ``as_strided`` (differentiable into the base's graph)."""
+
+    def __init__(self, t: Tensor, strong: bool = False):
+        self.version = t._version
+        self.geometry = None
+        base = t._base if t._is_view() else None
+        if strong:
+            self.ref = lambda: t
+        elif base is not None and base.requires_grad == t.requires_grad:
+            self.ref = weakref.ref(base)
+            self.geometry = (t.shape, t.stride(), t.storage_offset())
+        else:
+            self.ref = weakref.ref(t)
+
+    def get(self) -> Tensor | None:
+        t = self.ref()
+        if t is None or self.geometry is None:
+            return t
+        return t.as_strided(*self.geometry)
 
 
 @dataclass(frozen=True)
 class Recompute:
-    """How a backward with ``create_graph=True`` recomputes the op's loss: the caller's logits
-    (weakly held) and target, ``loss_of(logits, target, weight)`` giving the op's loss (reduced,
-    or one value per row), and ``to_op_layout`` taking a gradient of the caller's logits (or of a
-    probability target) to the op's layout."""
+    """How a backward with ``create_graph=True`` recomputes the op's loss: the caller's logits and
+    target (weakly held, but class indices), ``loss_of(logits, target, weight)`` giving the op's
+    loss (reduced, or one value per row), and ``to_op_layout`` taking a gradient of the caller's
+    logits (or of a probability target) to the op's layout."""
 
-    logits: weakref.ReferenceType
-    logits_version: int
-    target: Callable[[], Tensor | None]
-    target_version: int
+    logits: _Held
+    target: _Held
     loss_of: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     to_op_layout: Callable[[Tensor], Tensor]
 
@@ -58,10 +91,16 @@ def remember(loss: Tensor, logits: Tensor, target: Tensor, is_index: bool, loss_
     node = loss.grad_fn
     if node is None:
         return
-    held = (lambda: target) if is_index else weakref.ref(target)
-    node._softxent_recompute = Recompute(
-        weakref.ref(logits), logits._version, held, target._version, loss_of, to_op_layout
-    )
+    node._softxent_recompute = Recompute(_Held(logits), _Held(target, strong=is_index), loss_of, to_op_layout)
+
+
+def _checked(held: _Held, name: str, what: str, plural: bool) -> Tensor:
+    t = held.get()
+    if t is None:
+        raise RuntimeError(GONE.format(name=name, what=what, they="they are" if plural else "it is"))
+    if t._version != held.version:
+        raise RuntimeError(MODIFIED.format(name=name, what=what, they="they have" if plural else "it has"))
+    return t
 
 
 def gradients(ctx, weight: Tensor | None, grad_loss: Tensor, name: str) -> tuple:
@@ -70,24 +109,18 @@ def gradients(ctx, weight: Tensor | None, grad_loss: Tensor, name: str) -> tuple
     recompute = getattr(ctx, "_softxent_recompute", None)
     if recompute is None:
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
-    logits, target = recompute.logits(), recompute.target()
-    if logits is None:
-        raise RuntimeError(NOT_HELD.format(name=name, what="logits", are="are", why=""))
-    if target is None:
-        raise RuntimeError(NOT_HELD.format(name=name, what="probability target", are="is", why=""))
-    if logits._version != recompute.logits_version or target._version != recompute.target_version:
-        what = "logits" if logits._version != recompute.logits_version else "target"
-        raise RuntimeError(
-            NOT_HELD.format(name=name, what=what, are="are" if what == "logits" else "is",
-                            why=" as they were at the call (modified in place since)")
-        )  # fmt: skip
-    wanted = [(0, logits), (1, target), (2, weight)]
-    wanted = [(i, t) for i, t in wanted if ctx.needs_input_grad[i] and t is not None]
+    logits = _checked(recompute.logits, name, "logits", plural=True)
+    target = _checked(recompute.target, name, "target", plural=False)  # the class weights: saved by the op
+    # fresh aliases: differentiating with respect to the caller's own tensors would run their hooks
+    # (and fill retain_grad's .grad) here, and the outer backward would run them again
+    inputs = [logits, target, weight]
+    aliases = [None if t is None else t.view_as(t) for t in inputs]
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i] and aliases[i] is not None]
     with torch.enable_grad():
-        loss = recompute.loss_of(logits, target, weight)
-        found = torch.autograd.grad(loss, [t for _, t in wanted], grad_loss, create_graph=True, allow_unused=True)
+        loss = recompute.loss_of(*aliases)
+        found = torch.autograd.grad(loss, [aliases[i] for i in wanted], grad_loss, create_graph=True, allow_unused=True)
     out: list[Tensor | None] = [None, None, None]
-    for (i, t), g in zip(wanted, found, strict=True):
-        g = torch.zeros_like(t) if g is None else g
+    for i, g in zip(wanted, found, strict=True):
+        g = torch.zeros_like(aliases[i]) if g is None else g
         out[i] = g if i == 2 else recompute.to_op_layout(g)
     return tuple(out)
