@@ -116,7 +116,9 @@ def test_ignore_index_past_int64_is_refused_with_its_name():
     for call in (
         lambda: sxt.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index=2**63),
         lambda: sx.cross_entropy(np.zeros((2, 3)), np.array([0, 1]), ignore_index=-(2**63) - 1),
-        lambda: sxt.CrossEntropyLoss(ignore_index=2**64),
+        lambda: sxt.CrossEntropyLoss(ignore_index=2**64)(
+            torch.randn(2, 3), torch.tensor([0, 1])
+        ),  # checked when called
     ):
         with pytest.raises(ValueError, match="ignore_index must fit in a signed 64-bit integer"):
             call()
