@@ -235,11 +235,28 @@ def test_torch_func_grad_uses_plain_ops():
     torch.testing.assert_close(got, ref_w.grad)
 
 
-def test_double_backward_and_class_weight_gradients_raise_clearly():
+@pytest.mark.parametrize("kind,options", [("index", {}), ("index", {"label_smoothing": 0.1, "reduction": "none"}),
+                                          ("probability", {"reduction": "sum"})], ids=str)  # fmt: skip
+def test_double_backward_matches_the_materialized_logits(kind, options):
+    (h, w, b), t, cw = _problem((2, 5), 4, 6, kind)
+    cw = cw.requires_grad_() if kind == "probability" else cw
+    results, v = [], None
+    for ours in (False, True):
+        if ours:
+            loss = sxt.linear_cross_entropy(h, w, t, linear_bias=b, weight=cw, chunk_size=3, **options)
+        else:
+            loss = reference_linear_loss(h, w, t, b, weight=cw, **options)
+        leaves = [h, w, b] + ([cw] if kind == "probability" else [])
+        first = torch.autograd.grad(loss.sum(), leaves, create_graph=True)
+        v = [torch.randn_like(g) for g in first] if v is None else v
+        second = torch.autograd.grad(sum((g * u).sum() for g, u in zip(first, v, strict=True)), leaves)
+        results.append((*first, *second))
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_class_weight_gradients_with_class_indices_raise_clearly():
     (h, w, b), t, cw = _problem((8,), 4, 6, "index")
-    loss = sxt.linear_cross_entropy(h, w, t, linear_bias=b)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, [h], create_graph=True)
     cw.requires_grad_()
     loss = sxt.linear_cross_entropy(h, w, t, weight=cw)
     with pytest.raises(RuntimeError, match="derivative for 'weight' with class-index targets is not implemented"):

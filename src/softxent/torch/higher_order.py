@@ -111,16 +111,21 @@ def gradients(ctx, weight: Tensor | None, grad_loss: Tensor, name: str) -> tuple
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
     logits = _checked(recompute.logits, name, "logits", plural=True)
     target = _checked(recompute.target, name, "target", plural=False)  # the class weights: saved by the op
-    # fresh aliases: differentiating with respect to the caller's own tensors would run their hooks
-    # (and fill retain_grad's .grad) here, and the outer backward would run them again
-    inputs = [logits, target, weight]
-    aliases = [None if t is None else t.view_as(t) for t in inputs]
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i] and aliases[i] is not None]
+    grads = differentiable(recompute.loss_of, (logits, target, weight), ctx.needs_input_grad[:3], grad_loss)
+    return tuple(g if g is None or i == 2 else recompute.to_op_layout(g) for i, g in enumerate(grads))
+
+
+def differentiable(loss_of: Callable[..., Tensor], tensors, needs, grad_loss: Tensor) -> list[Tensor | None]:
+    """∂⟨grad_loss, loss_of(*tensors)⟩/∂t for each tensor t that ``needs`` a gradient (None for the
+    others), with ``create_graph=True``: differentiable functions of ``tensors``.  Taken with
+    respect to fresh aliases — differentiating with respect to the caller's own tensors would run
+    their hooks (and fill retain_grad's ``.grad``) here, and the outer backward would run them again."""
+    aliases = [None if t is None else t.view_as(t) for t in tensors]
+    wanted = [i for i, t in enumerate(aliases) if needs[i] and t is not None]
     with torch.enable_grad():
-        loss = recompute.loss_of(*aliases)
+        loss = loss_of(*aliases)
         found = torch.autograd.grad(loss, [aliases[i] for i in wanted], grad_loss, create_graph=True, allow_unused=True)
-    out: list[Tensor | None] = [None, None, None]
+    out: list[Tensor | None] = [None] * len(tensors)
     for i, g in zip(wanted, found, strict=True):
-        g = torch.zeros_like(aliases[i]) if g is None else g
-        out[i] = g if i == 2 else recompute.to_op_layout(g)
-    return tuple(out)
+        out[i] = torch.zeros_like(aliases[i]) if g is None else g
+    return out

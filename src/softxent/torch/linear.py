@@ -30,7 +30,7 @@ from .._errors import InvalidArgumentError
 from .._linear_chunks import active_tokens, linear_cross_entropy_rows
 from .._options import CrossEntropyOptions, make_options
 from .._validate import check_linear_shapes, check_target_range
-from . import fallback, ops, training
+from . import fallback, higher_order, ops, training
 from .backends import backend_for
 from .checks import (
     autocast_enabled,
@@ -47,7 +47,7 @@ from .functional import cross_entropy
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .linear_options import chunk_size_from_options
 from .ops import options_from_op
-from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
+from .saved_gradient import scale_saved_gradient
 from .target_counts import device_loss_scale, empty_stats
 
 
@@ -238,8 +238,11 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
     none = (None,) * 19
     if grad_loss is None:
         return none
-    if torch.is_grad_enabled():
-        raise RuntimeError(NO_DOUBLE_BACKWARD.format(name="linear_cross_entropy"))
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of the saved inputs
+        return (
+            tuple(_differentiable_gradients(ctx, input, linear_weight, linear_bias, target, weight, grad_loss))
+            + none[5:]
+        )
     grad_class_weight = None
     if ctx.needs_input_grad[4]:
         grad_class_weight = _class_weight_gradient(ctx, (input, linear_weight, linear_bias), target, weight, grad_loss)
@@ -257,6 +260,18 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         )  # fmt: skip
         grads = [g if need else None for g, need in zip(outputs[1:5], wanted, strict=True)]
     return tuple(grads) + (grad_class_weight,) + none[5:]
+
+
+def _differentiable_gradients(ctx, input, linear_weight, linear_bias, target, weight, grad_loss) -> list:
+    """The five inputs' gradients for a backward with ``create_graph=True`` (double backward): the
+    op saved its inputs, so the loss is recomputed from them with the composite (the logits held
+    whole for this step) and differentiated with its graph."""
+
+    def loss_of(h, w, b, t, class_weight):
+        return _composite_loss((h, w, b), t, class_weight, ctx.opts, ctx.matmul_dtype, False)[0]
+
+    tensors = (input, linear_weight, linear_bias, target, weight)
+    return higher_order.differentiable(loss_of, tensors, ctx.needs_input_grad[:5], grad_loss)
 
 
 def _class_weight_gradient(ctx, layer, target: Tensor, weight: Tensor, grad_loss: Tensor) -> Tensor:
@@ -380,7 +395,9 @@ def linear_cross_entropy(
 
     The gradients of ``input``, ``linear_weight`` and ``linear_bias`` (and of
     probability targets) are computed during the forward pass for ``mean``/``sum``;
-    backward only scales them.  Double backward is not supported.
+    backward only scales them.  Double backward (``create_graph=True``) recomputes the loss
+    from the saved inputs with differentiable PyTorch ops — holding that step's logits whole —
+    and differentiates it.
 
     A DTensor ``linear_weight`` sharded on the vocabulary rows (``Shard(0)`` of a 1-D mesh)
     runs :func:`softxent.torch.distributed.vocab_parallel_linear_cross_entropy` on its shard:
