@@ -120,3 +120,32 @@ def test_statistics_of_the_composite_path_match_the_fused_op():
     for i in range(B):
         want = sxt.distill_loss(x[i], teacher[0], labels[i], return_stats=True)[1].divergence
         torch.testing.assert_close(per_sequence[i], want)
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "fused"])
+def test_double_backward_of_the_linear_form_matches_the_composite(kind):
+    _, teacher, labels, topk = _problem()
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(B, N, D, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, generator=g, requires_grad=True)
+    fused = sxt.FusedTeacher(
+        torch.randn(B, N, DT, dtype=torch.float64, generator=g), torch.randn(V, DT, dtype=torch.float64, generator=g)
+    )
+    t = {"dense": teacher, "topk": topk, "fused": fused}[kind]
+    options = {"divergence": "jsd", "alpha": 0.2, "temperature": 2.0}
+    results = []
+    for composite in (False, True):
+        if composite:  # forward-mode AD's dual level makes softxent take its composite path
+            with fwAD.dual_level():
+                loss = sxt.linear_distill_loss(
+                    fwAD.make_dual(h, torch.zeros_like(h)), w, t, labels, student_bias=b, **options
+                )
+                loss = fwAD.unpack_dual(loss).primal
+        else:
+            loss = sxt.linear_distill_loss(h, w, t, labels, student_bias=b, chunk_size=3, **options)
+        first = torch.autograd.grad(loss, (h, w, b), create_graph=True)
+        second = torch.autograd.grad(sum((x.sin()).sum() for x in first), (h, w, b))
+        results.append((loss, *first, *second))
+    for ours, composite in zip(*results, strict=True):
+        torch.testing.assert_close(ours, composite)

@@ -48,13 +48,14 @@ from .._errors import InvalidArgumentError, InvalidTypeError
 from .._options import check_chunk_size
 from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
+from . import higher_order
 from .backends import backend_for
 from .checks import autocast_enabled, check_input, check_same_device, composite_needed
 from .checks import matmul_dtype as matmul_dtype_of
 from .distill_composite import composite_distill
 from .fallback import compute_dtype
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
-from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
+from .saved_gradient import scale_saved_gradient
 
 __all__ = ["TopK", "FusedTeacher", "DistillStats", "distill_loss", "linear_distill_loss"]
 
@@ -337,11 +338,11 @@ def _backward_linear(ctx, grad_loss, *_grads_of_data):
     none = (None,) * _NUM_LINEAR_INPUTS
     if grad_loss is None:
         return none
-    if torch.is_grad_enabled():
-        raise RuntimeError(NO_DOUBLE_BACKWARD.format(name="linear_distill_loss"))
     (hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, indices, logprobs, valid, labels,
      *computed) = ctx.saved_tensors  # fmt: skip
     teacher = (t_logits, t_hidden, t_weight, t_bias, indices, logprobs)
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of the saved inputs
+        return tuple(_differentiable_linear(ctx, (hidden, weight, bias), teacher, valid, labels, grad_loss)) + none[3:]
     wanted = [ctx.needs_input_grad[i] for i in range(3)]
     if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
         grads = [
@@ -357,6 +358,20 @@ def _backward_linear(ctx, grad_loss, *_grads_of_data):
         )  # fmt: skip
         grads = [g if need else None for g, need in zip(outputs[1:4], wanted, strict=True)]
     return tuple(grads) + none[3:]
+
+
+def _differentiable_linear(ctx, layer, teacher, valid, labels, grad_loss) -> list:
+    """∂/∂(hidden, weight, bias) for a backward with ``create_graph=True`` (double backward): the op
+    saved its inputs, so the loss is recomputed from them with the composite (that step's student
+    logits held whole) and differentiated with its graph."""
+    call = ctx.call
+
+    def loss_of(h, w, b):
+        bias = None if b is None else b.to(call.matmul_dtype)
+        logits = torch.nn.functional.linear(h.to(call.matmul_dtype), w.to(call.matmul_dtype), bias)
+        return composite_distill(logits, (*teacher, None), valid, labels, call.opts, call.teacher_dtype)[0]
+
+    return higher_order.differentiable(loss_of, layer, ctx.needs_input_grad[:3], grad_loss)
 
 
 linear_distill_op.register_autograd(_backward_linear, setup_context=_setup_linear)
