@@ -411,3 +411,28 @@ def test_bias_inside_the_logits_gemm_gives_the_same_result(monkeypatch):
     out = torch.empty(6, 5, dtype=torch.float64)  # another dtype than the operands
     linear_arrays.matmul_bias_into(h.detach(), w.detach().T, b.detach(), out)
     torch.testing.assert_close(out, (h @ w.T + b).detach().double())
+
+
+def test_double_backward_with_a_bias_of_another_dtype_and_a_k_dimensional_weight():
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randint(0, 6, (5,), generator=gen)
+    for w_dtype, b_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        w = torch.randn(6, 4, generator=gen).to(w_dtype).requires_grad_()
+        b = torch.randn(6, generator=gen).to(b_dtype).requires_grad_()
+        loss = sxt.linear_cross_entropy(h, w, t, linear_bias=b)
+        first = torch.autograd.grad(loss, (h, w, b), create_graph=True)
+        assert all(torch.isfinite(torch.autograd.grad(g.sum(), h, retain_graph=True)[0]).all() for g in first)
+    # K-dimensional weight (V, d1, D): the logits are made inside the call and held for this
+    w = torch.randn(6, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    tk = torch.randint(0, 6, (5, 3), generator=gen)
+    results = []
+    for ours in (False, True):
+        if ours:
+            loss = sxt.linear_cross_entropy(h, w, tk)
+        else:
+            loss = F.cross_entropy((h @ w.reshape(-1, 4).T).reshape(5, 6, 3), tk)
+        (dh,) = torch.autograd.grad(loss, h, create_graph=True)
+        results.append((dh, *torch.autograd.grad(dh.pow(2).sum(), (h, w))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -25,6 +25,8 @@ raises, because its graph saves the logits; softxent's saves only the gradient).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +46,20 @@ MODIFIED = (
     "softxent.torch: double backward (create_graph=True) through {name} recomputes the loss from the "
     "{what}, but {they} been modified in place since the call; use torch.nn.functional"
 )
+
+
+_HOLD_LOGITS = contextvars.ContextVar("softxent_hold_logits", default=False)
+
+
+@contextlib.contextmanager
+def holding_logits():
+    """Within this block the losses hold their logits strongly: for logits a softxent function made
+    itself (the K-dimensional linear + CE), which no caller can keep alive."""
+    token = _HOLD_LOGITS.set(True)
+    try:
+        yield
+    finally:
+        _HOLD_LOGITS.reset(token)
 
 
 class _Held:
@@ -91,7 +107,8 @@ def remember(loss: Tensor, logits: Tensor, target: Tensor, is_index: bool, loss_
     node = loss.grad_fn
     if node is None:
         return
-    node._softxent_recompute = Recompute(_Held(logits), _Held(target, strong=is_index), loss_of, to_op_layout)
+    held = _Held(logits, strong=_HOLD_LOGITS.get())
+    node._softxent_recompute = Recompute(held, _Held(target, strong=is_index), loss_of, to_op_layout)
 
 
 def _checked(held: _Held, name: str, what: str, plural: bool) -> Tensor:

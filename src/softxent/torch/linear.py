@@ -311,17 +311,18 @@ def _k_dimensional_loss(input, linear_weight, target, linear_bias, weight, opts:
     flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
     logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, features), flat_bias)
     logits = logits.reshape(input.shape[0], num_classes, *linear_weight.shape[1:-1])
-    return cross_entropy(
-        logits,
-        target,
-        weight,
-        ignore_index=opts.ignore_index,
-        reduction=opts.reduction,
-        label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss,
-        softcap=opts.softcap,
-        **extras,
-    )
+    with higher_order.holding_logits():  # made here: a create_graph backward cannot ask the caller for them
+        return cross_entropy(
+            logits,
+            target,
+            weight,
+            ignore_index=opts.ignore_index,
+            reduction=opts.reduction,
+            label_smoothing=opts.label_smoothing,
+            z_loss=opts.z_loss,
+            softcap=opts.softcap,
+            **extras,
+        )
 
 
 def linear_cross_entropy(
@@ -486,7 +487,8 @@ def _composite_loss(
     hidden, linear_weight, linear_bias = layer
     if target_rows.dim() == 1:
         check_index_range(target_rows, linear_weight.shape[0], opts.ignore_index)
-    logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), linear_bias)
+    bias = None if linear_bias is None else linear_bias.to(matmul_dtype)
+    logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), bias)
     loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
     return loss, training.row_stats(logits, opts, target_rows) if return_stats else None
 
