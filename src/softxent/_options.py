@@ -124,6 +124,8 @@ def unit_interval(name: str, value: object, meaning: str = "") -> float:
     value = real_number(name, value)
     if not 0.0 <= value <= 1.0:
         what = f" ({meaning})" if meaning else ""
-        # PyTorch's wording first ("label_smoothing must be between 0.0 and 1.0"), as its tests match it
-        raise InvalidArgumentError(f"{name} must be between 0.0 and 1.0, in [0, 1]{what}, got {value!r}")
+        # with PyTorch's wording too ("label_smoothing must be between 0.0 and 1.0"), which its tests match
+        raise InvalidArgumentError(
+            f"{name} must be in [0, 1]{what}, got {value!r} ({name} must be between 0.0 and 1.0)"
+        )
     return value
