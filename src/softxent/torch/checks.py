@@ -81,8 +81,8 @@ def class_indices(target: Tensor, num_classes: int) -> Tensor:
         return target
     if target.dtype == torch.uint64:
         bits = target.view(torch.int64)
-        plain = bits if torch.compiler.is_compiling() else unwrapped(bits)
-        if not torch.compiler.is_compiling() and bool((plain < 0).any()):
+        plain = None if torch.compiler.is_compiling() else unwrapped(bits)  # no values while tracing
+        if plain is not None and bool((plain < 0).any()):
             first = int(plain[plain < 0][0]) + 2**64
             raise TargetIndexError(
                 f"target contains class index {first}, outside [0, {num_classes}) (number of classes C={num_classes})"
@@ -108,6 +108,12 @@ def loss_dtype(dtype: torch.dtype, target: Tensor, weight: Tensor | None, is_ind
         return dtype
     dtype = torch.promote_types(dtype, target.dtype)
     return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
+
+
+def linear_in(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``hidden @ weight.T + bias`` with all three in ``dtype`` (the matmul dtype): the logits of the
+    composite paths, differentiable."""
+    return torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def autocast_enabled(device_type: str) -> bool:

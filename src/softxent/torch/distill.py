@@ -50,7 +50,7 @@ from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
 from . import higher_order
 from .backends import backend_for
-from .checks import autocast_enabled, check_input, check_same_device, composite_needed
+from .checks import autocast_enabled, check_input, check_same_device, composite_needed, linear_in
 from .checks import matmul_dtype as matmul_dtype_of
 from .distill_composite import composite_distill
 from .fallback import compute_dtype
@@ -367,8 +367,7 @@ def _differentiable_linear(ctx, layer, teacher, valid, labels, grad_loss) -> lis
     call = ctx.call
 
     def loss_of(h, w, b):
-        bias = None if b is None else b.to(call.matmul_dtype)
-        logits = torch.nn.functional.linear(h.to(call.matmul_dtype), w.to(call.matmul_dtype), bias)
+        logits = linear_in(h, w, b, call.matmul_dtype)
         return composite_distill(logits, (*teacher, None), valid, labels, call.opts, call.teacher_dtype)[0]
 
     return higher_order.differentiable(loss_of, layer, ctx.needs_input_grad[:3], grad_loss)
@@ -581,8 +580,7 @@ def linear_distill_loss(
         wanted = [False] * 3  # computed in backward, with each token's upstream gradient
     hidden = student_hidden.reshape(math.prod(lead), student_hidden.shape[-1])  # not -1: D may be 0
     if composite_needed(student_hidden, student_weight, student_bias):  # torch.func transforms, forward AD
-        bias = None if student_bias is None else student_bias.to(matmul_dtype)
-        logits = torch.nn.functional.linear(hidden.to(matmul_dtype), student_weight.to(matmul_dtype), bias)
+        logits = linear_in(hidden, student_weight, student_bias, matmul_dtype)
         loss, stats = composite_distill(logits, teacher_tensors, valid, labels, opts, teacher_dtype)
     else:
         loss, *_, div, s_top, t_top = linear_distill_op(

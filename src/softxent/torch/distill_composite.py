@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._distill_options import DistillOptions
 from .._distill_teacher import check_labels, check_topk_values
-from .checks import unwrapped
+from .checks import linear_in, unwrapped
 from .fallback import compute_dtype
 
 
@@ -46,8 +46,7 @@ def _teacher_log_probs(tensors: tuple, num_classes: int, opts: DistillOptions, a
             log_q = torch.where(log_mass == -math.inf, -math.inf, log_q + log_mass)
         return indices, log_q
     if hidden is not None:
-        b = None if bias is None else bias.to(teacher_dtype)
-        logits = torch.nn.functional.linear(hidden.to(teacher_dtype), weight.to(teacher_dtype), b)
+        logits = linear_in(hidden, weight, bias, teacher_dtype)
     return None, torch.log_softmax(logits.to(acc) / t, dim=-1)
 
 

@@ -40,6 +40,7 @@ from .checks import (
     check_target,
     class_indices,
     composite_needed,
+    linear_in,
 )
 from .checks import loss_dtype as promoted_loss_dtype
 from .checks import matmul_dtype as matmul_dtype_of
@@ -487,8 +488,7 @@ def _composite_loss(
     hidden, linear_weight, linear_bias = layer
     if target_rows.dim() == 1:
         check_index_range(target_rows, linear_weight.shape[0], opts.ignore_index)
-    bias = None if linear_bias is None else linear_bias.to(matmul_dtype)
-    logits = torch.nn.functional.linear(hidden.to(matmul_dtype), linear_weight.to(matmul_dtype), bias)
+    logits = linear_in(hidden, linear_weight, linear_bias, matmul_dtype)
     loss = fallback.composite_cross_entropy(logits, target_rows, weight, opts)
     return loss, training.row_stats(logits, opts, target_rows) if return_stats else None
 
