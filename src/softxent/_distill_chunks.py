@@ -23,22 +23,7 @@ from dataclasses import replace
 
 from ._distill_options import DistillOptions
 from ._distill_teacher import TeacherChunk
-from ._linear_chunks import ArrayOps, Gradients, linear_cross_entropy_rows
-
-
-def logits_into(ops: ArrayOps, hidden, weight, bias, out) -> None:
-    """out (c, V) = hidden (c, D) @ weight (V, D).T + bias, in the GEMM blocks the student's logits
-    use (rows below the BLAS's workspace threshold, strided column blocks)."""
-    num_rows, num_classes = out.shape
-    cols = ops.logits_gemm_cols or num_classes
-    w_t = weight.T
-    for r0 in range(0, num_rows, ops.logits_gemm_rows):
-        r1 = min(r0 + ops.logits_gemm_rows, num_rows)
-        for c0 in range(0, num_classes, cols):
-            c1 = min(c0 + cols, num_classes)
-            ops.matmul_into(hidden[r0:r1], w_t[:, c0:c1], out[r0:r1, c0:c1])
-    if bias is not None:
-        out += bias
+from ._linear_chunks import ArrayOps, Gradients, linear_cross_entropy_rows, logits_into
 
 
 class TeacherRows:
@@ -99,7 +84,7 @@ def linear_distill_rows(
     as :func:`softxent._linear_chunks.linear_cross_entropy_rows`; ``stats`` is (divergence, student
     argmax, teacher argmax), each (N,)."""
     return linear_cross_entropy_rows(
-        replace(ops, cross_entropy_rows=rows_kernel),
+        replace(ops, cross_entropy_rows=rows_kernel, side_work=None),  # one teacher buffer: no overlap
         hidden,
         weight,
         bias,

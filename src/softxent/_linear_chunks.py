@@ -148,6 +148,8 @@ class ArrayOps:
             ``matmul_into`` must then accept a strided ``out`` without a copy).
         matmul_bias_into: ``matmul_bias_into(a, b, bias, out)`` → ``out = a @ b + bias`` in one
             GEMM (the bias in its epilogue), or None: the bias is added in a pass of its own.
+        side_work: None (the kernels run in line), or a factory, called once per loop, of a
+            scheduler like :class:`SequentialWork` that overlaps them with the GEMMs.
     """
 
     empty: Callable[..., Any]
@@ -158,6 +160,27 @@ class ArrayOps:
     logits_gemm_rows: int = LOGITS_GEMM_ROWS
     logits_gemm_cols: int = 0
     matmul_bias_into: Callable[[Any, Any, Any, Any], None] | None = None
+    side_work: Callable[[], Any] | None = None
+
+
+class SequentialWork:
+    """The chunk loop's scheduler of its cross-entropy kernels: ``launch(work)`` runs ``work``
+    (a call without arguments) and returns a ticket; ``wait(ticket)`` orders what the caller
+    issues next after that work.  This one runs it at once, on the caller's stream.  A
+    scheduler with ``overlaps`` True (CUDA: :class:`softxent.torch.chunk_streams.SideStream`)
+    runs it on a second stream after everything issued before, so that the loop cuts each
+    chunk in two and the first half's kernel runs while the second half's logits GEMM does."""
+
+    overlaps = False
+
+    def launch(self, work: Callable[[], None]):
+        work()
+
+    def wait(self, ticket) -> None:
+        pass
+
+
+SEQUENTIAL = SequentialWork()
 
 
 def active_tokens(target, opts: CrossEntropyOptions, nonzero):
@@ -235,54 +258,96 @@ def linear_cross_entropy_rows(
     want_grad = scale is not None and grads is not None and (grads.any or grads.before_gradient is not None)
     per_row_scale = want_grad and getattr(scale, "ndim", 0) > 0  # a float or a 0-d tensor: one for all
     rows_per_chunk = max(1, min(chunk_rows, num_tokens))
-    num_classes = linear_weight.shape[0]
-    buffer = ops.empty((rows_per_chunk, num_classes), hidden)
-    w_t = linear_weight.T
+    buffer = ops.empty((rows_per_chunk, linear_weight.shape[0]), hidden)
+    side = SEQUENTIAL if ops.side_work is None else ops.side_work()
     for start in range(0, num_tokens, rows_per_chunk):
         stop = min(start + rows_per_chunk, num_tokens)
-        # a slice (a view) when every token counts, else the chunk's token indices (a gather)
-        rows = slice(start, stop) if tokens is None else tokens[start:stop]
+        rows = token_rows(tokens, start, stop)
         h = hidden[rows]
         z = buffer[: stop - start]
-        # the logits GEMM by blocks of rows: a larger GEMM makes MKL allocate a workspace of
-        # D×8192 floats that would count against the memory budget (∂H and ∂W GEMMs do not)
-        cols = ops.logits_gemm_cols or num_classes
-        bias_in_gemm = linear_bias is not None and ops.matmul_bias_into is not None
-        for r0 in range(0, stop - start, ops.logits_gemm_rows):
-            r1 = min(r0 + ops.logits_gemm_rows, stop - start)
-            for c0 in range(0, num_classes, cols):
-                c1 = min(c0 + cols, num_classes)
-                if bias_in_gemm:
-                    ops.matmul_bias_into(h[r0:r1], w_t[:, c0:c1], linear_bias[c0:c1], z[r0:r1, c0:c1])
+        parts = chunk_parts(stop - start, 2 if side.overlaps else 1)
+        tickets = []
+        for lo, hi in parts:  # part 2's logits GEMM runs while part 1's kernel runs on the side
+            part_rows = token_rows(tokens, start + lo, start + hi)
+            logits_into(ops, h[lo:hi], linear_weight, linear_bias, z[lo:hi])
+            row_scale = None
+            if want_grad:
+                if grads.before_gradient is not None:
+                    grads.before_gradient(z[lo:hi], part_rows)
+                row_scale = scale[part_rows] if per_row_scale else scale
+            work = _rows_work(
+                ops, z[lo:hi], target[part_rows], class_weight, opts, loss_out, part_rows, row_scale, want_grad, stats
+            )
+            tickets.append(side.launch(work))
+        for (lo, hi), ticket in zip(parts, tickets, strict=True):  # part 1's ∂H runs while part 2's kernel runs
+            side.wait(ticket)
+            if want_grad and grads.hidden is not None:
+                if tokens is None:
+                    ops.matmul_into(z[lo:hi], linear_weight, grads.hidden[start + lo : start + hi])
                 else:
-                    ops.matmul_into(h[r0:r1], w_t[:, c0:c1], z[r0:r1, c0:c1])
-        if linear_bias is not None and not bias_in_gemm:
-            z += linear_bias
-        chunk_stats = {}
-        if stats is not None:
-            chunk_stats["stats"] = tuple(ops.empty((stop - start,), out) for out in stats)
-        if not want_grad:
-            loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts, **chunk_stats)
-        else:
-            if grads.before_gradient is not None:
-                grads.before_gradient(z, rows)
-            row_scale = scale[rows] if per_row_scale else scale
-            # z := G_r
-            loss_out[rows] = ops.cross_entropy_rows(z, target[rows], class_weight, opts, row_scale, z, **chunk_stats)
-        if stats is not None:
-            for out, values in zip(stats, chunk_stats["stats"], strict=True):
-                out[rows] = values
+                    dh = ops.empty((hi - lo, hidden.shape[1]), grads.hidden)
+                    ops.matmul_into(z[lo:hi], linear_weight, dh)
+                    grads.hidden[tokens[start + lo : start + hi]] = dh
         if not want_grad:
             continue
-        if grads.hidden is not None:
-            if tokens is None:
-                ops.matmul_into(z, linear_weight, grads.hidden[rows])
-            else:
-                dh = ops.empty((stop - start, hidden.shape[1]), grads.hidden)
-                ops.matmul_into(z, linear_weight, dh)
-                grads.hidden[rows] = dh
-        if grads.weight is not None:
+        if grads.weight is not None:  # whole chunks: every ∂W GEMM reads and writes all of ∂W
             ops.accumulate_matmul(grads.weight, z.T, h, start == 0)
         if grads.bias is not None:
             ops.add_column_sums(grads.bias, z, start == 0)
     return loss_out
+
+
+def token_rows(tokens, start: int, stop: int):
+    """The rows of tokens ``start:stop`` of the loop: a slice (a view) when every token counts
+    (``tokens`` None), else their indices (a gather)."""
+    return slice(start, stop) if tokens is None else tokens[start:stop]
+
+
+def chunk_parts(num_rows: int, parts: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` row ranges cutting a chunk into ``parts`` (1 or 2) pieces, the cut on a
+    multiple of :data:`ROW_ALIGN`; one piece when the chunk has fewer than two aligned blocks."""
+    if parts < 2 or num_rows < 2 * ROW_ALIGN:
+        return [(0, num_rows)]
+    mid = -(-num_rows // (2 * ROW_ALIGN)) * ROW_ALIGN
+    return [(0, mid), (mid, num_rows)]
+
+
+def _rows_work(ops: ArrayOps, z, target, class_weight, opts, loss_out, rows, scale, want_grad: bool, stats):
+    """The cross-entropy of a piece of a chunk, as a call without arguments (its inputs bound
+    now) that a side stream may run later: per-row losses into ``loss_out[rows]``, statistics
+    into ``stats[k][rows]``, and with ``want_grad`` ``scale·∂ℓ/∂z`` over ``z``."""
+
+    def work() -> None:
+        chunk_stats = {}
+        if stats is not None:
+            chunk_stats["stats"] = tuple(ops.empty((z.shape[0],), out) for out in stats)
+        if want_grad:  # z := G
+            loss_out[rows] = ops.cross_entropy_rows(z, target, class_weight, opts, scale, z, **chunk_stats)
+        else:
+            loss_out[rows] = ops.cross_entropy_rows(z, target, class_weight, opts, **chunk_stats)
+        if stats is not None:
+            for out, values in zip(stats, chunk_stats["stats"], strict=True):
+                out[rows] = values
+
+    return work
+
+
+def logits_into(ops: ArrayOps, hidden, weight, bias, out) -> None:
+    """out (c, V) = hidden (c, D) @ weight (V, D).T + bias, in blocks of at most
+    ``ops.logits_gemm_rows`` rows and ``ops.logits_gemm_cols`` columns (CPU: below MKL's
+    workspace threshold, which would count against the memory budget; the ∂H and ∂W GEMMs
+    have none), the bias in the GEMM's epilogue where the library has one."""
+    num_rows, num_classes = out.shape
+    cols = ops.logits_gemm_cols or num_classes
+    bias_in_gemm = bias is not None and ops.matmul_bias_into is not None
+    w_t = weight.T
+    for r0 in range(0, num_rows, ops.logits_gemm_rows):
+        r1 = min(r0 + ops.logits_gemm_rows, num_rows)
+        for c0 in range(0, num_classes, cols):
+            c1 = min(c0 + cols, num_classes)
+            if bias_in_gemm:
+                ops.matmul_bias_into(hidden[r0:r1], w_t[:, c0:c1], bias[c0:c1], out[r0:r1, c0:c1])
+            else:
+                ops.matmul_into(hidden[r0:r1], w_t[:, c0:c1], out[r0:r1, c0:c1])
+    if bias is not None and not bias_in_gemm:
+        out += bias

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._linear_chunks import ArrayOps, Gradients, blocked_accumulate_matmul
-from . import widening_gemm
+from . import chunk_streams, widening_gemm
 from .backends import Backend
 
 
@@ -38,7 +38,8 @@ def _add_column_sums(acc: Tensor, g: Tensor, overwrite: bool) -> None:
 
 def array_ops(backend: Backend) -> ArrayOps:
     """The chunk loop's array operations on ``backend``'s device, its rows kernel writing each
-    chunk's gradient in place (per-row losses float64 from Numba, the compute dtype elsewhere)."""
+    chunk's gradient in place (per-row losses float64 from Numba, the compute dtype elsewhere),
+    on a side stream overlapping the GEMMs where asked (:mod:`.chunk_streams`)."""
 
     def empty(shape, like: Tensor, dtype=None) -> Tensor:
         return backend.empty(shape, like.dtype if dtype is None else dtype)
@@ -66,7 +67,16 @@ def array_ops(backend: Backend) -> ArrayOps:
         logits_gemm_rows=gemm_rows,
         logits_gemm_cols=gemm_cols,
         matmul_bias_into=matmul_bias_into if backend.bias_in_gemm else None,
+        side_work=_side_work(backend),
     )
+
+
+def _side_work(backend: Backend):
+    """The side-stream scheduler's factory where the kernels overlap the GEMMs (CUDA with
+    ``SOFTXENT_LCE_OVERLAP=1``, :mod:`.chunk_streams`), else None."""
+    if backend.device.type != "cuda" or not chunk_streams.overlap_enabled():
+        return None
+    return lambda: chunk_streams.SideStream(backend.device)
 
 
 def gradient_buffers(backend: Backend, h: Tensor, w: Tensor, params, matmul_dtype, wanted, skipped: bool) -> Gradients:
