@@ -44,10 +44,10 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py t
   -k "((not float64_reference and not many_tiles_match) or ((plain or everything) and (float32 or bfloat16))) and not split" \
   2>&1 | tail -15 \
   | tee "$out/pytest-gpu.txt"
-# the class-major and distillation kernels, linear + CE under graph capture and autocast (a subset:
-# each dtype, the launch checks, the CUDA-only tests)
+# the class-major and distillation kernels, linear + CE under graph capture and autocast, and with
+# its kernels on a side stream (a subset: each dtype, the launch checks, the CUDA-only tests)
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_class_major.py tests/test_gpu_distill.py \
-  tests/test_linear_graph_capture.py tests/test_linear_widening_gemm.py \
+  tests/test_linear_graph_capture.py tests/test_linear_widening_gemm.py tests/test_linear_chunk_overlap.py \
   -k "dtype or low_precision or fused_teacher or cuda or launch or statistics or nan" 2>&1 | tail -8 \
   | tee -a "$out/pytest-gpu.txt"
 

@@ -197,6 +197,22 @@ def test_overlap_is_asked_for_and_only_on_cuda(monkeypatch):
     assert not chunk_streams.overlap_enabled()
 
 
+def test_overlapping_block_wins_over_the_environment_and_the_bench_step_runs_in_it(monkeypatch):
+    from softxent.bench import linear_contenders
+
+    monkeypatch.setenv(chunk_streams.ENABLE, "1")
+    with chunk_streams.overlapping(False):
+        assert not chunk_streams.overlap_enabled()
+        with chunk_streams.overlapping():
+            assert chunk_streams.overlap_enabled()
+        assert not chunk_streams.overlap_enabled()
+    assert chunk_streams.overlap_enabled()
+    monkeypatch.delenv(chunk_streams.ENABLE)
+    seen = []
+    step = linear_contenders._overlapped(lambda: seen.append(chunk_streams.overlap_enabled()) or "result")
+    assert step() == "result" and seen == [True] and not chunk_streams.overlap_enabled()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_side_stream_matches_one_stream_and_replays_in_a_cuda_graph(monkeypatch, dtype):

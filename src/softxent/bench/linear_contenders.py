@@ -73,6 +73,9 @@ def linear_cross_entropy_problem(
         )
 
     add("softxent linear_cross_entropy", sxt.linear_cross_entropy)
+    if device.type == "cuda":
+        step = backward_into_leaves(sxt.linear_cross_entropy, leaves, target)
+        add("softxent linear_cross_entropy, side stream", None, fb=_overlapped(step))
     problem.contenders.append(
         Contender("three GEMMs alone (floor)", None, gemm_floor(hidden, linear_weight), checked=False)
     )
@@ -89,6 +92,19 @@ def linear_cross_entropy_problem(
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         _add_autocast_with_float32_weights(problem, hidden, linear_weight, target, dtype)
     return problem
+
+
+def _overlapped(step):
+    """The training step ``step`` (forward and backward) with linear + CE's cross-entropy kernels
+    on a side stream, overlapping its GEMMs (:mod:`softxent.torch.chunk_streams`, not yet the
+    default)."""
+    from ..torch import chunk_streams
+
+    def run():
+        with chunk_streams.overlapping():
+            return step()
+
+    return run
 
 
 def _add_autocast_with_float32_weights(problem: Problem, hidden, linear_weight, target, dtype) -> None:

@@ -21,6 +21,7 @@ graph.  Asked for with ``SOFTXENT_LCE_OVERLAP=1`` — not the default until meas
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -31,10 +32,28 @@ ENABLE = "SOFTXENT_LCE_OVERLAP"
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
+_OVERLAPPING: list[bool] = []
+
+
 def overlap_enabled() -> bool:
-    """Whether CUDA linear + cross-entropy runs its kernels on a side stream
-    (``SOFTXENT_LCE_OVERLAP=1``)."""
+    """Whether CUDA linear + cross-entropy runs its kernels on a side stream: inside
+    :func:`overlapping`, else as ``SOFTXENT_LCE_OVERLAP=1`` asks."""
+    if _OVERLAPPING:
+        return _OVERLAPPING[-1]
     return os.environ.get(ENABLE, "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def overlapping(enabled: bool = True):
+    """Within the block, CUDA linear + cross-entropy overlaps its kernels with its GEMMs
+    (``enabled``) or does not, whatever ``SOFTXENT_LCE_OVERLAP`` says (``softxent bench`` times
+    it both ways); a backward follows the setting of the moment it runs.  Process-wide, as
+    :func:`softxent.torch.backends.splitting_rows`."""
+    _OVERLAPPING.append(enabled)
+    try:
+        yield
+    finally:
+        _OVERLAPPING.pop()
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
