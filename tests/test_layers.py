@@ -29,7 +29,7 @@ TORCH_LAYERS = {
                 "higher_order"},
     "backends": {
         "backends", "cpu_bridge", "fallback", "distill_rows", "cpu_buffers", "openmp_threads",
-        "deferred_checks", "target_counts", "widening_gemm",
+        "deferred_checks", "target_counts", "widening_gemm", "chunk_streams",
     },
 }  # fmt: skip
 TORCH_ORDER = ["backends", "helpers", "ops", "public"]
