@@ -35,9 +35,9 @@ from .cross_entropy import kernel_scalars
 from .simd import (
     EXACT_JIT,
     HELPER_JIT,
-    LOOP_JIT,
     as_compute,
     exp_le0,
+    float_sum,
     load,
     log_pos,
     maxnum,
@@ -238,14 +238,6 @@ def _finish_prob(work, dst, factor, scale, per_position_scale, q, w_c, keep, uni
         store(dst, j, v)
 
 
-@njit(**LOOP_JIT)
-def _sum(values):
-    total = 0.0
-    for j in range(values.size):
-        total += values[j]
-    return total
-
-
 @njit(parallel=True, **EXACT_JIT)
 def cross_entropy_spatial_kernel(
     z, g, target, q, w, scale, eps, lam, cap, weight_sum, ignore_index, has_ignore, want_grad, has_prob, loss, partial,
@@ -325,7 +317,7 @@ def cross_entropy_spatial_kernel(
             if per_position_loss:
                 loss[n * num_positions + s0 : n * num_positions + s0 + width] = ell
             else:
-                partial[task] = _sum(ell)
+                partial[task] = float_sum(ell)
             if not want_grad:
                 continue
             pos_scale = scale[n * num_positions + s0 : n * num_positions + s0 + width] if per_position_scale else scale

@@ -35,6 +35,7 @@ from .simd import (
     as_compute,
     compute_neg_inf,
     exp_le0,
+    float_sum,
     load,
     log_pos,
     maxnum,
@@ -120,21 +121,13 @@ def _normalizers_and_gradients(z0, z1, t32, m_out, z_t_out, log_s_out, g0, g1, o
 def _losses(t32, m, z_t, log_s, ell, w0, w1, has_weight):
     """ℓ_j = w_t·(log s − (z_t − m)) in float64 into ``ell`` (0 where ignored).  No 'reassoc'
     here: m + log s must never be formed.  No sum either: a float64 sum in this loop is one
-    dependent add per position and would stop it from vectorizing (3× slower; :func:`_sum`)."""
+    dependent add per position and would stop it from vectorizing (3× slower; summed by
+    :func:`softxent.cpu.simd.float_sum`)."""
     for j in range(t32.size):
         t = t32[j]
         w_t = (w1 if t == 1 else w0) if has_weight else 1.0
         loss = w_t * (np.float64(log_s[j]) - (np.float64(z_t[j]) - np.float64(m[j])))
         ell[j] = loss if t >= 0 else 0.0
-
-
-@njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
-def _sum(x):
-    """Σ_j x_j in float64, in whatever order vectorizes (several partial sums)."""
-    total = 0.0
-    for j in range(x.size):
-        total += x[j]
-    return total
 
 
 @njit(parallel=True, **EXACT_JIT)
@@ -176,7 +169,7 @@ def cross_entropy_two_class_kernel(z, g, target, w, r, ignore_index, has_ignore,
         if not want_ell:
             ell = np.empty(width)
         _losses(t32, m, z_t, log_s, ell, w0, w1, has_weight)
-        partial[task] = _sum(ell)
+        partial[task] = float_sum(ell)
 
 
 def num_tasks(num_samples: int, num_positions: int) -> int:

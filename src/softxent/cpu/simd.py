@@ -300,6 +300,17 @@ def _tanh_overload(x):
 # --- loads and stores across dtypes -----------------------------------------
 
 
+@njit(**LOOP_JIT)
+def float_sum(values):
+    """Σ_j values_j in float64, in whatever order vectorizes (several partial sums: 'reassoc'),
+    for sums of per-position losses kept apart from the loops that form them (a sum inside such a
+    loop is one dependent add per position and keeps the loop scalar)."""
+    total = 0.0
+    for j in range(values.size):
+        total += values[j]
+    return total
+
+
 def numba_view(a: np.ndarray) -> np.ndarray:
     """The array Numba receives: float16 travels as its uint16 bits (Numba has no float16)."""
     return a.view(np.uint16) if a.dtype == np.float16 else a
