@@ -265,9 +265,9 @@ def linear_cross_entropy_rows(
         rows = token_rows(tokens, start, stop)
         h = hidden[rows]
         z = buffer[: stop - start]
-        parts = chunk_parts(stop - start, 2 if side.overlaps else 1)
-        tickets = []
-        for lo, hi in parts:  # part 2's logits GEMM runs while part 1's kernel runs on the side
+        pieces = []  # (lo, hi, rows, ticket) of each part
+        # part 2's logits GEMM runs while part 1's kernel runs on the side
+        for lo, hi in chunk_parts(stop - start, 2 if side.overlaps else 1):
             part_rows = token_rows(tokens, start + lo, start + hi)
             logits_into(ops, h[lo:hi], linear_weight, linear_bias, z[lo:hi])
             row_scale = None
@@ -278,16 +278,16 @@ def linear_cross_entropy_rows(
             work = _rows_work(
                 ops, z[lo:hi], target[part_rows], class_weight, opts, loss_out, part_rows, row_scale, want_grad, stats
             )
-            tickets.append(side.launch(work))
-        for (lo, hi), ticket in zip(parts, tickets, strict=True):  # part 1's ∂H runs while part 2's kernel runs
+            pieces.append((lo, hi, part_rows, side.launch(work)))
+        for lo, hi, part_rows, ticket in pieces:  # part 1's ∂H runs while part 2's kernel runs
             side.wait(ticket)
             if want_grad and grads.hidden is not None:
-                if tokens is None:
-                    ops.matmul_into(z[lo:hi], linear_weight, grads.hidden[start + lo : start + hi])
+                if tokens is None:  # a slice: ∂H rows written in place
+                    ops.matmul_into(z[lo:hi], linear_weight, grads.hidden[part_rows])
                 else:
                     dh = ops.empty((hi - lo, hidden.shape[1]), grads.hidden)
                     ops.matmul_into(z[lo:hi], linear_weight, dh)
-                    grads.hidden[tokens[start + lo : start + hi]] = dh
+                    grads.hidden[part_rows] = dh
         if not want_grad:
             continue
         if grads.weight is not None:  # whole chunks: every ∂W GEMM reads and writes all of ∂W
