@@ -15,6 +15,10 @@ if importlib.util.find_spec("triton") is not None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import interpreter_speedup  # noqa: E402
+
+        interpreter_speedup.install()
 
 
 @pytest.fixture(params=["numba", "fallback", "triton"])
