@@ -1,55 +1,106 @@
-"""Let LLVM use the full 512-bit registers of AVX-512 CPUs in the Numba kernels.
+"""The vector width of the Numba kernels: full 512-bit vectors on AVX-512 CPUs, or AVX2 on request.
 
 LLVM's tuning for Intel server CPUs (Skylake-SP and later) prefers 256-bit
-vectors even where AVX-512 is available (``prefer-256-bit``), a guard against
-the clock drop of heavy 512-bit code on the first AVX-512 parts.  softxent's
-kernels are bound by vectorized ``exp`` and loads, and run 10–20 % faster with
-512-bit vectors (measured: forward cross-entropy 48 → 40 ms at 4096×32000 on an
-Emerald Rapids VM).
+vectors even where AVX-512 is available (``prefer-256-bit``). This guards against
+the clock drop that heavy 512-bit code caused on the first AVX-512 parts.
+softxent's kernels are bound by a vectorized ``exp`` and by loads, and they run
+10–20 % faster with 512-bit vectors (forward cross-entropy at 4096×32000 on an
+Emerald Rapids VM: 48 → 40 ms).
 
-Numba compiles with one set of CPU features per process, read when its code
-generator starts (at the first compilation).  :func:`prefer_full_width_vectors`
-adds ``-prefer-256-bit`` to them, only when the CPU has AVX-512, the user has
-not chosen features (``NUMBA_CPU_FEATURES`` / ``NUMBA_CPU_NAME``) and
-``SOFTXENT_PREFER_256_BIT`` is not set.  It changes no result, only the width
-of the vector instructions LLVM picks; it applies to every Numba function the
-process compiles afterwards.
+Numba compiles with one set of CPU features per process. It reads them when its
+code generator starts, at the first compilation, and they apply to every Numba
+function the process compiles after that. Two settings change them; neither
+changes a result, only the instructions LLVM picks:
+
+* :func:`prefer_full_width_vectors` adds ``-prefer-256-bit`` on AVX-512 CPUs. It
+  does this unless the user has chosen features (``NUMBA_CPU_FEATURES`` or
+  ``NUMBA_CPU_NAME``) or set ``SOFTXENT_PREFER_256_BIT``.
+* ``SOFTXENT_NO_AVX512=1`` compiles the kernels as for a CPU with AVX2 and no
+  AVX-512: the host's features with every AVX-512 (and AMX / AVX10) one switched
+  off. This is how an AVX2-only machine's code is measured on an AVX-512 host.
+  ``NUMBA_CPU_NAME`` alone does not do that: Numba keeps the host's features, so
+  AVX-512 instructions stay in the code.
+
+:func:`kernel_vector_bits` reports the width the process really compiles for. It
+reads the instructions of a small compiled loop, not the feature flags.
 """
 
 from __future__ import annotations
 
 import os
 
-_DISABLE = "SOFTXENT_PREFER_256_BIT"
+_PREFER_256 = "SOFTXENT_PREFER_256_BIT"
+_NO_AVX512 = "SOFTXENT_NO_AVX512"
+#: feature names that AVX2-only x86-64 CPUs lack
+_AVX512_FAMILY = ("avx512", "amx", "avx10", "evex512")
+
+
+def _user_chose_features() -> bool:
+    import numba
+
+    return bool(
+        os.environ.get("NUMBA_CPU_FEATURES")
+        or os.environ.get("NUMBA_CPU_NAME")
+        or numba.config.CPU_FEATURES is not None
+        or numba.config.CPU_NAME is not None
+    )
+
+
+def without_avx512(features: str) -> str:
+    """The LLVM feature string ``features`` (``+a,-b,…``) with every AVX-512 / AMX / AVX10
+    feature switched off."""
+    out = []
+    for flag in filter(None, features.split(",")):
+        name = flag[1:] if flag[0] in "+-" else flag
+        out.append("-" + name if any(name.startswith(k) for k in _AVX512_FAMILY) else flag)
+    return ",".join(out)
 
 
 def prefer_full_width_vectors() -> bool:
-    """Ask Numba for 512-bit vectors on AVX-512 CPUs; True if the setting was applied."""
-    if os.environ.get(_DISABLE) or os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("NUMBA_CPU_NAME"):
+    """Set the features Numba compiles for; True if softxent changed them.
+
+    * With ``SOFTXENT_NO_AVX512=1``, the host's features without AVX-512 (AVX2 code).
+    * On AVX-512 CPUs, 512-bit vectors (``-prefer-256-bit``).
+
+    Either applies only when the user has not chosen Numba's CPU or features."""
+    if _user_chose_features():
         return False
     import numba
     from llvmlite import binding
 
-    if numba.config.CPU_FEATURES is not None or numba.config.CPU_NAME is not None:
-        return False
     features = binding.get_host_cpu_features().flatten()
-    if "+avx512f" not in features.split(","):
+    if os.environ.get(_NO_AVX512) == "1":
+        numba.config.CPU_FEATURES = without_avx512(features)
+        return True
+    if os.environ.get(_PREFER_256) or "+avx512f" not in features.split(","):
         return False
     numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
     return True
 
 
-def kernel_vector_bits() -> int:
-    """The vector width (bits) the Numba kernels are compiled for in this process: 512 where
-    :func:`prefer_full_width_vectors` applied (AVX-512), else 256 with AVX2 (LLVM's choice on
-    AVX-512 CPUs too when 256-bit vectors are preferred), else 128 (SSE)."""
-    import numba
-    from llvmlite import binding
+def _probe_loop(x, y):
+    s = x[0] - x[0]
+    for i in range(x.size):
+        s += x[i] * y[i]
+    return s
 
-    chosen = numba.config.CPU_FEATURES
-    features = (chosen if chosen is not None else binding.get_host_cpu_features().flatten()).split(",")
-    if "+avx512f" in features and "-prefer-256-bit" in features:
+
+def kernel_vector_bits() -> int:
+    """The vector width (bits) of the Numba kernels this process compiles: 512, 256 or 128.
+
+    It compiles a small float32 loop with the kernels' settings (uncached), then reads
+    the widest vector register in its machine code (``zmm``, ``ymm`` or ``xmm``)."""
+    import numpy as np
+    from numba import njit
+
+    from .simd import LOOP_FLAGS
+
+    probe = njit(fastmath=LOOP_FLAGS, error_model="numpy", cache=False)(_probe_loop)
+    x = np.ones(64, np.float32)
+    probe(x, x)
+    asm = probe.inspect_asm(probe.signatures[0])
+    if "%zmm" in asm:
         return 512
-    if "+avx2" in features or "+avx512f" in features:
+    if "%ymm" in asm:
         return 256
     return 128
