@@ -24,8 +24,8 @@ from .simd import (
     compute_neg_inf,
     exp_le0,
     load,
-    maxnum,
     prefetch_range,
+    running_max,
     store,
     tanh,
 )
@@ -64,9 +64,10 @@ def _ahead_of_row_overload(flat, start, num_classes):
 
 @njit(**EXACT_JIT)
 def chunk_max(src, m):
-    """max(m, max_j src_j), ignoring NaN (NaN reaches the sum through exp)."""
+    """max(m, max_j src_j), ignoring NaN or not (:func:`~softxent.cpu.simd.running_max`):
+    a NaN reaches the sum through exp either way.  ``m`` must not be NaN."""
     for j in range(src.size):
-        m = maxnum(m, load(src[j]))
+        m = running_max(m, load(src[j]))
     return m
 
 
