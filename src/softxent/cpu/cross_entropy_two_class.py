@@ -38,7 +38,7 @@ from .simd import (
     float_sum,
     load,
     log_pos,
-    maxnum,
+    running_max,
     scratch_row,
     store,
 )
@@ -64,7 +64,7 @@ def _targets(target, t32, ignore_index, has_ignore):
 def _position(x0, x1, one, neg_inf):
     """(m, e_0, e_1, s) of one position, in the compute type: m = max(x_0, x_1), e_c = e^{x_c − m},
     s = e_0 + e_1 with one exponential (the max's is 1).  Inlined into the loops below."""
-    m = maxnum(maxnum(neg_inf, x0), x1)  # NaN is ignored here and reaches s through exp
+    m = running_max(running_max(neg_inf, x0), x1)  # NaN: ignored or not, it reaches s through exp
     d0 = x0 - m
     d1 = x1 - m
     # x_1 the max (d_1 = 0): e_1 = 1, e_0 = e^{d_0}.  Otherwise e_1 = e^{d_1} and e_0 = d_0 + 1:
