@@ -12,9 +12,11 @@ code generator starts, at the first compilation, and they apply to every Numba
 function the process compiles after that. Two settings change them; neither
 changes a result, only the instructions LLVM picks:
 
-* :func:`prefer_full_width_vectors` adds ``-prefer-256-bit`` on AVX-512 CPUs. It
-  does this unless the user has chosen features (``NUMBA_CPU_FEATURES`` or
-  ``NUMBA_CPU_NAME``) or set ``SOFTXENT_PREFER_256_BIT``.
+:func:`choose_cpu_features` applies one of them, unless the user has chosen
+Numba's features (``NUMBA_CPU_FEATURES`` or ``NUMBA_CPU_NAME``):
+
+* on AVX-512 CPUs it adds ``-prefer-256-bit``, unless ``SOFTXENT_PREFER_256_BIT``
+  is set;
 * ``SOFTXENT_NO_AVX512=1`` compiles the kernels as for a CPU with AVX2 and no
   AVX-512: the host's features with every AVX-512 (and AMX / AVX10) one switched
   off. This is how an AVX2-only machine's code is measured on an AVX-512 host.
@@ -56,7 +58,7 @@ def without_avx512(features: str) -> str:
     return ",".join(out)
 
 
-def prefer_full_width_vectors() -> bool:
+def choose_cpu_features() -> bool:
     """Set the features Numba compiles for; True if softxent changed them.
 
     * With ``SOFTXENT_NO_AVX512=1``, the host's features without AVX-512 (AVX2 code).
