@@ -51,8 +51,12 @@ def install() -> bool:
     # the lang modules the running launch has patched; launches run one at a time
     launch = {"langs": None, "thread": None}
 
+    seen_by = {}  # function → the ids of the lang modules among its globals (they never change)
+
     def langs_seen_by(fn):
-        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in lang_modules}
+        if fn not in seen_by:
+            seen_by[fn] = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in lang_modules}
+        return seen_by[fn]
 
     def patch_lang(fn):
         running = launch["langs"]
@@ -64,7 +68,7 @@ def install() -> bool:
             running |= langs  # the interpreter never undoes a helper's rewiring
             return original(fn)
         scope = original(fn)  # a kernel launch
-        launch["langs"], launch["thread"] = langs_seen_by(fn), threading.get_ident()
+        launch["langs"], launch["thread"] = set(langs_seen_by(fn)), threading.get_ident()
         restore = scope.restore
 
         def restore_and_end_launch():
