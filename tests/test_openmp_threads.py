@@ -11,11 +11,22 @@ import torch
 from softxent.torch import openmp_threads
 
 _CHECK = r"""
-import os, sys, torch
+import os, sys, time, torch
 import softxent.torch as sxt
 from softxent.torch import openmp_threads
 
 threads = lambda: len(os.listdir("/proc/self/task"))
+
+def threads_once_down_to(at_most, seconds=10.0):
+    # an exiting worker leaves /proc/self/task a moment after OpenMP lets it go
+    # (on a busy machine, after pthread_join has returned): wait for it, within limits
+    deadline = time.monotonic() + seconds
+    count = threads()
+    while count > at_most and time.monotonic() < deadline:
+        time.sleep(0.001)
+        count = threads()
+    return count
+
 torch.set_num_threads(2)
 logits = torch.randn(2048, 1000, requires_grad=True)
 target = torch.randint(0, 1000, (2048,))
@@ -26,13 +37,13 @@ y = torch.empty_like(x)
 y.copy_(x)  # PyTorch's OpenMP team: one worker besides this thread
 with_workers = threads()
 released = openmp_threads.release_idle_threads(1 << 22)
-without = threads()
+without = threads_once_down_to(with_workers - 1)
 y.add_(x)  # PyTorch's next parallel op starts its workers again
 again = threads()
 # a large softxent call releases them too, and its results do not depend on it
 y.copy_(x)
 loss = sxt.cross_entropy(logits, target)
-after_call = threads()
+after_call = threads_once_down_to(without)
 loss.backward()
 ref = logits.detach().clone().requires_grad_()
 torch.nn.functional.cross_entropy(ref, target).backward()
