@@ -150,6 +150,10 @@ class ArrayOps:
             GEMM (the bias in its epilogue), or None: the bias is added in a pass of its own.
         side_work: None (the kernels run in line), or a factory, called once per loop, of a
             scheduler like :class:`SequentialWork` that overlaps them with the GEMMs.
+        flush_subnormal: ``flush_subnormal(g)`` zeroes the entries of a chunk's gradient too
+            small for the ∂H and ∂W GEMMs to multiply at full speed, in place, before they read
+            it (CPU: subnormal operands and products cost a microcode assist each, up to 15×
+            slower; :mod:`softxent.cpu.subnormal`), or None.
     """
 
     empty: Callable[..., Any]
@@ -161,6 +165,7 @@ class ArrayOps:
     logits_gemm_cols: int = 0
     matmul_bias_into: Callable[[Any, Any, Any, Any], None] | None = None
     side_work: Callable[[], Any] | None = None
+    flush_subnormal: Callable[[Any], None] | None = None
 
 
 class SequentialWork:
@@ -323,6 +328,8 @@ def _rows_work(ops: ArrayOps, z, target, class_weight, opts, loss_out, rows, sca
             chunk_stats["stats"] = tuple(ops.empty((z.shape[0],), out) for out in stats)
         if want_grad:  # z := G
             loss_out[rows] = ops.cross_entropy_rows(z, target, class_weight, opts, scale, z, **chunk_stats)
+            if ops.flush_subnormal is not None:
+                ops.flush_subnormal(z)
         else:
             loss_out[rows] = ops.cross_entropy_rows(z, target, class_weight, opts, **chunk_stats)
         if stats is not None:

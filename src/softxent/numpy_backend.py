@@ -12,8 +12,11 @@ import os
 
 if os.environ.get("SOFTXENT_NUMPY_BACKEND", "numba") == "reference":
     from ._reference import cross_entropy_rows, log_softmax_rows, logsumexp_rows, softmax_rows
+
+    flush_subnormal = None  # the float64 reference has no GEMM to spare
 else:
     from .cpu.cross_entropy import cross_entropy_rows
     from .cpu.softmax import log_softmax_rows, logsumexp_rows, softmax_rows
+    from .cpu.subnormal import flush_subnormal
 
-__all__ = ["cross_entropy_rows", "log_softmax_rows", "logsumexp_rows", "softmax_rows"]
+__all__ = ["cross_entropy_rows", "flush_subnormal", "log_softmax_rows", "logsumexp_rows", "softmax_rows"]

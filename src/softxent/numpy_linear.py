@@ -65,6 +65,7 @@ NUMPY_OPS = ArrayOps(
     accumulate_matmul=_accumulate_matmul,
     add_column_sums=_add_column_sums,
     cross_entropy_rows=_cross_entropy_rows,
+    flush_subnormal=numpy_backend.flush_subnormal,
 )
 
 

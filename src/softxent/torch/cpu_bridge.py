@@ -16,6 +16,7 @@ from .._options import CrossEntropyOptions
 from ..cpu import cross_entropy as ce_kernel
 from ..cpu import cross_entropy_spatial as spatial_kernel
 from ..cpu import softmax as softmax_kernels
+from ..cpu import subnormal
 from ..cpu import targets as target_kernels
 from .openmp_threads import release_idle_threads
 
@@ -54,6 +55,13 @@ def cross_entropy_rows(
         as_numpy(logits), target_np, w, opts, scale, grad_np, inplace=inplace, stats=stats_np
     )
     return torch.from_numpy(loss)
+
+
+def flush_subnormal(g: torch.Tensor) -> None:
+    """Zero the entries of a contiguous float32/float64 gradient chunk (M, C) that a CPU GEMM
+    would multiply through subnormals, in place (:mod:`softxent.cpu.subnormal`); other dtypes are left alone."""
+    if g.dtype in (torch.float32, torch.float64):
+        subnormal.flush_subnormal(g.detach().numpy())
 
 
 def cross_entropy_spatial(logits, target, weight, opts: CrossEntropyOptions, scale=None, grad_out=None) -> torch.Tensor:

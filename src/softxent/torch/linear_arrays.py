@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._linear_chunks import ArrayOps, Gradients, blocked_accumulate_matmul
-from . import chunk_streams, widening_gemm
+from . import chunk_streams, cpu_bridge, widening_gemm
 from .backends import Backend
 
 
@@ -68,6 +68,8 @@ def array_ops(backend: Backend) -> ArrayOps:
         logits_gemm_cols=gemm_cols,
         matmul_bias_into=matmul_bias_into if backend.bias_in_gemm else None,
         side_work=_side_work(backend),
+        # CPU GEMMs slow down 10-15x on subnormal operands; GPUs' do not
+        flush_subnormal=cpu_bridge.flush_subnormal if backend.device.type == "cpu" else None,
     )
 
 
