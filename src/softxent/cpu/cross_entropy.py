@@ -40,7 +40,17 @@ from .chunks import (
     fill_zero,
     fold_chunk,
 )
-from .simd import EXACT_JIT, compute_neg_inf, compute_zero, load, numba_view, scratch_row, store, work_row
+from .simd import (
+    EXACT_JIT,
+    compute_neg_inf,
+    compute_zero,
+    kernel_probabilities,
+    load,
+    numba_view,
+    scratch_row,
+    store,
+    work_row,
+)
 from .threading_layer import serialized
 
 
@@ -318,13 +328,15 @@ def cross_entropy_rows(
     else:
         g = np.empty((num_rows, 0), z.dtype)
         scale_arr = np.zeros(1)
-    q = np.ascontiguousarray(target) if has_prob else np.empty((num_rows, 0), z.dtype)
+    q = kernel_probabilities(target, z.dtype) if has_prob else np.empty((num_rows, 0), z.dtype)
     idx = np.empty(0, np.int64) if has_prob else np.ascontiguousarray(target, dtype=np.int64)
     w = np.empty(0, compute) if weight is None else np.ascontiguousarray(weight, dtype=compute)
     loss = np.empty(num_rows, np.float64)
     if num_rows == 0:
         return loss
     lse_out, argmax_out = (np.empty(0), np.empty(0, np.int64)) if stats is None else stats
+    # the kernel writes float64 lse only (one compiled variant fewer: each costs ~13 s of JIT)
+    lse64 = lse_out if lse_out.dtype == np.float64 else np.empty(lse_out.shape, np.float64)
     cross_entropy_fwd_bwd_rows(
         numba_view(z),
         numba_view(g),
@@ -338,7 +350,9 @@ def cross_entropy_rows(
         inplace and z.dtype in (np.float32, np.float64),
         has_prob,
         loss,
-        lse_out,
+        lse64,
         argmax_out,
     )
+    if lse64 is not lse_out:
+        lse_out[...] = lse64
     return loss

@@ -38,6 +38,7 @@ from .simd import (
     as_compute,
     exp_le0,
     float_sum,
+    kernel_probabilities,
     load,
     log_pos,
     maxnum,
@@ -387,7 +388,7 @@ def cross_entropy_spatial(
         return loss if per_position_loss else partial
     block = block_positions(num_classes)
     partial = np.zeros(0 if per_position_loss else num_samples * ((num_positions + block - 1) // block))
-    q = np.ascontiguousarray(target) if has_prob else np.empty((0, 0, 0), z.dtype)
+    q = kernel_probabilities(target, z.dtype) if has_prob else np.empty((0, 0, 0), z.dtype)
     cross_entropy_spatial_kernel(
         numba_view(z),
         numba_view(g),

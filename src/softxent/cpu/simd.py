@@ -336,6 +336,18 @@ def numba_view(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
+def kernel_probabilities(q: np.ndarray, z_dtype) -> np.ndarray:
+    """Probability targets as the kernels take them: C-contiguous, of the logits' dtype, or
+    (another float dtype) of the compute dtype — float64 for float64 logits, else float32.
+    Every kernel is compiled once per pair of logits and target dtypes (~13 s of JIT each):
+    this keeps the pairs to a few.  Only a float64 target of 16-bit or float32 logits loses
+    bits: rounded to float32 (relative 6e-8 a probability), less than the float32 rounding of
+    the log-probabilities such a loss carries anyway (PyTorch's too)."""
+    if q.dtype != z_dtype and q.dtype in (np.float16, np.float32, np.float64):
+        q = q.astype(np.float64 if z_dtype == np.float64 else np.float32)
+    return np.ascontiguousarray(q)
+
+
 def load(x):
     """The compute value of one array element (Numba only)."""
     raise NotImplementedError("load is only callable from Numba code")

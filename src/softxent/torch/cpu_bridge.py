@@ -29,9 +29,13 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _kernel_inputs(target: torch.Tensor, weight: torch.Tensor | None, is_index: bool, grad_out):
-    """NumPy views of the target (int64 indices, or probabilities), the weight (float64) and the gradient."""
+def _kernel_inputs(target: torch.Tensor, weight: torch.Tensor | None, is_index: bool, grad_out, logits_dtype):
+    """NumPy views of the target (int64 indices, or probabilities: of the logits' dtype, or else
+    of the compute dtype, see :func:`softxent.cpu.simd.kernel_probabilities`), the weight
+    (float64) and the gradient."""
     w = None if weight is None else weight.detach().to(torch.float64).numpy()
+    if not is_index and target.dtype != logits_dtype:
+        target = target.to(torch.float64 if logits_dtype == torch.float64 else torch.float32)
     target_np = target.detach().to(torch.int64).numpy() if is_index else as_numpy(target.contiguous())
     return target_np, w, None if grad_out is None else as_numpy(grad_out)
 
@@ -49,7 +53,7 @@ def cross_entropy_rows(
     """Per-row losses (M,) float64 of contiguous rows (M, C); the gradient goes to ``grad_out``,
     each row's lse and argmax to ``stats`` (contiguous (M,) float and int64 tensors) if given."""
     release_idle_threads(logits.numel())
-    target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 1, grad_out)
+    target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 1, grad_out, logits.dtype)
     stats_np = None if stats is None else (stats[0].numpy(), stats[1].numpy())
     loss = ce_kernel.cross_entropy_rows(
         as_numpy(logits), target_np, w, opts, scale, grad_np, inplace=inplace, stats=stats_np
@@ -70,7 +74,7 @@ def cross_entropy_spatial(logits, target, weight, opts: CrossEntropyOptions, sca
     ``logits``) goes to ``grad_out``.  Arguments as :func:`cross_entropy_rows`, with ``target``
     (N, S) class indices or (N, C, S) probabilities and ``scale`` a float."""
     release_idle_threads(logits.numel())
-    target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 2, grad_out)
+    target_np, w, grad_np = _kernel_inputs(target, weight, target.dim() == 2, grad_out, logits.dtype)
     loss = spatial_kernel.cross_entropy_spatial(
         as_numpy(logits), target_np, w, opts, scale, grad_np, per_position_loss=opts.reduction == "none"
     )
