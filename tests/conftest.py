@@ -20,6 +20,58 @@ if importlib.util.find_spec("triton") is not None:
 
         interpreter_speedup.install()
 
+#: test files that run longest, longest first, as measured on a cold 2-core CI run (seconds:
+#: 175, 175, 160, 117, 64, 46, 46, 45, 40, 34). pytest-xdist's ``--dist loadfile`` hands a
+#: worker one file at a time in collection order; starting with these leaves the short files
+#: to even out the end (ordered by test count instead, the 175 s compile test started last and
+#: one worker ran ~100 s alone).
+LONGEST_FILES_FIRST = (
+    "test_gpu_kernels_compile.py",
+    "test_gpu_kernels.py",
+    "test_class_major_inputs.py",
+    "test_jax_api.py",
+    "test_torch_api.py",
+    "test_processes.py",
+    "test_torch_linear.py",
+    "test_numerics_magnitude.py",
+    "test_jax_weight_gradient.py",
+    "test_distill_memory.py",
+)
+
+#: ``SOFTXENT_FULL_TESTS=1`` runs every case of the grids marked ``quick_tier`` (see below)
+FULL_TESTS = os.environ.get("SOFTXENT_FULL_TESTS") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "quick_tier(keep=fn): a large grid whose default run keeps only the cases for which keep(params) is true "
+        "(a covering subset); SOFTXENT_FULL_TESTS=1 runs them all",
+    )
+    if hasattr(config.option, "loadscopereorder"):  # xdist: keep our file order (see LONGEST_FILES_FIRST)
+        config.option.loadscopereorder = False
+
+
+def pytest_report_header(config):
+    if FULL_TESTS:
+        return "softxent: full tier (every case of the quick_tier grids)"
+    return "softxent: quick tier (SOFTXENT_FULL_TESTS=1 runs every case of the quick_tier grids)"
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    if FULL_TESTS:
+        return
+    kept, dropped = [], []
+    for item in items:
+        mark = item.get_closest_marker("quick_tier")
+        params = getattr(getattr(item, "callspec", None), "params", None)
+        (kept if mark is None or params is None or mark.kwargs["keep"](params) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
 
 @pytest.fixture(params=["numba", "fallback", "triton"])
 def backend(request, monkeypatch):
