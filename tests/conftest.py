@@ -58,6 +58,14 @@ def pytest_report_header(config):
     return "softxent: quick tier (SOFTXENT_FULL_TESTS=1 runs every case of the quick_tier grids)"
 
 
+def pytest_terminal_summary(terminalreporter):
+    if not FULL_TESTS:
+        terminalreporter.write_line(
+            "softxent quick tier: the grids marked quick_tier ran a covering subset of their cases "
+            "(SOFTXENT_FULL_TESTS=1 runs every case)"
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
