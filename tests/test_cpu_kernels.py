@@ -26,6 +26,12 @@ def _map_tanh(x, out):
         out[i] = simd.tanh(x[i])
 
 
+@njit
+def _map_log_1_to_2(x, out):
+    for i in range(x.size):
+        out[i] = simd.log_1_to_2(x[i])
+
+
 def ulp_error(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
     """|approx − exact| in units of the float32 spacing at the exact value."""
     return np.abs(approx.astype(np.float64) - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
@@ -45,6 +51,19 @@ def test_fast_exp_special_values():
     out = np.empty_like(x)
     _map_exp(x, out)
     assert out[0] == 0.0 and np.isnan(out[1]) and out[2] == 0.0 and out[3] == 0.0 and out[4] == 1.0
+
+
+def test_two_class_log_is_within_one_ulp_of_numpy_on_1_to_2_and_keeps_nan():
+    x = np.concatenate([np.linspace(1.0, 2.0, 2_000_001), [np.nextafter(np.float32(1), 2), 1.4142135, 1.4142137]])
+    x = x.astype(np.float32)
+    out = np.empty_like(x)
+    _map_log_1_to_2(x, out)
+    exact = np.log(x.astype(np.float64))
+    assert out[0] == 0.0 and out[-4] == np.float32(np.log(2.0))  # log 1 and log 2 exactly
+    assert ulp_error(out[1:], exact[1:]).max() <= 1.0
+    special = np.array([np.nan], np.float32)
+    _map_log_1_to_2(special, special)
+    assert np.isnan(special[0])
 
 
 def test_fast_tanh_is_within_two_ulp_of_numpy():

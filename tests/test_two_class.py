@@ -1,6 +1,7 @@
 """C = 2 class-major inputs run their own one-pass kernel (softxent.cpu.cross_entropy_two_class):
-the same losses as the general class-major kernel, gradients within 1 ulp of it, NaN where it
-gives NaN — on every dtype, option it takes, special value and block boundary."""
+the same losses as the general class-major kernel (but for a log s within 1 ulp), gradients
+within 1 ulp of it, NaN where it gives NaN — on every dtype, option it takes, special value and
+block boundary."""
 
 import numpy as np
 import pytest
@@ -42,6 +43,20 @@ def _ulps_apart(a, b, dtype):
     return np.where(same, 0.0, np.nan_to_num(apart, nan=np.inf))
 
 
+def _same_but_for_the_log(got, want, w, dtype):
+    """Per-position losses: the same float64 arithmetic, on a float32 log s (1 ≤ s ≤ 2) of the
+    two-class kernel's own that may round 1 ulp (≤ 2^-24) away from the general kernel's log;
+    float64 logits take libm's log in both, bit for bit."""
+    if dtype == np.float64:
+        np.testing.assert_array_equal(got, want)
+        return
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    w_max = 1.0 if w is None else float(np.max(w[np.isfinite(w)]))
+    assert np.max(np.abs(got[finite] - want[finite]), initial=0.0) <= w_max * 2.0**-24
+
+
 def _logits(dtype, shape, special, seed=0):
     z = np.random.default_rng(seed).standard_normal(shape) * 4
     if special:
@@ -71,7 +86,7 @@ def test_two_class_kernel_gives_the_general_kernels_results(dtype, shape, ignore
             got, got_g = _run(z, t, w, opts, scale, per_position_loss, general=False)
             want, want_g = _run(z, t, w, opts, scale, per_position_loss, general=True)
             if per_position_loss:
-                np.testing.assert_array_equal(got, want)  # per position: the same float64 arithmetic
+                _same_but_for_the_log(got, want, w, dtype)
             else:  # partial sums over other blocks: the totals agree
                 np.testing.assert_allclose(got.sum(), want.sum(), rtol=1e-12)
             if scale is not None:

@@ -239,14 +239,9 @@ _L8 = f32(-2.4999993993e-1)
 _L9 = f32(3.3333331174e-1)
 
 
-@njit(**HELPER_JIT)
-def _log_f32(x):
-    bits = _f32_bits(x)
-    k = ((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126)
-    f = _f32_from_bits((bits & np.int32(0x7FFFFF)) | np.int32(0x3F000000))  # x = f·2^k, f in [0.5, 1)
-    small = f < _SQRT_HALF
-    k = k - np.int32(1) if small else k
-    r = (f + f - f32(1.0)) if small else (f - f32(1.0))
+@njit(inline="always", **HELPER_JIT)
+def _log_reduced_f32(r, kf):
+    """log(1 + r) + kf·ln 2 for r in [√½ − 1, √2 − 1] (float32, about 1 ulp)."""
     z = r * r
     p = _L1 * r + _L2
     p = p * r + _L3
@@ -256,10 +251,31 @@ def _log_f32(x):
     p = p * r + _L7
     p = p * r + _L8
     p = p * r + _L9
-    kf = f32(k)
     y = p * r * z + kf * _LN2_LO - f32(0.5) * z
-    v = r + y + kf * _LN2_HI
+    return r + y + kf * _LN2_HI
+
+
+@njit(**HELPER_JIT)
+def _log_f32(x):
+    bits = _f32_bits(x)
+    k = ((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126)
+    f = _f32_from_bits((bits & np.int32(0x7FFFFF)) | np.int32(0x3F000000))  # x = f·2^k, f in [0.5, 1)
+    small = f < _SQRT_HALF
+    k = k - np.int32(1) if small else k
+    r = (f + f - f32(1.0)) if small else (f - f32(1.0))
+    v = _log_reduced_f32(r, f32(k))
     return v if x == x else x  # NaN stays NaN
+
+
+_SQRT_TWO = f32(1.4142135623730951)
+
+
+@njit(**HELPER_JIT)
+def _log_1_to_2_f32(s):
+    # s = f·2^k with k ∈ {0, 1} and f in [√½, √2]: r = f − 1 is exact (Sterbenz); NaN stays NaN
+    two = s > _SQRT_TWO
+    f = s * f32(0.5) if two else s
+    return _log_reduced_f32(f - f32(1.0), f32(1.0) if two else f32(0.0))
 
 
 def log_pos(x):
@@ -274,6 +290,23 @@ def _log_pos_overload(x):
         return lambda x: _log_f32(x)
     if x == types.float64:
         return lambda x: math.log(x)
+    return None
+
+
+def log_1_to_2(s):
+    """log s for 1 ≤ s ≤ 2 (Numba only): the normalizer of two classes relative to their max,
+    s = 1 + e^{−|x_0 − x_1|}.  float32: the polynomial of :func:`log_pos` without its exponent
+    extraction (the exponent is 0 or 1), 0.8 ulp — 1.4× faster over a two-class loop at 256
+    bits; libm's for float64.  NaN gives NaN."""
+    raise NotImplementedError("log_1_to_2 is only callable from Numba code")
+
+
+@overload(log_1_to_2, jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"})
+def _log_1_to_2_overload(s):
+    if s == types.float32:
+        return lambda s: _log_1_to_2_f32(s)
+    if s == types.float64:
+        return lambda s: math.log(s)
     return None
 
 
