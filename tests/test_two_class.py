@@ -1,7 +1,7 @@
 """C = 2 class-major inputs run their own one-pass kernel (softxent.cpu.cross_entropy_two_class):
-the same losses as the general class-major kernel (but for a log s within 1 ulp), gradients
-within 1 ulp of it, NaN where it gives NaN — on every dtype, option it takes, special value and
-block boundary."""
+the same losses as the general class-major kernel (within a few float32 ulps: see
+_same_but_for_the_log), gradients within 1 ulp of it, NaN where it gives NaN — on every dtype,
+option it takes, special value and block boundary."""
 
 import numpy as np
 import pytest
@@ -43,18 +43,25 @@ def _ulps_apart(a, b, dtype):
     return np.where(same, 0.0, np.nan_to_num(apart, nan=np.inf))
 
 
-def _same_but_for_the_log(got, want, w, dtype):
-    """Per-position losses: the same float64 arithmetic, on a float32 log s (1 ≤ s ≤ 2) of the
-    two-class kernel's own that may round 1 ulp (≤ 2^-24) away from the general kernel's log;
-    float64 logits take libm's log in both, bit for bit."""
+def _same_but_for_the_log(got, want, w, dtype, positions=1):
+    """Per-position losses: the two-class kernel keeps log s − (x_t − m) in float32 for 32- and
+    16-bit logits (the general kernel forms it in float64) with its own log s (1 ≤ s ≤ 2), so
+    they agree within a few float32 ulps of the loss (2^-22 relative) plus one ulp of log s
+    (≤ 2^-24) times the weight; NaN and ±inf where the general kernel has them; float64 logits:
+    the same float64 arithmetic, bit for bit.  Sums over ``positions`` (in other orders): the
+    bounds add up (every loss ≥ 0)."""
     if dtype == np.float64:
-        np.testing.assert_array_equal(got, want)
+        if positions == 1:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-12)
         return
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     finite = np.isfinite(want)
     np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
     w_max = 1.0 if w is None else float(np.max(w[np.isfinite(w)]))
-    assert np.max(np.abs(got[finite] - want[finite]), initial=0.0) <= w_max * 2.0**-24
+    bound = 2.0**-22 * np.abs(want[finite]) + positions * w_max * 2.0**-24
+    assert np.all(np.abs(got[finite] - want[finite]) <= bound)
 
 
 def _logits(dtype, shape, special, seed=0):
@@ -87,8 +94,8 @@ def test_two_class_kernel_gives_the_general_kernels_results(dtype, shape, ignore
             want, want_g = _run(z, t, w, opts, scale, per_position_loss, general=True)
             if per_position_loss:
                 _same_but_for_the_log(got, want, w, dtype)
-            else:  # partial sums over other blocks: the totals agree
-                np.testing.assert_allclose(got.sum(), want.sum(), rtol=1e-12)
+            else:  # partial sums over other blocks: the totals agree (as the per-position bound allows)
+                _same_but_for_the_log(np.array([got.sum()]), np.array([want.sum()]), w, dtype, z[:, 0].size)
             if scale is not None:
                 assert np.array_equal(np.isnan(got_g), np.isnan(want_g))
                 assert _ulps_apart(got_g, want_g, dtype).max() <= 1
@@ -100,7 +107,7 @@ def test_bfloat16_bits_run_the_two_class_kernel_too():
     z = x.view(torch.int16).numpy()
     got, got_g = _run(z, t.numpy(), None, make_options(), 0.5, True, general=False)
     want, want_g = _run(z, t.numpy(), None, make_options(), 0.5, True, general=True)
-    np.testing.assert_array_equal(got, want)
+    _same_but_for_the_log(got, want, None, np.float32)  # computed in float32, as float32 logits
     g = torch.from_numpy(got_g).view(torch.bfloat16).float()
     h = torch.from_numpy(want_g).view(torch.bfloat16).float()
     torch.testing.assert_close(g, h, rtol=2**-7, atol=0)

@@ -8,9 +8,9 @@ keeps a position's two logits in registers and does the exponential, the log
 and the gradient in one vectorized loop over the contiguous positions of a
 sample — in 32-bit lanes only (the targets turned to int32 first), so AVX2
 runs 8 positions at a time — with a log for 1 ≤ s ≤ 2 only (no exponent to
-extract); a second short loop forms the float64 losses from the (m, x_t, log s)
-it kept: per position j,
-with x_c = z[n, c, j] and t = target[n, j]:
+extract) — and keeps each position's loss relative to the max (float32 for 32-
+and 16-bit logits: within 2 ulps); the weights and the sum are float64.  Per
+position j, with x_c = z[n, c, j] and t = target[n, j]:
 
     m = max(x_0, x_1),   e_c = e^{x_c − m},   s = e_0 + e_1   (one exp: the max's e is 1),
     ℓ = w_t·(log s − (x_t − m))                      (0 where t = ignore_index),
@@ -77,37 +77,49 @@ def _position(x0, x1, one, neg_inf):
     return m, e0, e1, e0 + e1
 
 
+@njit(**HELPER_JIT)
+def _half_loss(log_s, x_t, m, half):
+    """ℓ/2 = log s/2 − (x_t/2 − m/2), in this order: no 'reassoc' here (an inlined call keeps
+    its own flags in the loops below, which have it), so m + log s is never formed.  Halves:
+    x_t − m leaves the float32 range for finite logits of opposite signs near its largest
+    (3e38 and −3e38: ℓ = 6e38), its half never does; halving is exact (but for subnormal
+    logits, far below any loss's rounding)."""
+    return log_s * half - (x_t * half - m * half)
+
+
 @njit(**LOOP_JIT)
-def _normalizers(z0, z1, t32, m_out, z_t_out, log_s_out):
-    """Per position j, in the compute type (float32 lanes for 32- and 16-bit logits): m, x_t and
-    log s, kept for the float64 losses of :func:`_losses`."""
+def _losses(z0, z1, t32, ell_c):
+    """ℓ_j/2 (:func:`_half_loss`) per position j in the compute type (float32 lanes for 32- and
+    16-bit logits; 0 where ignored), unweighted, into ``ell_c``."""
     one = as_compute(z0, 1.0)
+    zero = as_compute(z0, 0.0)
+    half = as_compute(z0, 0.5)
     neg_inf = compute_neg_inf(z0)
     for j in range(z0.size):
         x0 = load(z0[j])
         x1 = load(z1[j])
+        t = t32[j]
         m, _, _, s = _position(x0, x1, one, neg_inf)
-        m_out[j] = m
-        z_t_out[j] = x1 if t32[j] == 1 else x0
-        log_s_out[j] = log_1_to_2(s)  # 1 ≤ s ≤ 2
+        loss = _half_loss(log_1_to_2(s), x1 if t == 1 else x0, m, half)  # 1 ≤ s ≤ 2
+        ell_c[j] = loss if t >= 0 else zero
 
 
 @njit(**LOOP_JIT)
-def _normalizers_and_gradients(z0, z1, t32, m_out, z_t_out, log_s_out, g0, g1, onehot0, onehot1):
-    """:func:`_normalizers`, and g_c = (r·w_t/s)·e_c − [c = t]·r·w_t to ``g0``/``g1`` (0 where
+def _losses_and_gradients(z0, z1, t32, ell_c, g0, g1, onehot0, onehot1):
+    """:func:`_losses`, and g_c = (r·w_t/s)·e_c − [c = t]·r·w_t to ``g0``/``g1`` (0 where
     ignored; ``onehot_c`` = r·w_c rounded to the compute type).  A loop of its own: with a
     gradient array that could alias the logits, LLVM would not vectorize the loss-only one."""
     one = as_compute(z0, 1.0)
     zero = as_compute(z0, 0.0)
+    half = as_compute(z0, 0.5)
     neg_inf = compute_neg_inf(z0)
     for j in range(z0.size):
         x0 = load(z0[j])
         x1 = load(z1[j])
         t = t32[j]
         m, e0, e1, s = _position(x0, x1, one, neg_inf)
-        m_out[j] = m
-        z_t_out[j] = x1 if t == 1 else x0
-        log_s_out[j] = log_1_to_2(s)  # 1 ≤ s ≤ 2
+        loss = _half_loss(log_1_to_2(s), x1 if t == 1 else x0, m, half)  # 1 ≤ s ≤ 2
+        ell_c[j] = loss if t >= 0 else zero
         onehot = onehot1 if t == 1 else onehot0
         factor = onehot / s
         v0 = factor * e0 - (onehot if t == 0 else zero)
@@ -119,16 +131,13 @@ def _normalizers_and_gradients(z0, z1, t32, m_out, z_t_out, log_s_out, g0, g1, o
 
 
 @njit(**HELPER_JIT)
-def _losses(t32, m, z_t, log_s, ell, w0, w1, has_weight):
-    """ℓ_j = w_t·(log s − (z_t − m)) in float64 into ``ell`` (0 where ignored).  No 'reassoc'
-    here: m + log s must never be formed.  No sum either: a float64 sum in this loop is one
-    dependent add per position and would stop it from vectorizing (3× slower; summed by
-    :func:`softxent.cpu.simd.float_sum`)."""
+def _weighted_losses(t32, ell_c, ell, w0, w1, has_weight):
+    """w_t·ℓ_j in float64 into ``ell`` from the halves ``ell_c`` (0 where ignored: an infinite
+    weight of an ignored position's class stays out)."""
     for j in range(t32.size):
         t = t32[j]
         w_t = (w1 if t == 1 else w0) if has_weight else 1.0
-        loss = w_t * (np.float64(log_s[j]) - (np.float64(z_t[j]) - np.float64(m[j])))
-        ell[j] = loss if t >= 0 else 0.0
+        ell[j] = w_t * (2.0 * np.float64(ell_c[j])) if t >= 0 else 0.0
 
 
 @njit(parallel=True, **EXACT_JIT)
@@ -158,19 +167,20 @@ def cross_entropy_two_class_kernel(z, g, target, w, r, ignore_index, has_ignore,
         s0 = (task % blocks_per_sample) * BLOCK
         s1 = min(s0 + BLOCK, num_positions)
         width = s1 - s0
-        ell = loss[n * num_positions + s0 : n * num_positions + s1] if want_ell else loss
         t32 = np.empty(width, np.int32)
-        m, z_t, log_s = scratch_row(zrow, width), scratch_row(zrow, width), scratch_row(zrow, width)
+        ell_c = scratch_row(zrow, width)
         _targets(target[n, s0:s1], t32, ignore_index, has_ignore)
         if want_grad:
-            _normalizers_and_gradients(z[n, 0, s0:s1], z[n, 1, s0:s1], t32, m, z_t, log_s, g[n, 0, s0:s1],
-                                       g[n, 1, s0:s1], onehot0, onehot1)  # fmt: skip
+            _losses_and_gradients(z[n, 0, s0:s1], z[n, 1, s0:s1], t32, ell_c, g[n, 0, s0:s1], g[n, 1, s0:s1],
+                                  onehot0, onehot1)  # fmt: skip
         else:
-            _normalizers(z[n, 0, s0:s1], z[n, 1, s0:s1], t32, m, z_t, log_s)
-        if not want_ell:
-            ell = np.empty(width)
-        _losses(t32, m, z_t, log_s, ell, w0, w1, has_weight)
-        partial[task] = float_sum(ell)
+            _losses(z[n, 0, s0:s1], z[n, 1, s0:s1], t32, ell_c)
+        if want_ell or has_weight:
+            ell = loss[n * num_positions + s0 : n * num_positions + s1] if want_ell else np.empty(width)
+            _weighted_losses(t32, ell_c, ell, w0, w1, has_weight)
+            partial[task] = float_sum(ell)
+        else:
+            partial[task] = 2.0 * float_sum(ell_c)  # a float64 sum of the halves
 
 
 def num_tasks(num_samples: int, num_positions: int) -> int:
