@@ -177,6 +177,19 @@ def prefetch_range(arr, lo, hi, for_write):
             _prefetch(arr, j, False)
 
 
+def _float32_or_libm(stub, float32_impl, libm, **options) -> None:
+    """Give the Numba-only function ``stub`` its implementations: ``float32_impl`` (a Numba
+    function) for float32 arguments, ``libm`` (a ``math`` function) for float64 ones."""
+
+    @overload(stub, jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"}, **options)
+    def _implementation(x):
+        if x == types.float32:
+            return lambda x: float32_impl(x)
+        if x == types.float64:
+            return lambda x: libm(x)
+        return None
+
+
 # --- exp -------------------------------------------------------------------
 
 _LOG2E = f32(1.4426950408889634)
@@ -215,13 +228,7 @@ def exp_le0(d):
     raise NotImplementedError("exp_le0 is only callable from Numba code")
 
 
-@overload(exp_le0, jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"})
-def _exp_le0_overload(d):
-    if d == types.float32:
-        return lambda d: _exp_le0_f32(d)
-    if d == types.float64:
-        return lambda d: math.exp(d)
-    return None
+_float32_or_libm(exp_le0, _exp_le0_f32, math.exp)
 
 
 # --- log ---------------------------------------------------------------------
@@ -284,13 +291,7 @@ def log_pos(x):
     raise NotImplementedError("log_pos is only callable from Numba code")
 
 
-@overload(log_pos, jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"})
-def _log_pos_overload(x):
-    if x == types.float32:
-        return lambda x: _log_f32(x)
-    if x == types.float64:
-        return lambda x: math.log(x)
-    return None
+_float32_or_libm(log_pos, _log_f32, math.log)
 
 
 def log_1_to_2(s):
@@ -301,13 +302,7 @@ def log_1_to_2(s):
     raise NotImplementedError("log_1_to_2 is only callable from Numba code")
 
 
-@overload(log_1_to_2, jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"})
-def _log_1_to_2_overload(s):
-    if s == types.float32:
-        return lambda s: _log_1_to_2_f32(s)
-    if s == types.float64:
-        return lambda s: math.log(s)
-    return None
+_float32_or_libm(log_1_to_2, _log_1_to_2_f32, math.log)
 
 
 # --- tanh (softcap) ---------------------------------------------------------
@@ -341,13 +336,7 @@ def tanh(x):
     raise NotImplementedError("tanh is only callable from Numba code")
 
 
-@overload(tanh, inline="always", jit_options={"fastmath": HELPER_FLAGS, "error_model": "numpy"})
-def _tanh_overload(x):
-    if x == types.float32:
-        return lambda x: _tanh_f32(x)
-    if x == types.float64:
-        return lambda x: math.tanh(x)
-    return None
+_float32_or_libm(tanh, _tanh_f32, math.tanh, inline="always")
 
 
 # --- loads and stores across dtypes -----------------------------------------
