@@ -8,20 +8,21 @@ keeps a position's two logits in registers and does the exponential, the log
 and the gradient in one vectorized loop over the contiguous positions of a
 sample — in 32-bit lanes only (the targets turned to int32 first), so AVX2
 runs 8 positions at a time — with a log for 1 ≤ s ≤ 2 only (no exponent to
-extract) — and keeps each position's loss relative to the max (float32 for 32-
-and 16-bit logits: within 2 ulps); the weights and the sum are float64.  Per
-position j, with x_c = z[n, c, j] and t = target[n, j]:
+extract) — and keeps each position's loss relative to the max in the compute
+type (float32 for 32- and 16-bit logits: within a few ulps of the float64 value);
+the weights and the sum are float64.  Per position j, with x_c = z[n, c, j] and
+t = target[n, j]:
 
     m = max(x_0, x_1),   e_c = e^{x_c − m},   s = e_0 + e_1   (one exp: the max's e is 1),
     ℓ = w_t·(log s − (x_t − m))                      (0 where t = ignore_index),
     g_c = r·w_t·(e_c / s − [c = t])                  (0 where ignored),
 
 r the gradient's scale, w_t the target's class weight (1 without weights).  It is
-the general kernel's arithmetic with C = 2 (relative to the max, the same
-exp, a log within 1 float32 ulp of its, NaN and ±inf as PyTorch), for the options segmentation trains with:
-class indices, class weights, ``ignore_index``, one scale for every position.
-Label smoothing, z-loss, softcap, probability targets and per-position scales
-go to the general kernel (:func:`applies` says which).
+the general kernel's arithmetic with C = 2 (relative to the max, the same exp,
+a log within 1 float32 ulp of its, NaN and ±inf as PyTorch), for the options
+segmentation trains with: class indices, class weights, ``ignore_index``, one
+scale for every position.  Label smoothing, z-loss, softcap, probability targets
+and per-position scales go to the general kernel (:func:`applies` says which).
 """
 
 from __future__ import annotations
