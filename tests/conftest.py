@@ -52,12 +52,6 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
 
 
-def pytest_report_header(config):
-    if FULL_TESTS:
-        return "softxent: full tier (every case of the quick_tier grids)"
-    return "softxent: quick tier (SOFTXENT_FULL_TESTS=1 runs every case of the quick_tier grids)"
-
-
 def pytest_terminal_summary(terminalreporter):
     if not FULL_TESTS:
         terminalreporter.write_line(

@@ -386,13 +386,17 @@ def _assert_close_rows(ours, want, dtype):
             _close(o[f], w[f], dtype)
 
 
+#: (kernel, hostile rows) of the many-tile grid below
+MANY_TILE_CASES = [("sweep", False), ("sweep", True), ("split", True)]
+
+
 def _many_tiles_quick_case(params):
     """The quick tier of the grid below (192 cases, ~150 s in the interpreter; 66 kept): "everything"
     in every case, and each other option with the dtypes rotated, so that every (option, dtype),
     (kernel, option), (kernel, dtype), (targets, option) and (targets, dtype) pair still runs."""
     if params["name"] == "everything":
         return True
-    kernel = [("sweep", False), ("sweep", True), ("split", True)].index((params["kernel"], params["hostile"]))
+    kernel = MANY_TILE_CASES.index((params["kernel"], params["hostile"]))
     shift = kernel + 2 * params["probabilities"]
     return DTYPES.index(params["dtype"]) == (list(OPTIONS).index(params["name"]) + shift) % len(DTYPES)
 
@@ -403,7 +407,7 @@ def _many_tiles_quick_case(params):
 @pytest.mark.parametrize("probabilities", [False, True], ids=["index", "prob"])
 @pytest.mark.parametrize(
     ("kernel", "hostile"),
-    [("sweep", False), ("sweep", True), ("split", True)],
+    MANY_TILE_CASES,
     ids=["sweep-random", "sweep-hostile", "split-hostile"],
 )
 def test_rows_of_many_tiles_match_the_reference_with_every_option_and_statistic(

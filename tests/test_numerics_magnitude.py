@@ -49,7 +49,7 @@ def _quick_case(params):
     that every (magnitude, option), (magnitude, sign) and (option, sign) pair still runs."""
     if params["backend"] != "triton":
         return True
-    option = next(i for i, o in enumerate(OPTIONS) if o == params["options"])
+    option = OPTIONS.index(params["options"])
     return [1.0, -1.0].index(params["sign"]) == (option + MAGNITUDES.index(params["magnitude"])) % 2
 
 

@@ -1,6 +1,6 @@
 """C = 2 class-major inputs run their own one-pass kernel (softxent.cpu.cross_entropy_two_class):
 the same losses as the general class-major kernel (within a few float32 ulps: see
-_same_but_for_the_log), gradients within 1 ulp of it, NaN where it gives NaN — on every dtype,
+_losses_agree), gradients within 1 ulp of it, NaN where it gives NaN — on every dtype,
 option it takes, special value and block boundary."""
 
 import numpy as np
@@ -43,7 +43,7 @@ def _ulps_apart(a, b, dtype):
     return np.where(same, 0.0, np.nan_to_num(apart, nan=np.inf))
 
 
-def _same_but_for_the_log(got, want, w, dtype, positions=1):
+def _losses_agree(got, want, w, dtype, positions=1):
     """Per-position losses: the two-class kernel keeps log s − (x_t − m) in float32 for 32- and
     16-bit logits (the general kernel forms it in float64) with its own log s (1 ≤ s ≤ 2), so
     they agree within a few float32 ulps of the loss (2^-22 relative) plus one ulp of log s
@@ -93,9 +93,9 @@ def test_two_class_kernel_gives_the_general_kernels_results(dtype, shape, ignore
             got, got_g = _run(z, t, w, opts, scale, per_position_loss, general=False)
             want, want_g = _run(z, t, w, opts, scale, per_position_loss, general=True)
             if per_position_loss:
-                _same_but_for_the_log(got, want, w, dtype)
+                _losses_agree(got, want, w, dtype)
             else:  # partial sums over other blocks: the totals agree (as the per-position bound allows)
-                _same_but_for_the_log(np.array([got.sum()]), np.array([want.sum()]), w, dtype, z[:, 0].size)
+                _losses_agree(np.array([got.sum()]), np.array([want.sum()]), w, dtype, z[:, 0].size)
             if scale is not None:
                 assert np.array_equal(np.isnan(got_g), np.isnan(want_g))
                 assert _ulps_apart(got_g, want_g, dtype).max() <= 1
@@ -107,7 +107,7 @@ def test_bfloat16_bits_run_the_two_class_kernel_too():
     z = x.view(torch.int16).numpy()
     got, got_g = _run(z, t.numpy(), None, make_options(), 0.5, True, general=False)
     want, want_g = _run(z, t.numpy(), None, make_options(), 0.5, True, general=True)
-    _same_but_for_the_log(got, want, None, np.float32)  # computed in float32, as float32 logits
+    _losses_agree(got, want, None, np.float32)  # computed in float32, as float32 logits
     g = torch.from_numpy(got_g).view(torch.bfloat16).float()
     h = torch.from_numpy(want_g).view(torch.bfloat16).float()
     torch.testing.assert_close(g, h, rtol=2**-7, atol=0)
