@@ -204,3 +204,53 @@ def test_bfloat16_bits_are_read_and_written_as_bfloat16():
     once = torch.from_numpy(grad32).to(torch.bfloat16)
     ulps = (grad.view(torch.int16).int() - once.view(torch.int16).int()).abs()
     assert ulps.max() <= 1 and ulps.float().mean() < 1e-3
+
+
+@njit(cache=False)
+def _stream_scaled(src, dst, factor, minus):
+    simd.stream_scaled(src, dst, factor, minus)
+    simd.store_fence()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_stores_write_every_element_whatever_the_alignment(dtype):
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=301).astype(dtype)
+    for offset in range(3):
+        for size in (0, 1, 7, 16, 17, 100, 301 - offset):
+            raw = np.full(310, -7.0, dtype)
+            dst = raw[offset : offset + size]
+            _stream_scaled(src[:size], dst, 0.5, 0.25)
+            np.testing.assert_array_equal(dst, (0.5 * src[:size] - 0.25).astype(dtype))
+            assert (raw[:offset] == -7.0).all() and (raw[offset + size :] == -7.0).all()
+    # the whole cache lines are non-temporal stores
+    assert "vmovnt" in _stream_scaled.inspect_asm(_stream_scaled.signatures[0])
+
+
+@pytest.mark.parametrize("c", [3, 37, CHUNK + 5, 2 * CHUNK])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_streamed_gradient_is_the_cached_one_bit_for_bit(c, kind, use_weight, dtype, monkeypatch):
+    """A large gradient is written with non-temporal stores from a per-thread scratch row
+    (STREAM_MIN_BYTES, lowered here): the same values as the ordinary stores, for every option."""
+    z, target, weight = _case(c, kind, use_weight)
+    z = z.astype(dtype)
+    z[4, c // 2] = np.nan
+    for options in OPTIONS:
+        opts = make_options(**options)
+        t = target.copy()
+        if kind == "index" and options["ignore_index"] is None:
+            t[t < 0] = 0
+        scale = np.linspace(0.5, 1.5, z.shape[0])
+        monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 1 << 62)
+        cached = np.empty_like(z)
+        cached_loss = ce_kernel.cross_entropy_rows(z, t, weight, opts, scale, cached)
+        monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
+        for offset in (0, 1):  # gradient rows aligned to the cache lines, and not
+            raw = np.full(z.size + 1, 99.0, dtype)
+            streamed = raw[offset : offset + z.size].reshape(z.shape)
+            assert ce_kernel._streams(z, streamed, True, False)
+            loss = ce_kernel.cross_entropy_rows(z, t, weight, opts, scale, streamed)
+            np.testing.assert_array_equal(loss, cached_loss, err_msg=str(options))
+            np.testing.assert_array_equal(streamed, cached, err_msg=str(options))

@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba.get_thread_id's own intrinsic: the public function reads a ctypes pointer, which keeps
+# the kernel out of Numba's cache (a 10 s compile in every process)
+from numba.np.ufunc.parallel import _iget_thread_id as _thread_id
 
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
@@ -42,13 +47,17 @@ from .chunks import (
 )
 from .simd import (
     EXACT_JIT,
+    X86,
     compute_neg_inf,
     compute_zero,
+    finish_row,
     kernel_probabilities,
     load,
     numba_view,
     scratch_row,
     store,
+    store_fence,
+    stream_scaled,
     work_row,
 )
 from .threading_layer import serialized
@@ -89,8 +98,9 @@ def _first_nan(src):
 
 @njit(**EXACT_JIT)
 def cross_entropy_row(
-    z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight, want_argmax, ahead
-):
+    z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight, want_argmax, ahead,
+    scratch, stream,
+):  # fmt: skip
     """``(ℓ, lse, argmax)`` of one row (float64, float64, int) and, if ``want_grad``, its
     gradient written into ``g``.  argmax (only if ``want_argmax``, else 0) is the first index
     of the (capped) row's max, as ``torch.argmax`` (the first NaN when the row has one); the
@@ -114,6 +124,13 @@ def cross_entropy_row(
         weight_sum: W = Σ_k w_k (C without weights); unused unless ε > 0.
         ahead: the memory beyond the row that is prefetched while its exponentials run
             (:func:`softxent.cpu.chunks.ahead_of_row`; may be empty).
+        scratch: empty, or a row of C elements of the compute type that holds the exponentials
+            (with ``want_grad``; else a row is allocated for 16-bit ``g`` and ``g`` itself is used
+            for float32/float64).
+        stream: (float32/float64 ``g`` apart from ``z``, ``scratch`` given) the gradient is
+            formed in ``scratch`` and each finished chunk written to ``g`` with non-temporal
+            stores (:func:`~softxent.cpu.simd.stream_scaled`): ``g`` is not read before it is
+            written.
     """
     num_classes = z.size
     num_chunks = (num_classes + CHUNK - 1) // CHUNK
@@ -127,7 +144,7 @@ def cross_entropy_row(
     dot = 0.0
     y_total = 0.0
     if want_grad:
-        work = work_row(g, num_classes)
+        work = scratch if scratch.size > 0 else work_row(g, num_classes)
     else:
         work = scratch_row(z, num_classes if cap > 0.0 else 0)
     z_target = 0.0
@@ -201,12 +218,15 @@ def cross_entropy_row(
         hi = min(lo + CHUNK, num_classes)
         # exponentials of chunk c are relative to the running max m_c (none with softcap)
         factor = base if cap > 0.0 else base * math.exp(np.float64(chunk_max_at[c]) - m64)
-        if simple:
+        if simple and stream:
+            stream_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform if eps > 0.0 else 0.0)
+        elif simple:
             chunk_finish_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform if eps > 0.0 else 0.0)
         else:
+            dst = finish_row(work[lo:hi], g[lo:hi], stream)
             chunk_finish_general(
                 work[lo:hi],
-                g[lo:hi],
+                dst,
                 factor,
                 m,
                 q[lo:hi],
@@ -218,6 +238,10 @@ def cross_entropy_row(
                 finish_weight,
                 cap,
             )
+            if stream:
+                stream_scaled(dst, g[lo:hi], 1.0, 0.0)
+    if stream:
+        store_fence()  # the streamed lines before g_t's ordinary store and the rows' join
     if not has_prob:
         # the one-hot part of y: recompute g_t from scratch so it is rounded once
         w_t = w[t] if has_weight else 1.0
@@ -249,6 +273,8 @@ def cross_entropy_fwd_bwd_rows(
     loss,
     lse_out,
     argmax_out,
+    stream,
+    threads,
 ):
     """Every row of ``z`` (M, C) in parallel; see :func:`cross_entropy_row`.
 
@@ -256,13 +282,18 @@ def cross_entropy_fwd_bwd_rows(
     ``scale`` (M,) or (1,) float64; ``loss`` (M,) float64 receives ℓ_i (0 for
     ignored rows, whose gradient row is zero).  ``lse_out`` (M,) float64 and
     ``argmax_out`` (M,) int64, unless empty, receive each row's lse and argmax
-    (0 and −1 for ignored rows, which are not read).
+    (0 and −1 for ignored rows, which are not read).  ``stream``: write the gradient with
+    non-temporal stores (see :func:`cross_entropy_row`).  Each of the ``threads`` threads
+    keeps its exponentials in a scratch row of its own when streaming or for a 16-bit gradient
+    (one allocation a call, not one a row).
     """
     want_stats = lse_out.size > 0
     num_rows, num_classes = z.shape
     flat = z.reshape(-1)
     per_row_scale = scale.size > 1
     has_weight = w.size > 0
+    row_scratch = num_classes if stream or (want_grad and g.itemsize == 2) else 0
+    scratch = scratch_row(z, threads * row_scratch)
     for i in prange(num_rows):
         t = target[i] if not has_prob else 0
         row_scale = scale[i] if per_row_scale else scale[0]
@@ -277,10 +308,27 @@ def cross_entropy_fwd_bwd_rows(
         loss[i], lse, argmax = cross_entropy_row(
             z[i], g[i], t, q[i], w, eps, lam, cap, row_scale, weight_sum, want_grad, inplace, has_prob, has_weight,
             want_stats, ahead_of_row(flat, i * num_classes, num_classes),
+            _thread_scratch(z, scratch, row_scratch, threads), stream,
         )  # fmt: skip
         if want_stats:
             lse_out[i] = lse
             argmax_out[i] = argmax
+
+
+@njit(**EXACT_JIT)
+def _thread_scratch(z, scratch, length, threads):
+    """This thread's ``length`` elements of ``scratch`` (``threads`` rows of them); a new row if
+    the thread's id is out of that range (it never is: Numba numbers a region's threads from 0)."""
+    tid = _thread_id()
+    if length == 0 or tid < threads:
+        return scratch[tid * length : (tid + 1) * length] if length > 0 else scratch[:0]
+    return scratch_row(z, length)
+
+
+#: a gradient at least this large is written with non-temporal stores: far larger than the
+#: caches, it reaches memory anyway, and nothing reads it before the backward's consumer;
+#: below it the gradient stays in cache for that consumer
+STREAM_MIN_BYTES = 32 << 20
 
 
 def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple:
@@ -295,6 +343,15 @@ def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple
         -(2**62) if opts.ignore_index is None else opts.ignore_index,
         opts.ignore_index is not None,
     )
+
+
+def _streams(z: np.ndarray, g: np.ndarray, want_grad: bool, inplace: bool) -> bool:
+    """Whether the gradient ``g`` of ``z`` is written with non-temporal stores: on x86 (where it
+    was measured), a float32/float64 gradient of its own (not the logits), of at least
+    :data:`STREAM_MIN_BYTES`."""
+    if not X86 or not want_grad or inplace or z.dtype not in (np.float32, np.float64) or g.dtype != z.dtype:
+        return False
+    return g.nbytes >= STREAM_MIN_BYTES and not np.may_share_memory(g, z)
 
 
 @serialized
@@ -352,6 +409,8 @@ def cross_entropy_rows(
         loss,
         lse64,
         argmax_out,
+        _streams(z, g, want_grad, inplace),
+        numba.get_num_threads(),
     )
     if lse64 is not lse_out:
         lse_out[...] = lse64

@@ -25,6 +25,7 @@ that call them may use it.
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -175,6 +176,105 @@ def prefetch_range(arr, lo, hi, for_write):
             _prefetch(arr, j, True)
         else:
             _prefetch(arr, j, False)
+
+
+@intrinsic
+def _stream_scaled_line(typingctx, src, i, dst, j, factor, minus):
+    """dst[j : j + L] = factor·src[i : i + L] − minus for one cache line (L·itemsize = 64 bytes),
+    stored non-temporally (``!nontemporal``: ``vmovntps``/``vmovntpd``), which writes the line to
+    memory without reading it first.  ``dst[j]`` must be 64-byte aligned, ``src[i]`` need not be;
+    ``factor`` and ``minus`` have the arrays' element type.  The product and the difference carry
+    'contract', as in the row loops, so LLVM forms the same fused multiply-add."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+        return None
+    element_type = dst.dtype
+    if element_type not in (types.float32, types.float64) or src.dtype != element_type:
+        return None
+    if factor != element_type or minus != element_type:
+        return None
+    lanes = CACHE_LINE * 8 // element_type.bitwidth
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        element = context.get_value_type(element_type)
+        vector = ir.VectorType(element, lanes)
+        source = context.make_array(signature.args[0])(context, builder, args[0]).data
+        target = context.make_array(signature.args[2])(context, builder, args[2]).data
+        value = builder.load(
+            builder.bitcast(builder.gep(source, [args[1]]), vector.as_pointer()), align=element_type.bitwidth // 8
+        )
+
+        def splat(x):
+            undefined = ir.Constant(vector, ir.Undefined)
+            one = builder.insert_element(undefined, x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, undefined, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+        product = builder.fmul(value, splat(args[4]), flags=("contract",))
+        result = builder.fsub(product, splat(args[5]), flags=("contract",))
+        line = builder.bitcast(builder.gep(target, [args[3]]), vector.as_pointer())
+        stored = builder.store(result, line, align=CACHE_LINE)
+        stored.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+        return context.get_dummy_value()
+
+    return types.none(src, i, dst, j, factor, minus), codegen
+
+
+#: an x86 CPU: non-temporal stores are ordered by ``sfence`` (elsewhere by a full fence)
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@intrinsic
+def store_fence(typingctx):
+    """``sfence`` (a full fence off x86): the non-temporal stores issued before it are visible
+    before any store after it."""
+
+    def codegen(context, builder, signature, args):
+        if X86:
+            fnty = ir.FunctionType(ir.VoidType(), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.sfence"), [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@njit(**LOOP_JIT)
+def _scaled(src, dst, factor, minus):
+    for j in range(src.size):
+        store(dst, j, factor * src[j] - minus)
+
+
+@njit(**EXACT_JIT)
+def _stream_scaled_lines(src, dst, factor, minus):
+    lanes = CACHE_LINE // dst.itemsize
+    address = dst.ctypes.data
+    head = ((CACHE_LINE - address % CACHE_LINE) % CACHE_LINE) // dst.itemsize
+    head = dst.size if address % dst.itemsize else min(dst.size, head)  # misaligned elements: no lines
+    _scaled(src[:head], dst[:head], factor, minus)
+    j = head
+    while j + lanes <= dst.size:
+        _stream_scaled_line(src, j, dst, j, factor, minus)
+        j += lanes
+    _scaled(src[j:], dst[j:], factor, minus)
+
+
+def stream_scaled(src, dst, factor, minus):
+    """dst_j = factor·src_j − minus (Numba only; ``src`` in the compute type of ``dst``, of the
+    same size).  For float32/float64 ``dst`` the whole cache lines are stored non-temporally and
+    the unaligned ends ordinarily: a large output that nothing reads back soon is written
+    without the read of each line that an ordinary store begins with (a third of the memory
+    traffic of a copy).  Call :func:`store_fence` before anything that must see the stores —
+    another thread, or an ordinary store to the same memory.  16-bit ``dst``: ordinary
+    rounding stores."""
+    raise NotImplementedError("stream_scaled is only callable from Numba code")
+
+
+def finish_row(work, grad_row, stream):
+    """The row a kernel's final pass writes: ``work`` (the compute-type row of exponentials)
+    when the gradient is streamed out of it afterwards (:func:`stream_scaled`), else the
+    gradient row itself (Numba only; a 16-bit gradient row is always written directly)."""
+    raise NotImplementedError("finish_row is only callable from Numba code")
 
 
 def _float32_or_libm(stub, float32_impl, libm, **options) -> None:
@@ -477,3 +577,25 @@ def _scratch_row_overload(src_row, n):
     if src_row.dtype == types.float64:
         return lambda src_row, n: np.empty(n, np.float64)
     return lambda src_row, n: np.empty(n, np.float32)
+
+
+@overload(stream_scaled, jit_options={"fastmath": LOOP_FLAGS, "error_model": "numpy"})
+def _stream_scaled_overload(src, dst, factor, minus):
+    if dst.dtype in (types.float32, types.float64) and src.dtype == dst.dtype:
+
+        def impl(src, dst, factor, minus):
+            _stream_scaled_lines(src, dst, as_compute(dst, factor), as_compute(dst, minus))
+
+        return impl
+
+    def impl(src, dst, factor, minus):
+        _scaled(src, dst, as_compute(src, factor), as_compute(src, minus))
+
+    return impl
+
+
+@overload(finish_row)
+def _finish_row_overload(work, grad_row, stream):
+    if grad_row.dtype == work.dtype:
+        return lambda work, grad_row, stream: work if stream else grad_row
+    return lambda work, grad_row, stream: grad_row
