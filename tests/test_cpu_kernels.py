@@ -254,3 +254,45 @@ def test_streamed_gradient_is_the_cached_one_bit_for_bit(c, kind, use_weight, dt
             loss = ce_kernel.cross_entropy_rows(z, t, weight, opts, scale, streamed)
             np.testing.assert_array_equal(loss, cached_loss, err_msg=str(options))
             np.testing.assert_array_equal(streamed, cached, err_msg=str(options))
+
+
+def test_streamed_gradients_of_concurrent_calls_are_each_their_own(monkeypatch):
+    """Each call has its own per-thread scratch rows: calls from several Python threads at once
+    (and with fewer Numba threads) give the bits of each call made alone."""
+    import threading
+
+    import numba
+
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
+    rng = np.random.default_rng(5)
+    problems = [(rng.normal(size=(64, 3 * CHUNK + 7)) * (k + 1), rng.integers(0, 3 * CHUNK + 7, 64)) for k in range(4)]
+    opts = make_options(z_loss=1e-3)
+
+    def run(z, t):
+        grad = np.empty_like(z)
+        return ce_kernel.cross_entropy_rows(z, t, None, opts, 0.5, grad), grad
+
+    alone = [run(z, t) for z, t in problems]
+    results = [[] for _ in problems]
+
+    def worker(k):
+        for _ in range(3):
+            results[k].append(run(*problems[k]))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(problems))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (loss, grad), runs in zip(alone, results, strict=True):
+        assert len(runs) == 3
+        for got_loss, got_grad in runs:
+            np.testing.assert_array_equal(got_loss, loss)
+            np.testing.assert_array_equal(got_grad, grad)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one_thread = run(*problems[2])
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one_thread[1], alone[2][1])

@@ -320,10 +320,13 @@ def cross_entropy_fwd_bwd_rows(
 @njit(**EXACT_JIT)
 def _thread_scratch(z, scratch, length, threads):
     """This thread's ``length`` elements of ``scratch`` (``threads`` rows of them); a new row if
-    the thread's id is out of that range (it never is: Numba numbers a region's threads from 0)."""
+    the thread's id is outside 0 … threads − 1 (Numba numbers a region's threads from 0: each
+    parallel region is a TBB arena, an OpenMP team or the workqueue's pool of that size)."""
+    if length == 0:
+        return scratch[:0]
     tid = _thread_id()
-    if length == 0 or tid < threads:
-        return scratch[tid * length : (tid + 1) * length] if length > 0 else scratch[:0]
+    if 0 <= tid < threads:
+        return scratch[tid * length : (tid + 1) * length]
     return scratch_row(z, length)
 
 
