@@ -122,6 +122,16 @@ def _case(c, kind, use_weight, seed=0):
     return z, target, weight
 
 
+def _each_option(target, kind):
+    """(options, their CrossEntropyOptions, the targets, per-row scales) for each set of OPTIONS;
+    without an ignore_index the ignored class-index targets become class 0."""
+    for options in OPTIONS:
+        t = target.copy()
+        if kind == "index" and options["ignore_index"] is None:
+            t[t < 0] = 0
+        yield options, make_options(**options), t, np.linspace(0.5, 1.5, len(t))
+
+
 @pytest.mark.parametrize("c", [1, 3, CHUNK + 5, 2 * CHUNK])
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("use_weight", [False, True])
@@ -132,12 +142,7 @@ def test_cross_entropy_kernel_matches_the_reference_for_every_option(c, kind, us
     if kind == "index" and c > 4:
         target[1] = c - 1  # a target inside the −inf region gives +inf loss
     rtol = 1e-12 if dtype == np.float64 else 2e-5
-    for options in OPTIONS:
-        opts = make_options(**options)
-        t = target.copy()
-        if kind == "index" and options["ignore_index"] is None:
-            t[t < 0] = 0
-        scale = np.linspace(0.5, 1.5, z.shape[0])
+    for options, opts, t, scale in _each_option(target, kind):
         want_grad = np.empty(z.shape)
         with np.errstate(all="ignore"):
             want_loss = reference.cross_entropy_rows(z, t, weight, opts, scale, want_grad)
@@ -237,12 +242,7 @@ def test_streamed_gradient_is_the_cached_one_bit_for_bit(c, kind, use_weight, dt
     z, target, weight = _case(c, kind, use_weight)
     z = z.astype(dtype)
     z[4, c // 2] = np.nan
-    for options in OPTIONS:
-        opts = make_options(**options)
-        t = target.copy()
-        if kind == "index" and options["ignore_index"] is None:
-            t[t < 0] = 0
-        scale = np.linspace(0.5, 1.5, z.shape[0])
+    for options, opts, t, scale in _each_option(target, kind):
         monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 1 << 62)
         cached = np.empty_like(z)
         cached_loss = ce_kernel.cross_entropy_rows(z, t, weight, opts, scale, cached)
