@@ -238,7 +238,8 @@ def test_streamed_stores_write_every_element_whatever_the_alignment(dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_streamed_gradient_is_the_cached_one_bit_for_bit(c, kind, use_weight, dtype, monkeypatch):
     """A large gradient is written with non-temporal stores from a per-thread scratch row
-    (STREAM_MIN_BYTES, lowered here): the same values as the ordinary stores, for every option."""
+    (STREAM_MIN_BYTES and STREAM_MIN_VECTOR_BITS, lowered here): the same values as the ordinary
+    stores, for every option."""
     z, target, weight = _case(c, kind, use_weight)
     z = z.astype(dtype)
     z[4, c // 2] = np.nan
@@ -247,6 +248,7 @@ def test_streamed_gradient_is_the_cached_one_bit_for_bit(c, kind, use_weight, dt
         cached = np.empty_like(z)
         cached_loss = ce_kernel.cross_entropy_rows(z, t, weight, opts, scale, cached)
         monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
+        monkeypatch.setattr(ce_kernel, "STREAM_MIN_VECTOR_BITS", 0)  # whatever the vectors
         for offset in (0, 1):  # gradient rows aligned to the cache lines, and not
             raw = np.full(z.size + 1, 99.0, dtype)
             streamed = raw[offset : offset + z.size].reshape(z.shape)
@@ -264,6 +266,7 @@ def test_streamed_gradients_of_concurrent_calls_are_each_their_own(monkeypatch):
     import numba
 
     monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_VECTOR_BITS", 0)
     rng = np.random.default_rng(5)
     problems = [(rng.normal(size=(64, 3 * CHUNK + 7)) * (k + 1), rng.integers(0, 3 * CHUNK + 7, 64)) for k in range(4)]
     opts = make_options(z_loss=1e-3)
@@ -296,3 +299,19 @@ def test_streamed_gradients_of_concurrent_calls_are_each_their_own(monkeypatch):
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(one_thread[1], alone[2][1])
+
+
+def test_gradients_are_streamed_only_when_large_apart_and_with_wide_enough_vectors(monkeypatch):
+    z = np.zeros((4, 8), np.float32)
+    g = np.empty_like(z)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_VECTOR_BITS", 0)
+    assert ce_kernel._streams(z, g, True, False) == simd.X86
+    assert not ce_kernel._streams(z, z, True, True)  # over the logits: they are in cache already
+    assert not ce_kernel._streams(z, g, False, False)
+    assert not ce_kernel._streams(z.astype(np.float16), np.empty(z.shape, np.float16), True, False)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_VECTOR_BITS", 1 << 20)  # wider than any kernel's
+    assert not ce_kernel._streams(z, g, True, False)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_VECTOR_BITS", 0)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", g.nbytes + 1)
+    assert not ce_kernel._streams(z, g, True, False)

@@ -17,13 +17,14 @@ The logits are read from memory once and the gradient written once, which is
 what makes the kernel run at a large fraction of memory-copy speed.  A gradient of
 :data:`STREAM_MIN_BYTES` or more is formed in a per-thread scratch row and written
 with non-temporal stores, so its memory is not read before it is written (a third
-less traffic).  Rows run in parallel (``prange``).  float16/bfloat16 rows are computed in float32 and
-float64 rows in float64; the gradient may overwrite the logits
-(``inplace=True``).
+less traffic; with 512-bit kernels, where that is what bounds them).  Rows run in
+parallel (``prange``).  float16/bfloat16 rows are computed in float32 and float64
+rows in float64; the gradient may overwrite the logits (``inplace=True``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -63,6 +64,7 @@ from .simd import (
     work_row,
 )
 from .threading_layer import serialized
+from .vector_width import kernel_vector_bits
 
 
 @njit(**EXACT_JIT)
@@ -334,6 +336,15 @@ def _thread_scratch(z, scratch, length, threads):
 #: caches, it reaches memory anyway, and nothing reads it before the backward's consumer;
 #: below it the gradient stays in cache for that consumer
 STREAM_MIN_BYTES = 32 << 20
+#: ... when the kernels run with vectors at least this wide.  With 512-bit vectors the kernel is
+#: bound by memory and streaming made the whole call 5–20 % faster; with 256-bit vectors it is
+#: bound by its exp work, and streaming was 2 % slower on average (docs/benchmarks.md)
+STREAM_MIN_VECTOR_BITS = 512
+
+
+@functools.cache
+def _kernel_vector_bits() -> int:
+    return kernel_vector_bits()
 
 
 def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple:
@@ -353,10 +364,12 @@ def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple
 def _streams(z: np.ndarray, g: np.ndarray, want_grad: bool, inplace: bool) -> bool:
     """Whether the gradient ``g`` of ``z`` is written with non-temporal stores: on x86 (where it
     was measured), a float32/float64 gradient of its own (not the logits), of at least
-    :data:`STREAM_MIN_BYTES`."""
+    :data:`STREAM_MIN_BYTES`, by kernels with vectors of :data:`STREAM_MIN_VECTOR_BITS` or more."""
     if not X86 or not want_grad or inplace or z.dtype not in (np.float32, np.float64) or g.dtype != z.dtype:
         return False
-    return g.nbytes >= STREAM_MIN_BYTES and not np.may_share_memory(g, z)
+    if g.nbytes < STREAM_MIN_BYTES or np.may_share_memory(g, z):
+        return False
+    return STREAM_MIN_VECTOR_BITS <= 0 or _kernel_vector_bits() >= STREAM_MIN_VECTOR_BITS
 
 
 @serialized
