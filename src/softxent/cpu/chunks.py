@@ -215,46 +215,50 @@ def _chunk_finish_scaled_overload(work, dst, factor, minus):
 
 
 @njit(inline="always", **LOOP_JIT)
-def _general_value(x, factor, m, qj, wj, keep, uniform, scale, has_prob, has_weight, cap, inv_cap, one):
-    """(factor·p̃ − scale·y)·chain for one element, every argument in the compute type."""
+def _general_value(x, factor, cj, qj, wj, keep, uniform, scale, has_prob, has_weight, cap, inv_cap, one):
+    """(factor·x − scale·y)·chain for one element (x = e^{z'−m_c}, cj = z' the capped logit),
+    every argument in the compute type."""
     y = uniform
     if has_prob:
         y += keep * qj
     if has_weight:
         y *= wj
     if cap > 0.0:
-        t = x * inv_cap
-        return (factor * exp_le0(x - m) - scale * y) * (one - t * t)
+        t = cj * inv_cap
+        return (factor * x - scale * y) * (one - t * t)
     return factor * x - scale * y
 
 
 @njit(**LOOP_JIT)
-def _finish_general_copy(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+def _finish_general_copy(work, dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap):
     one = as_compute(work, 1.0)
     f, k, u, sc = as_compute(work, factor), as_compute(work, keep), as_compute(work, uniform), as_compute(work, scale)
     c, inv_cap = as_compute(work, cap), as_compute(work, 1.0 / cap if cap > 0.0 else 0.0)
     for j in range(work.size):
+        cj = capped[j] if cap > 0.0 else one
         qj = load(q[j]) if has_prob else one
         wj = w[j] if has_weight else one
-        store(dst, j, _general_value(work[j], f, m, qj, wj, k, u, sc, has_prob, has_weight, c, inv_cap, one))
+        store(dst, j, _general_value(work[j], f, cj, qj, wj, k, u, sc, has_prob, has_weight, c, inv_cap, one))
 
 
 @njit(**LOOP_JIT)
-def _finish_general_inplace(dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+def _finish_general_inplace(dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap):
     one = as_compute(dst, 1.0)
     f, k, u, sc = as_compute(dst, factor), as_compute(dst, keep), as_compute(dst, uniform), as_compute(dst, scale)
     c, inv_cap = as_compute(dst, cap), as_compute(dst, 1.0 / cap if cap > 0.0 else 0.0)
     for j in range(dst.size):
+        cj = capped[j] if cap > 0.0 else one
         qj = as_compute(dst, load(q[j])) if has_prob else one
         wj = w[j] if has_weight else one
-        dst[j] = _general_value(dst[j], f, m, qj, wj, k, u, sc, has_prob, has_weight, c, inv_cap, one)
+        dst[j] = _general_value(dst[j], f, cj, qj, wj, k, u, sc, has_prob, has_weight, c, inv_cap, one)
 
 
-def chunk_finish_general(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
-    """dst_j = (factor·p̃_j − scale·y_j)·chain_j for every option.
+def chunk_finish_general(work, dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+    """dst_j = (factor·e_j − scale·y_j)·chain_j for every option.
 
-    ``work`` holds e^{z_j − m_c} (no softcap) or the capped logit z'_j (softcap,
-    cap > 0: then p̃_j = e^{z'_j − m} and chain_j = 1 − (z'_j/cap)²).
+    ``work`` holds e_j = e^{z'_j − m_c}, the exponentials of the chunk relative to its running max
+    (z' = z without softcap); with softcap (cap > 0) ``capped`` holds z'_j = cap·tanh(z_j/cap)
+    and chain_j = 1 − (z'_j/cap)² (else chain_j = 1 and ``capped`` is not read).
     y_j = w_j·(keep·q_j + uniform) for probability targets, w_j·uniform otherwise.
     In place when ``work`` is ``dst`` (float rows), as :func:`chunk_finish_scaled`.
     """
@@ -262,16 +266,16 @@ def chunk_finish_general(work, dst, factor, m, q, w, keep, uniform, scale, has_p
 
 
 @overload(chunk_finish_general)
-def _chunk_finish_general_overload(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+def _chunk_finish_general_overload(work, dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap):
     if dst.dtype in (types.float32, types.float64):
 
-        def impl(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
-            _finish_general_inplace(dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap)
+        def impl(work, dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+            _finish_general_inplace(dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap)
 
         return impl
 
-    def impl(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap):
-        _finish_general_copy(work, dst, factor, m, q, w, keep, uniform, scale, has_prob, has_weight, cap)
+    def impl(work, dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap):
+        _finish_general_copy(work, dst, factor, capped, q, w, keep, uniform, scale, has_prob, has_weight, cap)
 
     return impl
 

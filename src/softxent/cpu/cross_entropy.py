@@ -103,7 +103,7 @@ def _first_nan(src):
 @njit(**EXACT_JIT)
 def cross_entropy_row(
     z, g, t, q, w, eps, lam, cap, scale, weight_sum, want_grad, inplace, has_prob, has_weight, want_argmax, ahead,
-    scratch, stream,
+    scratch, stream, capped,
 ):  # fmt: skip
     """``(ℓ, lse, argmax)`` of one row (float64, float64, int) and, if ``want_grad``, its
     gradient written into ``g``.  argmax (only if ``want_argmax``, else 0) is the first index
@@ -135,6 +135,8 @@ def cross_entropy_row(
             formed in ``scratch`` and each finished chunk written to ``g`` with non-temporal
             stores (:func:`~softxent.cpu.simd.stream_scaled`): ``g`` is not read before it is
             written.
+        capped: with softcap (cap > 0) a row of C elements of the compute type for the capped
+            logits z' = cap·tanh(z/cap) (empty otherwise).
     """
     num_classes = z.size
     num_chunks = (num_classes + CHUNK - 1) // CHUNK
@@ -150,7 +152,7 @@ def cross_entropy_row(
     if want_grad:
         work = scratch if scratch.size > 0 else work_row(g, num_classes)
     else:
-        work = scratch_row(z, num_classes if cap > 0.0 else 0)
+        work = scratch_row(z, 0)  # no exponentials kept
     z_target = 0.0
     if not has_prob:
         z_target = np.float64(load(z[t]))  # read before the gradient may overwrite it
@@ -162,16 +164,17 @@ def cross_entropy_row(
         hi = min(lo + CHUNK, num_classes)
         zc = z[lo:hi]
         wc = work[lo:hi]
-        if cap > 0.0:  # work keeps the capped logits; the final pass recomputes their exponentials
-            chunk_softcap(zc, wc, cap)
-            new_m = chunk_max(wc, m)
+        if cap > 0.0:  # the capped logits in their own row, their exponentials in work
+            cc = capped[lo:hi]
+            chunk_softcap(zc, cc, cap)
+            new_m = chunk_max(cc, m)
             if want_argmax and new_m > m:
-                argmax = lo + _first_index_of(wc, new_m)
+                argmax = lo + _first_index_of(cc, new_m)
             if want_dots:
                 ref, dot, y_total = _fold_target_dots(
-                    wc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
+                    cc, q[lo:hi], w[lo:hi], new_m, ref, dot, y_total, eps, num_classes, has_prob, has_weight
                 )
-            m, s = fold_chunk(wc, wc, m, new_m, s, False, False, ahead[lo:hi])
+            m, s = fold_chunk(cc, wc, m, new_m, s, want_grad, False, ahead[lo:hi])
         else:
             new_m = chunk_max(zc, m)
             if want_argmax and new_m > m:
@@ -220,8 +223,8 @@ def cross_entropy_row(
     for c in range(num_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, num_classes)
-        # exponentials of chunk c are relative to the running max m_c (none with softcap)
-        factor = base if cap > 0.0 else base * math.exp(np.float64(chunk_max_at[c]) - m64)
+        # exponentials of chunk c are relative to the running max m_c
+        factor = base * math.exp(np.float64(chunk_max_at[c]) - m64)
         if simple and stream:
             stream_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform if eps > 0.0 else 0.0)
         elif simple:
@@ -232,7 +235,7 @@ def cross_entropy_row(
                 work[lo:hi],
                 dst,
                 factor,
-                m,
+                capped[lo:hi],
                 q[lo:hi],
                 w[lo:hi],
                 1.0 - eps,
@@ -288,8 +291,8 @@ def cross_entropy_fwd_bwd_rows(
     ``argmax_out`` (M,) int64, unless empty, receive each row's lse and argmax
     (0 and −1 for ignored rows, which are not read).  ``stream``: write the gradient with
     non-temporal stores (see :func:`cross_entropy_row`).  Each of the ``threads`` threads
-    keeps its exponentials in a scratch row of its own when streaming or for a 16-bit gradient
-    (one allocation a call, not one a row).
+    keeps its exponentials in a scratch row of its own when streaming or for a 16-bit gradient,
+    and its capped logits in another with softcap (one allocation a call, not one a row).
     """
     want_stats = lse_out.size > 0
     num_rows, num_classes = z.shape
@@ -298,6 +301,8 @@ def cross_entropy_fwd_bwd_rows(
     has_weight = w.size > 0
     row_scratch = num_classes if stream or (want_grad and g.itemsize == 2) else 0
     scratch = scratch_row(z, threads * row_scratch)
+    capped_length = num_classes if cap > 0.0 else 0
+    capped = scratch_row(z, threads * capped_length)
     for i in prange(num_rows):
         t = target[i] if not has_prob else 0
         row_scale = scale[i] if per_row_scale else scale[0]
@@ -313,6 +318,7 @@ def cross_entropy_fwd_bwd_rows(
             z[i], g[i], t, q[i], w, eps, lam, cap, row_scale, weight_sum, want_grad, inplace, has_prob, has_weight,
             want_stats, ahead_of_row(flat, i * num_classes, num_classes),
             _thread_scratch(z, scratch, row_scratch, threads), stream,
+            _thread_scratch(z, capped, capped_length, threads),
         )  # fmt: skip
         if want_stats:
             lse_out[i] = lse
