@@ -316,3 +316,17 @@ def test_gradients_are_streamed_only_when_large_apart_and_with_wide_enough_vecto
     monkeypatch.setattr(ce_kernel, "STREAM_MIN_VECTOR_BITS", 0)
     monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", g.nbytes + 1)
     assert not ce_kernel._streams(z, g, True, False)
+
+
+def test_a_vector_width_probe_that_fails_turns_streaming_off(monkeypatch):
+    def broken():
+        raise RuntimeError("no machine code to read")
+
+    z = np.zeros((4, 8), np.float32)
+    monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(ce_kernel, "kernel_vector_bits", broken)
+    ce_kernel._kernel_vector_bits.cache_clear()
+    try:
+        assert not ce_kernel._streams(z, np.empty_like(z), True, False)
+    finally:
+        ce_kernel._kernel_vector_bits.cache_clear()

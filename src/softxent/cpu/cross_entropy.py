@@ -350,7 +350,11 @@ STREAM_MIN_VECTOR_BITS = 512
 
 @functools.cache
 def _kernel_vector_bits() -> int:
-    return kernel_vector_bits()
+    # read once a process from a compiled probe loop; 0 (no streaming) if it cannot be read
+    try:
+        return kernel_vector_bits()
+    except Exception:  # noqa: BLE001 - any failure of the probe only turns streaming off
+        return 0
 
 
 def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple:
