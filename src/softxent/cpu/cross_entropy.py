@@ -31,10 +31,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# numba.get_thread_id's own intrinsic: the public function reads a ctypes pointer, which keeps
-# the kernel out of Numba's cache (a 10 s compile in every process)
-from numba.np.ufunc.parallel import _iget_thread_id as _thread_id
-
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
 from .chunks import (
@@ -129,8 +125,8 @@ def cross_entropy_row(
         ahead: the memory beyond the row that is prefetched while its exponentials run
             (:func:`softxent.cpu.chunks.ahead_of_row`; may be empty).
         scratch: empty, or a row of C elements of the compute type that holds the exponentials
-            (with ``want_grad``; else a row is allocated for 16-bit ``g`` and ``g`` itself is used
-            for float32/float64).
+            of a 16-bit or streamed gradient (with ``want_grad``; when empty a row is allocated
+            for 16-bit ``g``); a float32/float64 ``g`` not streamed holds them itself.
         stream: (float32/float64 ``g`` apart from ``z``, ``scratch`` given) the gradient is
             formed in ``scratch`` and each finished chunk written to ``g`` with non-temporal
             stores (:func:`~softxent.cpu.simd.stream_scaled`): ``g`` is not read before it is
@@ -150,7 +146,10 @@ def cross_entropy_row(
     dot = 0.0
     y_total = 0.0
     if want_grad:
-        work = scratch if scratch.size > 0 else work_row(g, num_classes)
+        # the exponentials: in the gradient row itself (float32/float64, not streamed), else in
+        # the scratch row (or a row of their own when none is given)
+        own_row = stream or g.itemsize == 2
+        work = scratch if own_row and scratch.size > 0 else work_row(g, num_classes)
     else:
         work = scratch_row(z, 0)  # no exponentials kept
     z_target = 0.0
@@ -332,7 +331,7 @@ def _thread_scratch(z, scratch, length, threads):
     parallel region is a TBB arena, an OpenMP team or the workqueue's pool of that size)."""
     if length == 0:
         return scratch[:0]
-    tid = _thread_id()
+    tid = numba.get_thread_id()
     if 0 <= tid < threads:
         return scratch[tid * length : (tid + 1) * length]
     return scratch_row(z, length)
