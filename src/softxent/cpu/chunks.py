@@ -26,6 +26,7 @@ from .simd import (
     load,
     prefetch_range,
     running_max,
+    scaled_store,
     store,
     tanh,
 )
@@ -182,14 +183,6 @@ def chunk_target_dots(src, q, w, ref, has_prob, has_weight, keep, uniform):
 
 
 @njit(**LOOP_JIT)
-def _finish_scaled_copy(work, dst, factor, minus):
-    f = as_compute(work, factor)
-    u = as_compute(work, minus)
-    for j in range(work.size):
-        store(dst, j, f * work[j] - u)
-
-
-@njit(**LOOP_JIT)
 def _finish_scaled_inplace(dst, factor, minus):
     f = as_compute(dst, factor)
     u = as_compute(dst, minus)
@@ -211,7 +204,7 @@ def chunk_finish_scaled(work, dst, factor, minus):
 def _chunk_finish_scaled_overload(work, dst, factor, minus):
     if dst.dtype in (types.float32, types.float64):
         return lambda work, dst, factor, minus: _finish_scaled_inplace(dst, factor, minus)
-    return lambda work, dst, factor, minus: _finish_scaled_copy(work, dst, factor, minus)
+    return lambda work, dst, factor, minus: scaled_store(work, dst, factor, minus)
 
 
 @njit(inline="always", **LOOP_JIT)

@@ -240,9 +240,13 @@ def store_fence(typingctx):
 
 
 @njit(**LOOP_JIT)
-def _scaled(src, dst, factor, minus):
+def scaled_store(src, dst, factor, minus):
+    """dst_j = factor·src_j − minus, rounded to the element type of ``dst`` (``src`` in its
+    compute type; ordinary stores)."""
+    f = as_compute(src, factor)
+    u = as_compute(src, minus)
     for j in range(src.size):
-        store(dst, j, factor * src[j] - minus)
+        store(dst, j, f * src[j] - u)
 
 
 @njit(**EXACT_JIT)
@@ -251,12 +255,12 @@ def _stream_scaled_lines(src, dst, factor, minus):
     address = dst.ctypes.data
     head = ((CACHE_LINE - address % CACHE_LINE) % CACHE_LINE) // dst.itemsize
     head = dst.size if address % dst.itemsize else min(dst.size, head)  # misaligned elements: no lines
-    _scaled(src[:head], dst[:head], factor, minus)
+    scaled_store(src[:head], dst[:head], factor, minus)
     j = head
     while j + lanes <= dst.size:
         _stream_scaled_line(src, j, dst, j, factor, minus)
         j += lanes
-    _scaled(src[j:], dst[j:], factor, minus)
+    scaled_store(src[j:], dst[j:], factor, minus)
 
 
 def stream_scaled(src, dst, factor, minus):
@@ -589,7 +593,7 @@ def _stream_scaled_overload(src, dst, factor, minus):
         return impl
 
     def impl(src, dst, factor, minus):
-        _scaled(src, dst, as_compute(src, factor), as_compute(src, minus))
+        scaled_store(src, dst, factor, minus)
 
     return impl
 
