@@ -221,7 +221,7 @@ def _fused_loss(call: _Layout, inplace_backward: bool, return_stats: bool):
     if use_inplace:
         loss, *stats = _InplaceCrossEntropy.apply(rows, target_rows, *op_args, return_stats)
     else:
-        loss, _, *stats = ops.cross_entropy_op(rows, target_rows, *op_args, compute_grad, return_stats)
+        loss, _, *stats = ops.cross_entropy(rows, target_rows, *op_args, compute_grad, return_stats)
         if torch.is_grad_enabled():  # for a later backward with create_graph=True (weak references)
             higher_order.remember(
                 loss,

@@ -104,11 +104,18 @@ def remember(loss: Tensor, logits: Tensor, target: Tensor, is_index: bool, loss_
     Class indices are held (N integers); logits and probability targets only weakly."""
     if torch.compiler.is_compiling():  # a traced graph's backward is not this node
         return
-    node = loss.grad_fn
-    if node is None:
-        return
     held = _Held(logits, strong=_HOLD_LOGITS.get())
-    node._softxent_recompute = Recompute(held, _Held(target, strong=is_index), loss_of, to_op_layout)
+    recompute = Recompute(held, _Held(target, strong=is_index), loss_of, to_op_layout)
+    node = loss.grad_fn
+    # a tensor subclass returns the op's loss through an alias (a C++ node, which takes no
+    # attributes): the op's own node is the one behind it
+    while node is not None:
+        try:
+            node._softxent_recompute = recompute
+            return
+        except AttributeError:
+            behind = [n for n, _ in node.next_functions if n is not None]
+            node = behind[0] if len(behind) == 1 else None
 
 
 def _checked(held: _Held, name: str, what: str, plural: bool) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import _reduction
 from .._options import CrossEntropyOptions
 from .._validate import check_target_range
-from . import deferred_checks, fallback, higher_order
+from . import deferred_checks, eager_calls, fallback, higher_order
 from .backends import Backend, backend_for
 from .saved_gradient import scale_saved_gradient
 from .target_counts import bad_indices, device_loss_scale, empty_stats
@@ -127,8 +127,7 @@ def forward(
     return loss, grad, *stats
 
 
-@torch.library.custom_op("softxent::cross_entropy", mutates_args=())
-def cross_entropy_op(
+def _cross_entropy(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -145,6 +144,9 @@ def cross_entropy_op(
     ``compute_grad``, the per-row lse and argmax (M,) empty unless ``want_stats``."""
     opts = options_from_op(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
     return forward(backend_for(logits.device), logits.contiguous(), target, weight, opts, compute_grad, want_stats)
+
+
+cross_entropy_op = torch.library.custom_op("softxent::cross_entropy", _cross_entropy, mutates_args=())
 
 
 @cross_entropy_op.register_fake
@@ -242,6 +244,30 @@ def _upstream_scale(ctx, nlp: Tensor, grad_loss: Tensor) -> Tensor:
 
 
 cross_entropy_op.register_autograd(_backward_cross_entropy, setup_context=_setup_cross_entropy)
+_CrossEntropyFunction = eager_calls.autograd_function(
+    "CrossEntropyFunction", _cross_entropy, _setup_cross_entropy, _backward_cross_entropy, leading=3
+)
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    use_ignore_index: bool,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    compute_grad: bool,
+    want_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``softxent::cross_entropy`` (:func:`cross_entropy_op`, same arguments and results) as the
+    functional API calls it: in plain eager mode without the dispatcher (:mod:`.eager_calls`)."""
+    return eager_calls.call(
+        cross_entropy_op, _cross_entropy, _CrossEntropyFunction, logits, target, weight, ignore_index,
+        use_ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad, want_stats,
+    )  # fmt: skip
 
 
 # --- softmax, log_softmax, logsumexp on rows (M, C) --------------------------
