@@ -59,7 +59,7 @@ from .simd import (
     stream_scaled,
     work_row,
 )
-from .threading_layer import serialized
+from .threading_layer import serialized, threads_for
 from .vector_width import kernel_vector_bits
 
 
@@ -421,24 +421,25 @@ def cross_entropy_rows(
     lse_out, argmax_out = (np.empty(0), np.empty(0, np.int64)) if stats is None else stats
     # the kernel writes float64 lse only (one compiled variant fewer: each costs ~13 s of JIT)
     lse64 = lse_out if lse_out.dtype == np.float64 else np.empty(lse_out.shape, np.float64)
-    cross_entropy_fwd_bwd_rows(
-        numba_view(z),
-        numba_view(g),
-        idx,
-        numba_view(q),
-        w,
-        scale_arr,
-        *kernel_scalars(opts, weight, num_classes),
-        want_grad,
-        # 16-bit rows keep their exponentials in a float32 scratch row, never in the logits
-        inplace and z.dtype in (np.float32, np.float64),
-        has_prob,
-        loss,
-        lse64,
-        argmax_out,
-        _streams(z, g, want_grad, inplace),
-        numba.get_num_threads(),
-    )
+    with threads_for(num_rows, z.size):  # a small problem on this thread alone
+        cross_entropy_fwd_bwd_rows(
+            numba_view(z),
+            numba_view(g),
+            idx,
+            numba_view(q),
+            w,
+            scale_arr,
+            *kernel_scalars(opts, weight, num_classes),
+            want_grad,
+            # 16-bit rows keep their exponentials in a float32 scratch row, never in the logits
+            inplace and z.dtype in (np.float32, np.float64),
+            has_prob,
+            loss,
+            lse64,
+            argmax_out,
+            _streams(z, g, want_grad, inplace),
+            numba.get_num_threads(),
+        )
     if lse64 is not lse_out:
         lse_out[...] = lse64
     return loss

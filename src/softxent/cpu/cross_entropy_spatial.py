@@ -47,7 +47,7 @@ from .simd import (
     store,
     tanh,
 )
-from .threading_layer import serialized
+from .threading_layer import serialized, threads_for
 
 #: compute-type elements of one task's scratch block (C × B): 256 KiB of float32, L2-sized
 #: (long loops over the positions matter more than L1 residence once C is large)
@@ -382,25 +382,27 @@ def cross_entropy_spatial(
     scalars = kernel_scalars(opts, weight, num_classes)
     if two_class.applies(num_classes, has_prob, *scalars[:3], scale_arr.size if want_grad else 0):
         partial = np.zeros(two_class.num_tasks(num_samples, num_positions))  # written in either case
-        two_class.cross_entropy_two_class_kernel(
-            numba_view(z), numba_view(g), idx, w, float(scale_arr[0]), *scalars[4:], want_grad, loss, partial
-        )
+        with threads_for(0, z.size):
+            two_class.cross_entropy_two_class_kernel(
+                numba_view(z), numba_view(g), idx, w, float(scale_arr[0]), *scalars[4:], want_grad, loss, partial
+            )
         return loss if per_position_loss else partial
     block = block_positions(num_classes)
     partial = np.zeros(0 if per_position_loss else num_samples * ((num_positions + block - 1) // block))
     q = kernel_probabilities(target, z.dtype) if has_prob else np.empty((0, 0, 0), z.dtype)
-    cross_entropy_spatial_kernel(
-        numba_view(z),
-        numba_view(g),
-        idx,
-        numba_view(q),
-        w,
-        scale_arr,
-        *scalars,
-        want_grad,
-        has_prob,
-        loss,
-        partial,
-        get_num_threads(),  # read here: inside the kernel it would make it uncacheable
-    )
+    with threads_for(0, z.size):  # a small problem on this thread alone
+        cross_entropy_spatial_kernel(
+            numba_view(z),
+            numba_view(g),
+            idx,
+            numba_view(q),
+            w,
+            scale_arr,
+            *scalars,
+            want_grad,
+            has_prob,
+            loss,
+            partial,
+            get_num_threads(),  # read here: inside the kernel it would make it uncacheable
+        )
     return loss if per_position_loss else partial

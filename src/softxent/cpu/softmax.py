@@ -31,7 +31,7 @@ from .simd import (
     store,
     work_row,
 )
-from .threading_layer import serialized
+from .threading_layer import serialized, threads_for
 
 
 @njit(**EXACT_JIT)
@@ -117,7 +117,8 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     if z.shape[1] == 0:
         out.fill(-np.inf)
     elif z.shape[0]:
-        logsumexp_kernel(numba_view(z), out)
+        with threads_for(z.shape[0], z.size):
+            logsumexp_kernel(numba_view(z), out)
     return out
 
 
@@ -125,7 +126,8 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
 def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
-        softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
+        with threads_for(z.shape[0], z.size):
+            softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
     return out
 
 
@@ -133,5 +135,6 @@ def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
 def log_softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """log_softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
-        log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
+        with threads_for(z.shape[0], z.size):
+            log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
     return out

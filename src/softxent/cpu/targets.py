@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import EXACT_JIT
-from .threading_layer import serialized
+from .threading_layer import serialized, threads_for
 
 
 @njit(parallel=True, **EXACT_JIT)
@@ -41,12 +41,13 @@ def index_target_stats(
     int64 class indices ``target`` (any shape); ``ignore_index`` None counts every sample."""
     target = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
     w = np.empty(0) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
-    bad, count, weight_sum = _index_target_stats(
-        target,
-        num_classes,
-        0 if ignore_index is None else ignore_index,
-        ignore_index is not None,
-        w,
-        weight is not None,
-    )
+    with threads_for(0, target.size):
+        bad, count, weight_sum = _index_target_stats(
+            target,
+            num_classes,
+            0 if ignore_index is None else ignore_index,
+            ignore_index is not None,
+            w,
+            weight is not None,
+        )
     return int(bad), int(count), float(weight_sum) if weight is not None else float(count)

@@ -22,6 +22,7 @@ code) is left alone; the lock is used whenever the layer in force is workqueue.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -109,3 +110,26 @@ def serialized(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+#: a kernel with less work than this — its elements plus :data:`ROW_WORK` for each row — runs on
+#: the calling thread alone: waking a sleeping worker costs more than it saves
+SMALL_WORK = 1 << 17
+#: what a row costs beyond its elements, in elements (the row's setup and its chunk bookkeeping)
+ROW_WORK = 400
+
+
+@contextlib.contextmanager
+def threads_for(num_rows: int, num_elements: int):
+    """Run the parallel kernels launched inside on the calling thread alone (``numba.set_num_threads(1)``,
+    which is this thread's own setting) when ``num_elements + ROW_WORK·num_rows`` is below
+    :data:`SMALL_WORK`; with the threads set otherwise."""
+    threads = numba.get_num_threads()
+    if threads == 1 or num_elements + ROW_WORK * num_rows >= SMALL_WORK:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
