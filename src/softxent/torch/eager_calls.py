@@ -62,7 +62,8 @@ def autograd_function(name: str, implementation: Callable, setup_context: Callab
         return output
 
     def backward_of_apply(ctx, *grads):
-        return (*backward(ctx, *grads)[:leading], None)
+        result = backward(ctx, *grads)  # one gradient, or one for each argument of the op
+        return (*(result if isinstance(result, tuple) else (result,))[:leading], None)
 
     return type(
         name,
@@ -78,12 +79,15 @@ def autograd_function(name: str, implementation: Callable, setup_context: Callab
 
 def call(op, implementation: Callable, function, *args):
     """``op(*args)``, or — where :func:`plain_eager` — the same computation without the
-    dispatcher: ``function.apply(*args)`` when autograd records it (grad mode on and a tensor
-    argument requiring grad), ``implementation(*args)`` otherwise, as ``torch._library``'s own
-    autograd kernel does.  ``args`` must list every argument of the op's schema, defaults included."""
+    dispatcher: ``function.apply`` (an :func:`autograd_function` of the op) when autograd records
+    it (grad mode on and a tensor argument requiring grad), ``implementation(*args)`` otherwise, as
+    ``torch._library``'s own autograd kernel does.  ``function`` None: an op without an autograd
+    formula, which then always takes the op when autograd records.  ``args`` must list every
+    argument of the op's schema, defaults included."""
     tensors = tuple(a for a in args if isinstance(a, Tensor))
-    if not plain_eager(tensors):
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not plain_eager(tensors) or (records and function is None):
         return op(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if records:
         return function.apply(*args[: function.leading], args[function.leading :])
     return implementation(*args)

@@ -347,7 +347,7 @@ def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
     if input.dim() and input.shape[dim] == 0 or composite_needed(input):
         # no classes (an empty result, as PyTorch), or forward-mode AD: PyTorch's own op
-        native = torch.softmax if op is ops.softmax_op else torch.log_softmax
+        native = torch.softmax if op is ops.softmax else torch.log_softmax
         return native(input, dim)
     if input.dim() == 0:
         return op(input.reshape(1, 1)).reshape(())
@@ -363,7 +363,7 @@ def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
     """
     if backend_for(input.device).name == "fallback":
         return torch.softmax(input, dim, dtype=dtype)
-    return _rows_call(ops.softmax_op, input, dim, dtype)
+    return _rows_call(ops.softmax, input, dim, dtype)
 
 
 def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -373,7 +373,7 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Te
     """
     if backend_for(input.device).name == "fallback":
         return torch.log_softmax(input, dim, dtype=dtype)
-    return _rows_call(ops.log_softmax_op, input, dim, dtype)
+    return _rows_call(ops.log_softmax, input, dim, dtype)
 
 
 def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
@@ -395,6 +395,6 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
         return logsumexp(input.reshape(1), 0)
     if input.shape[dim] == 0 or composite_needed(input):  # −inf for no classes; forward-mode AD
         return torch.logsumexp(input, dim, keepdim=keepdim)
-    out = ops.logsumexp_op(_to_rows(input, dim).contiguous())
+    out = ops.logsumexp(_to_rows(input, dim).contiguous())
     out = out.reshape(input.movedim(dim, -1).shape[:-1])
     return out.unsqueeze(dim) if keepdim else out

@@ -291,19 +291,22 @@ def logsumexp_op(z: Tensor) -> Tensor:
     return torch.logsumexp(z, dim=1)
 
 
-def _register_rows_kernel(op, kind: str, native) -> None:
-    """The op's CPU and CUDA kernel: the backend's fused ``kind``, PyTorch's ``native`` where none serves."""
+def _rows_kernel(kind: str, native):
+    """The rows op's CPU and CUDA kernel: the backend's fused ``kind``, PyTorch's ``native`` where none serves."""
 
     def kernel(z: Tensor) -> Tensor:
         fused = backend_for(z.device).rows_kernel(kind)
         return native(z, dim=1) if fused is None else fused(z.contiguous())
 
-    op.register_kernel(("cpu", "cuda"))(kernel)
+    return kernel
 
 
-_register_rows_kernel(softmax_op, "softmax", torch.softmax)
-_register_rows_kernel(log_softmax_op, "log_softmax", torch.log_softmax)
-_register_rows_kernel(logsumexp_op, "logsumexp", torch.logsumexp)
+_softmax_rows = _rows_kernel("softmax", torch.softmax)
+_log_softmax_rows = _rows_kernel("log_softmax", torch.log_softmax)
+_logsumexp_rows = _rows_kernel("logsumexp", torch.logsumexp)
+softmax_op.register_kernel(("cpu", "cuda"))(_softmax_rows)
+log_softmax_op.register_kernel(("cpu", "cuda"))(_log_softmax_rows)
+logsumexp_op.register_kernel(("cpu", "cuda"))(_logsumexp_rows)
 
 
 @softmax_op.register_fake
@@ -332,22 +335,28 @@ def _softmax_backward_formula(y: Tensor, g: Tensor, log: bool) -> Tensor:
     return y * (g - (g * y).sum(dim=1, keepdim=True))
 
 
-@torch.library.custom_op("softxent::softmax_backward", mutates_args=())
-def softmax_backward_op(y: Tensor, g: Tensor, log: bool) -> Tensor:
-    """∂z of softmax (``log``: log_softmax) of rows (M, C) from the forward output ``y`` and ``g``."""
+def _softmax_backward_rows(y: Tensor, g: Tensor, log: bool) -> Tensor:
+    """∂z of softmax (``log``: log_softmax) of rows (M, C) from the forward output ``y`` and ``g``:
+    the backend's fused backward, else PyTorch's own (``_softmax_backward_data``: one pass)."""
     fused = backend_for(y.device).backward_kernel("softmax")
     if fused is not None:
         return fused(y.contiguous(), g, log)
-    return _softmax_backward_formula(y, g, log)
+    native = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+    return native(g.to(y.dtype), y, 1, y.dtype)
 
 
-@torch.library.custom_op("softxent::logsumexp_backward", mutates_args=())
-def logsumexp_backward_op(z: Tensor, lse: Tensor, g: Tensor) -> Tensor:
+def _logsumexp_backward_rows(z: Tensor, lse: Tensor, g: Tensor) -> Tensor:
     """∂z_j = g·e^{z_j − lse} of rows ``z`` (M, C)."""
     fused = backend_for(z.device).backward_kernel("logsumexp")
     if fused is not None:
         return fused(z.contiguous(), lse, g)
     return g[:, None] * torch.exp(z - lse[:, None])
+
+
+softmax_backward_op = torch.library.custom_op("softxent::softmax_backward", _softmax_backward_rows, mutates_args=())
+logsumexp_backward_op = torch.library.custom_op(
+    "softxent::logsumexp_backward", _logsumexp_backward_rows, mutates_args=()
+)
 
 
 @softmax_backward_op.register_fake
@@ -367,23 +376,45 @@ def _softmax_backward(ctx, g):
     (p,) = ctx.saved_tensors
     if torch.is_grad_enabled():
         return _softmax_backward_formula(p, g, False)
-    return softmax_backward_op(p, g, False)
+    return eager_calls.call(softmax_backward_op, _softmax_backward_rows, None, p, g, False)
 
 
 def _log_softmax_backward(ctx, g):
     (log_p,) = ctx.saved_tensors
     if torch.is_grad_enabled():
         return _softmax_backward_formula(log_p, g, True)
-    return softmax_backward_op(log_p, g, True)
+    return eager_calls.call(softmax_backward_op, _softmax_backward_rows, None, log_p, g, True)
 
 
 def _logsumexp_backward(ctx, g):
     z, lse = ctx.saved_tensors
     if torch.is_grad_enabled():
         return g[:, None] * torch.exp(z - lse[:, None])
-    return logsumexp_backward_op(z, lse, g)
+    return eager_calls.call(logsumexp_backward_op, _logsumexp_backward_rows, None, z, lse, g)
 
 
 softmax_op.register_autograd(_softmax_backward, setup_context=_save_output)
 log_softmax_op.register_autograd(_log_softmax_backward, setup_context=_save_output)
 logsumexp_op.register_autograd(_logsumexp_backward, setup_context=_save_input_and_output)
+_SoftmaxFunction = eager_calls.autograd_function("SoftmaxFunction", _softmax_rows, _save_output, _softmax_backward, 1)
+_LogSoftmaxFunction = eager_calls.autograd_function(
+    "LogSoftmaxFunction", _log_softmax_rows, _save_output, _log_softmax_backward, 1
+)
+_LogsumexpFunction = eager_calls.autograd_function(
+    "LogsumexpFunction", _logsumexp_rows, _save_input_and_output, _logsumexp_backward, 1
+)
+
+
+def softmax(z: Tensor) -> Tensor:
+    """``softxent::softmax`` of rows ``z`` (M, C), without the dispatcher in plain eager mode (:mod:`.eager_calls`)."""
+    return eager_calls.call(softmax_op, _softmax_rows, _SoftmaxFunction, z)
+
+
+def log_softmax(z: Tensor) -> Tensor:
+    """``softxent::log_softmax`` of rows ``z`` (M, C), as :func:`softmax`."""
+    return eager_calls.call(log_softmax_op, _log_softmax_rows, _LogSoftmaxFunction, z)
+
+
+def logsumexp(z: Tensor) -> Tensor:
+    """``softxent::logsumexp`` of rows ``z`` (M, C) → (M,), as :func:`softmax`."""
+    return eager_calls.call(logsumexp_op, _logsumexp_rows, _LogsumexpFunction, z)
