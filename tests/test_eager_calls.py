@@ -225,3 +225,29 @@ def test_softmax_family_double_backward_and_dispatch_modes():
         with _OpNames() as mode:
             ours(z).sum().backward()
         assert f"softxent.{name}.default" in mode.names
+
+
+def test_inference_mode_with_grad_mode_back_on_builds_no_graph():
+    x, t, _, _ = _inputs({})
+    with torch.inference_mode(), torch.enable_grad():
+        loss = sxt.cross_entropy(x, t)
+        probs = sxt.softmax(x, 1)
+    assert loss.grad_fn is None and probs.grad_fn is None
+    assert torch.equal(loss, sxt.cross_entropy(x, t).detach())
+
+
+def test_negative_and_zero_tensors_take_the_op(op_calls):
+    x, t, _, _ = _inputs({})
+    x = x.detach()
+    neg = sxt.cross_entropy(x._neg_view(), t)
+    assert torch.equal(neg, sxt.cross_entropy(-x, t))
+    zeros = sxt.cross_entropy(torch._efficientzerotensor(x.shape, dtype=x.dtype), t)
+    torch.testing.assert_close(zeros, torch.log(torch.tensor(7.0, dtype=x.dtype)))
+    assert len(op_calls) == 2
+
+
+def test_a_profiler_trace_names_the_op():
+    x, t, _, _ = _inputs({})
+    with torch.profiler.profile() as prof:
+        sxt.cross_entropy(x, t).backward()
+    assert any("softxent::cross_entropy" in e.name for e in prof.events())

@@ -13,9 +13,13 @@ autograd graph, without the detour.
 
 "Nothing can observe it" (:func:`plain_eager`): not inside ``torch.compile``/dynamo, TorchScript
 or ``torch.jit.trace``; no TorchDispatchMode (FakeTensorMode, FunctionalTensorMode, make_fx,
-FlopCounterMode, …) and no TorchFunctionMode active; every tensor argument a plain
-``torch.Tensor`` (or ``nn.Parameter``) on the CPU or a CUDA device.  Everything else — and every
-direct use of the op (``torch.ops.softxent.…``, ``opcheck``) — takes the registered op.
+FlopCounterMode, …), no TorchFunctionMode and no profiler active (a trace names the op); every
+tensor argument a plain ``torch.Tensor`` (or ``nn.Parameter``) on the CPU or a CUDA device, not a
+negative- or conjugate-bit view nor a ZeroTensor (which the dispatcher materializes).  Everything
+else — and every direct use of the op (``torch.ops.softxent.…``, ``opcheck``) — takes the
+registered op.  What differs on the direct path: the autograd node's name
+(``CrossEntropyFunctionBackward``), and a kernel or formula a user registers for the op
+themselves is not called.
 """
 
 from __future__ import annotations
@@ -43,7 +47,19 @@ def plain_eager(tensors: tuple[Tensor, ...]) -> bool:
     # key in this thread's include set
     if torch._C._dispatch_tls_local_include_set().has(_PYTHON_KEY) or torch._C._is_torch_function_mode_enabled():
         return False
-    return all(type(t) in _PLAIN_TYPES and t.device.type in _DIRECT_DEVICES for t in tensors)
+    if torch._C._autograd._profiler_enabled():  # a trace names the op
+        return False
+    return all(_plain(t) for t in tensors)
+
+
+def _plain(t: Tensor) -> bool:
+    # negative- and conjugate-bit views and ZeroTensors are materialized by the dispatcher's
+    # fallbacks before an op's kernel sees them
+    return (
+        type(t) in _PLAIN_TYPES
+        and t.device.type in _DIRECT_DEVICES
+        and not (t.is_neg() or t.is_conj() or t._is_zerotensor())
+    )
 
 
 def autograd_function(name: str, implementation: Callable, setup_context: Callable, backward: Callable, leading: int):
@@ -85,8 +101,13 @@ def call(op, implementation: Callable, function, *args):
     formula, which then always takes the op when autograd records.  ``args`` must list every
     argument of the op's schema, defaults included."""
     tensors = tuple(a for a in args if isinstance(a, Tensor))
-    records = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not plain_eager(tensors) or (records and function is None):
+    if not plain_eager(tensors):  # first: under torch.compile nothing else here is traced
+        return op(*args)
+    # inference mode takes autograd out of the dispatcher even with grad mode on
+    records = (
+        torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and any(t.requires_grad for t in tensors)
+    )
+    if records and function is None:
         return op(*args)
     if records:
         return function.apply(*args[: function.leading], args[function.leading :])
