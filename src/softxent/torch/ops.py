@@ -249,25 +249,11 @@ _CrossEntropyFunction = eager_calls.autograd_function(
 )
 
 
-def cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    use_ignore_index: bool,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    compute_grad: bool,
-    want_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``softxent::cross_entropy`` (:func:`cross_entropy_op`, same arguments and results) as the
-    functional API calls it: in plain eager mode without the dispatcher (:mod:`.eager_calls`)."""
-    return eager_calls.call(
-        cross_entropy_op, _cross_entropy, _CrossEntropyFunction, logits, target, weight, ignore_index,
-        use_ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad, want_stats,
-    )  # fmt: skip
+def cross_entropy(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``softxent::cross_entropy`` (:func:`cross_entropy_op`: the same 11 arguments, all given, and
+    the same results) as the functional API calls it: in plain eager mode without the dispatcher
+    (:mod:`.eager_calls`)."""
+    return eager_calls.call(cross_entropy_op, _cross_entropy, _CrossEntropyFunction, *args)
 
 
 # --- softmax, log_softmax, logsumexp on rows (M, C) --------------------------
