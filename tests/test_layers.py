@@ -26,7 +26,7 @@ TORCH_LAYERS = {
     "public": {"functional", "linear", "distill", "modules", "distributed"},
     "ops": {"ops"},
     "helpers": {"checks", "training", "saved_gradient", "linear_arrays", "linear_options", "distill_composite",
-                "higher_order"},
+                "higher_order", "eager_calls"},
     "backends": {
         "backends", "cpu_bridge", "fallback", "distill_rows", "cpu_buffers", "openmp_threads",
         "deferred_checks", "target_counts", "widening_gemm", "chunk_streams",
