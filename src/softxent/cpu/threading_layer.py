@@ -124,8 +124,11 @@ def threads_for(num_rows: int, num_elements: int):
     """Run the parallel kernels launched inside on the calling thread alone (``numba.set_num_threads(1)``,
     which is this thread's own setting) when ``num_elements + ROW_WORK·num_rows`` is below
     :data:`SMALL_WORK`; with the threads set otherwise."""
+    if num_elements + ROW_WORK * num_rows >= SMALL_WORK:
+        yield
+        return
     threads = numba.get_num_threads()
-    if threads == 1 or num_elements + ROW_WORK * num_rows >= SMALL_WORK:
+    if threads == 1:
         yield
         return
     numba.set_num_threads(1)
