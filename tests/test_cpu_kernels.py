@@ -8,8 +8,8 @@ from numba import njit
 
 from softxent import _reference as reference
 from softxent._options import make_options
+from softxent.cpu import chunks, simd, vector_width
 from softxent.cpu import cross_entropy as ce_kernel
-from softxent.cpu import simd
 from softxent.cpu import softmax as softmax_kernels
 from softxent.cpu.chunks import CHUNK
 
@@ -324,9 +324,39 @@ def test_a_vector_width_probe_that_fails_turns_streaming_off(monkeypatch):
 
     z = np.zeros((4, 8), np.float32)
     monkeypatch.setattr(ce_kernel, "STREAM_MIN_BYTES", 0)
-    monkeypatch.setattr(ce_kernel, "kernel_vector_bits", broken)
-    ce_kernel._kernel_vector_bits.cache_clear()
+    monkeypatch.setattr(vector_width, "kernel_vector_bits", broken)
+    vector_width.compiled_vector_bits.cache_clear()
     try:
         assert not ce_kernel._streams(z, np.empty_like(z), True, False)
+        assert chunks.prefetch_distance(4) == chunks.PREFETCH_AHEAD_BYTES // 4  # the narrow vectors' distance
     finally:
-        ce_kernel._kernel_vector_bits.cache_clear()
+        vector_width.compiled_vector_bits.cache_clear()
+
+
+def test_prefetch_distance_follows_the_vector_width(monkeypatch):
+    monkeypatch.setattr(chunks, "compiled_vector_bits", lambda: 512)
+    assert chunks.prefetch_distance(4) == chunks.PREFETCH_AHEAD_BYTES_512 // 4
+    assert chunks.prefetch_distance(2) == chunks.PREFETCH_AHEAD_BYTES_512 // 2
+    monkeypatch.setattr(chunks, "compiled_vector_bits", lambda: 256)
+    assert chunks.prefetch_distance(8) == chunks.PREFETCH_AHEAD_BYTES // 8
+
+
+@pytest.mark.parametrize("distance_bytes", [0, 4, 4096, 1 << 30])
+def test_the_prefetch_distance_changes_no_bit(monkeypatch, distance_bytes):
+    rng = np.random.default_rng(5)
+    z = (rng.standard_normal((7, 3000)) * 4).astype(np.float32)
+    t = rng.integers(0, 3000, 7)
+    opts = make_options(label_smoothing=0.1)
+
+    def run():
+        g = np.empty_like(z)
+        loss = ce_kernel.cross_entropy_rows(z, t, None, opts, 0.25, g)
+        out = np.empty_like(z)
+        softmax_kernels.softmax_rows(z, out)
+        return loss, g, out, softmax_kernels.logsumexp_rows(z)
+
+    expected = run()
+    for name in ("PREFETCH_AHEAD_BYTES", "PREFETCH_AHEAD_BYTES_512"):
+        monkeypatch.setattr(chunks, name, distance_bytes)
+    for got, want in zip(run(), expected, strict=True):
+        assert np.array_equal(got, want)

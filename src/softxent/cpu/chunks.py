@@ -30,37 +30,42 @@ from .simd import (
     store,
     tanh,
 )
+from .vector_width import compiled_vector_bits
 
 #: elements per chunk: 4 KB of float32, small enough for L1 next to its exponentials
 CHUNK = 1024
 #: the exponentials of a chunk are computed SUB_BLOCK elements at a time, each block after
-#: asking for the logits PREFETCH_AHEAD_BYTES further on (:func:`ahead_of_row`)
+#: asking for the logits further on (:func:`ahead_of_row`)
 SUB_BLOCK = 256
-#: how far ahead of the exponentials the logits are prefetched.  The exp work of a chunk
-#: issues no memory reads of its own, so without this the core computes, then waits for
-#: the next chunk; with it the next chunk's lines arrive while it computes.  Measured on a
-#: 2-core AMD EPYC (AVX2), CE fp32 4096×32000 fwd+bwd, best of 30: 57.3 ms → 41.3 ms
-#: (copy 34.9 ms); a whole chunk of prefetches at once, or prefetching the gradient's
-#: lines for writing, was slower.
+#: how far ahead of the exponentials the logits are prefetched, with 256-bit kernels.  The exp
+#: work of a chunk issues no memory reads of its own, so without this the core computes, then
+#: waits for the next chunk; with it the next chunk's lines arrive while it computes.  Measured on
+#: a 2-core AMD EPYC (AVX2), CE fp32 4096×32000 fwd+bwd, best of 30: 57.3 ms → 41.3 ms (copy
+#: 34.9 ms); a whole chunk of prefetches at once, or prefetching the gradient's lines for
+#: writing, was slower.
 PREFETCH_AHEAD_BYTES = 4096
+#: ... with 512-bit kernels, which finish a chunk's exp work in about half the time: 4 KiB ahead
+#: no longer covers the memory's latency.  AMD EPYC Zen 5, CE fp32 4096×32000 fwd+bwd, distances
+#: alternated in one process: 4 KiB 31.1–37.2 ms, 8 KiB 28.8–30.7, 16 KiB 28.8–30.7, 64 KiB 33.2
+#: (at 256 bits 8 and 16 KiB were 3 % slower than 4)
+PREFETCH_AHEAD_BYTES_512 = 8192
 
 
-def ahead_of_row(flat, start, num_classes):
-    """The view of ``flat`` (all rows, C-contiguous, flattened) that lies PREFETCH_AHEAD_BYTES
-    beyond the row starting at ``start``: element j of it is prefetched while element j of the
-    row is worked on (it runs into the next row; shorter, or empty, at the end)."""
-    raise NotImplementedError("ahead_of_row is only callable from Numba code")
+def prefetch_distance(itemsize: int) -> int:
+    """How many elements of ``itemsize`` bytes ahead of the exponentials the kernels prefetch
+    (the argument ``distance`` of :func:`ahead_of_row`), for the vector width they run with."""
+    wide = compiled_vector_bits() >= 512
+    return (PREFETCH_AHEAD_BYTES_512 if wide else PREFETCH_AHEAD_BYTES) // itemsize
 
 
-@overload(ahead_of_row, jit_options={"error_model": "numpy"})
-def _ahead_of_row_overload(flat, start, num_classes):
-    distance = PREFETCH_AHEAD_BYTES * 8 // flat.dtype.bitwidth
-
-    def impl(flat, start, num_classes):
-        lo = min(start + distance, flat.size)
-        return flat[lo : min(lo + num_classes, flat.size)]
-
-    return impl
+@njit(**EXACT_JIT)
+def ahead_of_row(flat, start, num_classes, distance):
+    """The view of ``flat`` (all rows, C-contiguous, flattened) that lies ``distance`` elements
+    beyond the row starting at ``start`` (:func:`prefetch_distance`): element j of it is
+    prefetched while element j of the row is worked on (it runs into the next row; shorter, or
+    empty, at the end)."""
+    lo = min(start + distance, flat.size)
+    return flat[lo : min(lo + num_classes, flat.size)]
 
 
 @njit(**EXACT_JIT)

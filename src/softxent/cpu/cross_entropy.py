@@ -24,7 +24,6 @@ rows in float64; the gradient may overwrite the logits (``inplace=True``).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numba
@@ -43,6 +42,7 @@ from .chunks import (
     chunk_target_dots,
     fill_zero,
     fold_chunk,
+    prefetch_distance,
 )
 from .simd import (
     EXACT_JIT,
@@ -60,7 +60,7 @@ from .simd import (
     work_row,
 )
 from .threading_layer import serialized, threads_for
-from .vector_width import kernel_vector_bits
+from .vector_width import compiled_vector_bits
 
 
 @njit(**EXACT_JIT)
@@ -281,6 +281,7 @@ def cross_entropy_fwd_bwd_rows(
     argmax_out,
     stream,
     threads,
+    distance,
 ):
     """Every row of ``z`` (M, C) in parallel; see :func:`cross_entropy_row`.
 
@@ -292,6 +293,7 @@ def cross_entropy_fwd_bwd_rows(
     non-temporal stores (see :func:`cross_entropy_row`).  Each of the ``threads`` threads
     keeps its exponentials in a scratch row of its own when streaming or for a 16-bit gradient,
     and its capped logits in another with softcap (one allocation a call, not one a row).
+    ``distance``: the prefetch distance in elements (:func:`~softxent.cpu.chunks.prefetch_distance`).
     """
     want_stats = lse_out.size > 0
     num_rows, num_classes = z.shape
@@ -315,7 +317,7 @@ def cross_entropy_fwd_bwd_rows(
             continue
         loss[i], lse, argmax = cross_entropy_row(
             z[i], g[i], t, q[i], w, eps, lam, cap, row_scale, weight_sum, want_grad, inplace, has_prob, has_weight,
-            want_stats, ahead_of_row(flat, i * num_classes, num_classes),
+            want_stats, ahead_of_row(flat, i * num_classes, num_classes, distance),
             _thread_scratch(z, scratch, row_scratch, threads), stream,
             _thread_scratch(z, capped, capped_length, threads),
         )  # fmt: skip
@@ -347,15 +349,6 @@ STREAM_MIN_BYTES = 32 << 20
 STREAM_MIN_VECTOR_BITS = 512
 
 
-@functools.cache
-def _kernel_vector_bits() -> int:
-    # read once a process from a compiled probe loop; 0 (no streaming) if it cannot be read
-    try:
-        return kernel_vector_bits()
-    except Exception:  # noqa: BLE001 - any failure of the probe only turns streaming off
-        return 0
-
-
 def kernel_scalars(opts: CrossEntropyOptions, weight, num_classes: int) -> tuple:
     """The scalar arguments every cross-entropy kernel takes, in order: ε, λ, softcap s (0 =
     none), W = Σ_k w_k (C without weights), ignore_index (a never-matching value when None)
@@ -378,7 +371,7 @@ def _streams(z: np.ndarray, g: np.ndarray, want_grad: bool, inplace: bool) -> bo
         return False
     if g.nbytes < STREAM_MIN_BYTES or np.may_share_memory(g, z):
         return False
-    return STREAM_MIN_VECTOR_BITS <= 0 or _kernel_vector_bits() >= STREAM_MIN_VECTOR_BITS
+    return STREAM_MIN_VECTOR_BITS <= 0 or compiled_vector_bits() >= STREAM_MIN_VECTOR_BITS
 
 
 @serialized
@@ -439,6 +432,7 @@ def cross_entropy_rows(
             argmax_out,
             _streams(z, g, want_grad, inplace),
             numba.get_num_threads(),
+            prefetch_distance(z.itemsize),
         )
     if lse64 is not lse_out:
         lse_out[...] = lse64

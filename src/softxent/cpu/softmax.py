@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .chunks import CHUNK, ahead_of_row, chunk_finish_scaled, online_update
+from .chunks import CHUNK, ahead_of_row, chunk_finish_scaled, online_update, prefetch_distance
 from .simd import (
     EXACT_JIT,
     HELPER_JIT,
@@ -49,13 +49,14 @@ def _row_stats(z, work, chunk_max_at, want_store, ahead):
 
 
 @njit(parallel=True, **EXACT_JIT)
-def logsumexp_kernel(z, out):
-    """out_i = lse(z_i) for every row of ``z`` (M, C); ``out`` (M,) float64."""
+def logsumexp_kernel(z, out, distance):
+    """out_i = lse(z_i) for every row of ``z`` (M, C); ``out`` (M,) float64; ``distance``: the
+    prefetch distance in elements (:func:`~softxent.cpu.chunks.prefetch_distance`)."""
     flat = z.reshape(-1)
     for i in prange(z.shape[0]):
         row = z[i]
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
-        ahead = ahead_of_row(flat, i * row.size, row.size)
+        ahead = ahead_of_row(flat, i * row.size, row.size, distance)
         m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False, ahead)
         if math.isinf(m):  # all −inf, or a +inf: ±inf unless the row holds a NaN
             has_nan = False
@@ -68,7 +69,7 @@ def logsumexp_kernel(z, out):
 
 
 @njit(parallel=True, **EXACT_JIT)
-def softmax_kernel(z, out):
+def softmax_kernel(z, out, distance):
     """out_i = softmax(z_i) for every row; ``out`` has the dtype of ``z``."""
     flat = z.reshape(-1)
     for i in prange(z.shape[0]):
@@ -76,7 +77,7 @@ def softmax_kernel(z, out):
         dst = out[i]
         work = work_row(dst, row.size)
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
-        m, s = _row_stats(row, work, chunk_max_at, True, ahead_of_row(flat, i * row.size, row.size))
+        m, s = _row_stats(row, work, chunk_max_at, True, ahead_of_row(flat, i * row.size, row.size, distance))
         if m == compute_neg_inf(row):
             s = s - s + math.nan  # all −inf: NaN, as PyTorch
         for c in range(chunk_max_at.size):
@@ -97,13 +98,13 @@ def _shift_row(src, dst, m, log_s):
 
 
 @njit(parallel=True, **EXACT_JIT)
-def log_softmax_kernel(z, out):
+def log_softmax_kernel(z, out, distance):
     """out_i = z_i − lse(z_i) for every row; ``out`` has the dtype of ``z``."""
     flat = z.reshape(-1)
     for i in prange(z.shape[0]):
         row = z[i]
         chunk_max_at = scratch_row(row, (row.size + CHUNK - 1) // CHUNK)
-        ahead = ahead_of_row(flat, i * row.size, row.size)
+        ahead = ahead_of_row(flat, i * row.size, row.size, distance)
         m, s = _row_stats(row, scratch_row(row, 0), chunk_max_at, False, ahead)
         log_s = math.nan if m == compute_neg_inf(row) else math.log(np.float64(s))
         _shift_row(row, out[i], m, as_compute(row, log_s))
@@ -118,7 +119,7 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
         out.fill(-np.inf)
     elif z.shape[0]:
         with threads_for(z.shape[0], z.size):
-            logsumexp_kernel(numba_view(z), out)
+            logsumexp_kernel(numba_view(z), out, prefetch_distance(z.itemsize))
     return out
 
 
@@ -127,7 +128,7 @@ def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
         with threads_for(z.shape[0], z.size):
-            softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
+            softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z.itemsize))
     return out
 
 
@@ -136,5 +137,5 @@ def log_softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """log_softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
         with threads_for(z.shape[0], z.size):
-            log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out))
+            log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z.itemsize))
     return out

@@ -29,6 +29,7 @@ reads the instructions of a small compiled loop, not the feature flags.
 
 from __future__ import annotations
 
+import functools
 import os
 
 _PREFER_256 = "SOFTXENT_PREFER_256_BIT"
@@ -106,3 +107,13 @@ def kernel_vector_bits() -> int:
     if "%ymm" in asm:
         return 256
     return 128
+
+
+@functools.cache
+def compiled_vector_bits() -> int:
+    """:func:`kernel_vector_bits`, read once a process; 0 if the probe fails (its callers then
+    keep the choices they make for narrow vectors: no streaming stores, the short prefetch)."""
+    try:
+        return kernel_vector_bits()
+    except Exception:  # noqa: BLE001 - any failure of the probe only turns the wide-vector choices off
+        return 0
