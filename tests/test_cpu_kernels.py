@@ -328,17 +328,24 @@ def test_a_vector_width_probe_that_fails_turns_streaming_off(monkeypatch):
     vector_width.compiled_vector_bits.cache_clear()
     try:
         assert not ce_kernel._streams(z, np.empty_like(z), True, False)
-        assert chunks.prefetch_distance(4) == chunks.PREFETCH_AHEAD_BYTES // 4  # the narrow vectors' distance
+        big = np.empty(chunks.WIDE_PREFETCH_MIN_BYTES // 4, np.float32)
+        assert chunks.prefetch_distance(big) == chunks.PREFETCH_AHEAD_BYTES // 4  # the narrow vectors' distance
     finally:
         vector_width.compiled_vector_bits.cache_clear()
 
 
-def test_prefetch_distance_follows_the_vector_width(monkeypatch):
-    monkeypatch.setattr(chunks, "compiled_vector_bits", lambda: 512)
-    assert chunks.prefetch_distance(4) == chunks.PREFETCH_AHEAD_BYTES_512 // 4
-    assert chunks.prefetch_distance(2) == chunks.PREFETCH_AHEAD_BYTES_512 // 2
+def test_prefetch_distance_follows_the_vector_width_for_large_logits(monkeypatch):
+    probes = []
+    monkeypatch.setattr(chunks, "compiled_vector_bits", lambda: probes.append(1) or 512)
+    big = chunks.WIDE_PREFETCH_MIN_BYTES
+    assert chunks.prefetch_distance(np.empty(big // 4, np.float32)) == chunks.PREFETCH_AHEAD_BYTES_512 // 4
+    assert chunks.prefetch_distance(np.empty(big // 2, np.int16)) == chunks.PREFETCH_AHEAD_BYTES_512 // 2
+    assert len(probes) == 2
+    # small logits: the short distance, without reading the vector width (its probe compiles a loop)
+    assert chunks.prefetch_distance(np.empty(1000, np.float32)) == chunks.PREFETCH_AHEAD_BYTES // 4
+    assert len(probes) == 2
     monkeypatch.setattr(chunks, "compiled_vector_bits", lambda: 256)
-    assert chunks.prefetch_distance(8) == chunks.PREFETCH_AHEAD_BYTES // 8
+    assert chunks.prefetch_distance(np.empty(big // 8, np.float64)) == chunks.PREFETCH_AHEAD_BYTES // 8
 
 
 @pytest.mark.parametrize("distance_bytes", [0, 4, 4096, 1 << 30])

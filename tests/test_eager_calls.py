@@ -251,3 +251,13 @@ def test_a_profiler_trace_names_the_op():
     with torch.profiler.profile() as prof:
         sxt.cross_entropy(x, t).backward()
     assert any("softxent::cross_entropy" in e.name for e in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_gradient_is_the_same_with_and_without_create_graph(dtype):
+    z = (torch.randn(16, 300, generator=torch.Generator().manual_seed(8)) * 3).to(dtype).requires_grad_()
+    up = torch.randn(16, 300, generator=torch.Generator().manual_seed(9)).to(dtype)
+    for fn in (sxt.softmax, sxt.log_softmax):
+        (plain,) = torch.autograd.grad(fn(z, 1), z, up)
+        (graph,) = torch.autograd.grad(fn(z, 1), z, up, create_graph=True)
+        assert torch.equal(plain, graph.detach())

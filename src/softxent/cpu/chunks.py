@@ -49,13 +49,17 @@ PREFETCH_AHEAD_BYTES = 4096
 #: alternated in one process: 4 KiB 31.1–37.2 ms, 8 KiB 28.8–30.7, 16 KiB 28.8–30.7, 64 KiB 33.2
 #: (at 256 bits 8 and 16 KiB were 3 % slower than 4)
 PREFETCH_AHEAD_BYTES_512 = 8192
+#: ... for logits of at least this many bytes (the vector width is read then, once a process: its
+#: probe compiles a loop, 0.2–0.3 s; smaller logits come from the caches, where the distance matters little)
+WIDE_PREFETCH_MIN_BYTES = 4 << 20
 
 
-def prefetch_distance(itemsize: int) -> int:
-    """How many elements of ``itemsize`` bytes ahead of the exponentials the kernels prefetch
-    (the argument ``distance`` of :func:`ahead_of_row`), for the vector width they run with."""
-    wide = compiled_vector_bits() >= 512
-    return (PREFETCH_AHEAD_BYTES_512 if wide else PREFETCH_AHEAD_BYTES) // itemsize
+def prefetch_distance(logits) -> int:
+    """How many elements ahead of the exponentials the kernels prefetch in the array ``logits``
+    (the argument ``distance`` of :func:`ahead_of_row`), for the vector width they run with.
+    The results do not depend on it."""
+    wide = logits.nbytes >= WIDE_PREFETCH_MIN_BYTES and compiled_vector_bits() >= 512
+    return (PREFETCH_AHEAD_BYTES_512 if wide else PREFETCH_AHEAD_BYTES) // logits.itemsize
 
 
 @njit(**EXACT_JIT)

@@ -432,7 +432,7 @@ def cross_entropy_rows(
             argmax_out,
             _streams(z, g, want_grad, inplace),
             numba.get_num_threads(),
-            prefetch_distance(z.itemsize),
+            prefetch_distance(z),
         )
     if lse64 is not lse_out:
         lse_out[...] = lse64

@@ -119,7 +119,7 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
         out.fill(-np.inf)
     elif z.shape[0]:
         with threads_for(z.shape[0], z.size):
-            logsumexp_kernel(numba_view(z), out, prefetch_distance(z.itemsize))
+            logsumexp_kernel(numba_view(z), out, prefetch_distance(z))
     return out
 
 
@@ -128,7 +128,7 @@ def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
         with threads_for(z.shape[0], z.size):
-            softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z.itemsize))
+            softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z))
     return out
 
 
@@ -137,5 +137,5 @@ def log_softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """log_softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
         with threads_for(z.shape[0], z.size):
-            log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z.itemsize))
+            log_softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z))
     return out

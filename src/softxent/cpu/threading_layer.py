@@ -113,7 +113,8 @@ def serialized(fn):
 
 
 #: a kernel with less work than this — its elements plus :data:`ROW_WORK` for each row — runs on
-#: the calling thread alone: waking a sleeping worker costs more than it saves
+#: one thread: waking a sleeping worker costs more than it saves (with TBB or OpenMP that thread
+#: is the caller; the workqueue layer still hands the work to one of its workers)
 SMALL_WORK = 1 << 17
 #: what a row costs beyond its elements, in elements (the row's setup and its chunk bookkeeping)
 ROW_WORK = 400
@@ -121,7 +122,7 @@ ROW_WORK = 400
 
 @contextlib.contextmanager
 def threads_for(num_rows: int, num_elements: int):
-    """Run the parallel kernels launched inside on the calling thread alone (``numba.set_num_threads(1)``,
+    """Run the parallel kernels launched inside on one thread (``numba.set_num_threads(1)``,
     which is this thread's own setting) when ``num_elements + ROW_WORK·num_rows`` is below
     :data:`SMALL_WORK`; with the threads set otherwise."""
     if num_elements + ROW_WORK * num_rows >= SMALL_WORK:

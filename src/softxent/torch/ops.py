@@ -315,20 +315,21 @@ def _save_input_and_output(ctx, inputs, output):
 
 
 def _softmax_backward_formula(y: Tensor, g: Tensor, log: bool) -> Tensor:
-    """∂z of softmax (p ⊙ (g − ⟨g, p⟩)) or log_softmax (g − e^{log p}·Σg) in differentiable PyTorch ops."""
-    if log:
-        return g - torch.exp(y) * g.sum(dim=1, keepdim=True)
-    return y * (g - (g * y).sum(dim=1, keepdim=True))
+    """∂z of softmax (p ⊙ (g − ⟨g, p⟩)) or log_softmax (g − e^{log p}·Σg) along dimension 1:
+    PyTorch's own backward (``_softmax_backward_data``: one pass, accumulated in float32 for
+    16-bit dtypes), which is differentiable — double backward goes through it."""
+    native = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+    return native(g.to(y.dtype), y, 1, y.dtype)
 
 
 def _softmax_backward_rows(y: Tensor, g: Tensor, log: bool) -> Tensor:
     """∂z of softmax (``log``: log_softmax) of rows (M, C) from the forward output ``y`` and ``g``:
-    the backend's fused backward, else PyTorch's own (``_softmax_backward_data``: one pass)."""
+    the backend's fused backward, else :func:`_softmax_backward_formula` (the bits a backward
+    with ``create_graph=True`` gives too)."""
     fused = backend_for(y.device).backward_kernel("softmax")
     if fused is not None:
         return fused(y.contiguous(), g, log)
-    native = torch._log_softmax_backward_data if log else torch._softmax_backward_data
-    return native(g.to(y.dtype), y, 1, y.dtype)
+    return _softmax_backward_formula(y, g, log)
 
 
 def _logsumexp_backward_rows(z: Tensor, lse: Tensor, g: Tensor) -> Tensor:
