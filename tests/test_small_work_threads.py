@@ -64,3 +64,23 @@ def test_small_kernels_see_one_thread_and_give_the_same_bits(two_threads, monkey
     out = np.empty((3, 4), np.float32)
     p = softmax.softmax_rows(np.arange(12, dtype=np.float32).reshape(3, 4), out)
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+
+
+def test_the_weight_sum_of_the_targets_has_the_same_bits_for_any_thread_count(two_threads):
+    from softxent.cpu import targets
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(-1, 1000, 400_000)
+    t[::7] = -100
+    w = rng.random(1000) * 3
+    seen = set()
+    for threads in (1, two_threads, 1, two_threads):
+        numba.set_num_threads(threads)
+        for _ in range(5):
+            seen.add(targets.index_target_stats(t, 1000, -100, w))
+    numba.set_num_threads(two_threads)
+    assert len(seen) == 1
+    bad, count, weight_sum = seen.pop()
+    keep = (t != -100) & (t >= 0)
+    assert (bad, count) == (int((t == -1).sum()), int(keep.sum()))
+    np.testing.assert_allclose(weight_sum, np.sum(w[t[keep]]), rtol=1e-13)

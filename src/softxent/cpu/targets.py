@@ -14,23 +14,40 @@ from numba import njit, prange
 from .simd import EXACT_JIT
 from .threading_layer import serialized, threads_for
 
+#: the targets are cut into this many fixed blocks, each summed in order and the block sums
+#: added in order: Σ w[t] then has the same bits for every thread count and schedule (a prange
+#: reduction adds each thread's partial sum in whatever order the scheduler ran them)
+BLOCKS = 64
+
 
 @njit(parallel=True, **EXACT_JIT)
 def _index_target_stats(target, num_classes, ignore_index, has_ignore, w, has_weight):
-    bad = 0
-    count = 0
-    weight_sum = 0.0
-    for i in prange(target.size):
-        t = target[i]
-        if has_ignore and t == ignore_index:
-            continue
-        if t < 0 or t >= num_classes:
-            bad += 1
-            continue
-        count += 1
-        if has_weight:
-            weight_sum += w[t]
-    return bad, count, weight_sum
+    n = target.size
+    blocks = min(BLOCKS, max(n, 1))
+    bad = np.zeros(blocks, np.int64)
+    count = np.zeros(blocks, np.int64)
+    weight_sum = np.zeros(blocks)
+    for b in prange(blocks):
+        block_bad = 0
+        block_count = 0
+        block_sum = 0.0
+        for i in range(b * n // blocks, (b + 1) * n // blocks):
+            t = target[i]
+            if has_ignore and t == ignore_index:
+                continue
+            if t < 0 or t >= num_classes:
+                block_bad += 1
+                continue
+            block_count += 1
+            if has_weight:
+                block_sum += w[t]
+        bad[b] = block_bad
+        count[b] = block_count
+        weight_sum[b] = block_sum
+    total = 0.0
+    for b in range(blocks):
+        total += weight_sum[b]
+    return bad.sum(), count.sum(), total
 
 
 @serialized
