@@ -104,9 +104,11 @@ def remember(loss: Tensor, logits: Tensor, target: Tensor, is_index: bool, loss_
     Class indices are held (N integers); logits and probability targets only weakly."""
     if torch.compiler.is_compiling():  # a traced graph's backward is not this node
         return
+    node = loss.grad_fn
+    if node is None:  # no graph to attach to (no input requires grad)
+        return
     held = _Held(logits, strong=_HOLD_LOGITS.get())
     recompute = Recompute(held, _Held(target, strong=is_index), loss_of, to_op_layout)
-    node = loss.grad_fn
     # a tensor subclass returns the op's loss through an alias (a C++ node, which takes no
     # attributes): the op's own node is the one behind it
     while node is not None:
