@@ -367,3 +367,51 @@ def test_the_prefetch_distance_changes_no_bit(monkeypatch, distance_bytes):
         monkeypatch.setattr(chunks, name, distance_bytes)
     for got, want in zip(run(), expected, strict=True):
         assert np.array_equal(got, want)
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch_large_enough_for_the_wide_prefetch():
+    # the batch crosses WIDE_PREFETCH_MIN_BYTES, where the prefetch plan changes; the order of the
+    # sums (the exp block) must not: a row's loss, gradient and softmax are those it has alone
+    rng = np.random.default_rng(11)
+    num_classes = 3 * CHUNK + 77
+    rows = chunks.WIDE_PREFETCH_MIN_BYTES // (4 * num_classes) + 3
+    z = (rng.standard_normal((rows, num_classes)) * 5).astype(np.float32)
+    t = rng.integers(0, num_classes, rows)
+    opts = make_options(label_smoothing=0.05)
+    g = np.empty_like(z)
+    losses = ce_kernel.cross_entropy_rows(z, t, None, opts, 1.0, g)
+    probs = softmax_kernels.softmax_rows(z, np.empty_like(z))
+    for i in (0, rows // 2, rows - 1):
+        one_g = np.empty_like(z[i : i + 1])
+        one_loss = ce_kernel.cross_entropy_rows(z[i : i + 1], t[i : i + 1], None, opts, 1.0, one_g)
+        assert one_loss[0] == losses[i]
+        assert np.array_equal(one_g[0], g[i])
+        assert np.array_equal(softmax_kernels.softmax_rows(z[i : i + 1], np.empty_like(one_g))[0], probs[i])
+
+
+@pytest.mark.parametrize(
+    ("features", "wide"),
+    [
+        ("+avx2,+fma,+avx512f,-prefer-256-bit", True),  # what choose_cpu_features sets on AVX-512 CPUs
+        ("+avx2,+fma,+avx512f", False),  # LLVM's own tuning decides: read as narrow
+        ("+avx2,+fma,-avx512f,-prefer-256-bit", False),  # SOFTXENT_NO_AVX512
+        ("+neon", False),
+    ],
+)
+def test_the_exp_block_follows_the_features_numba_compiles_with(monkeypatch, features, wide):
+    import numba
+
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+    assert vector_width.features_ask_for_512_bit() is wide
+    block = chunks._exp_block_overload()()
+    assert block == (chunks.EXP_BLOCK_512 if wide else chunks.EXP_BLOCK)
+    assert CHUNK % block == 0  # whole blocks per chunk
+
+
+def test_the_compiled_exp_block_is_the_one_this_process_asks_for():
+    @njit
+    def compiled_block():
+        return chunks.exp_block()
+
+    asks = chunks.EXP_BLOCK_512 if vector_width.features_ask_for_512_bit() else chunks.EXP_BLOCK
+    assert compiled_block() == asks

@@ -13,6 +13,9 @@ Each function is a short loop over contiguous 1-D arrays that LLVM vectorizes;
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
@@ -30,28 +33,51 @@ from .simd import (
     store,
     tanh,
 )
-from .vector_width import compiled_vector_bits
+from .vector_width import compiled_vector_bits, features_ask_for_512_bit
 
-#: elements per chunk: 4 KB of float32, small enough for L1 next to its exponentials
-CHUNK = 1024
-#: the exponentials of a chunk are computed SUB_BLOCK elements at a time, each block after
-#: asking for the logits further on (:func:`ahead_of_row`)
-SUB_BLOCK = 256
-#: how far ahead of the exponentials the logits are prefetched, with 256-bit kernels.  The exp
-#: work of a chunk issues no memory reads of its own, so without this the core computes, then
-#: waits for the next chunk; with it the next chunk's lines arrive while it computes.  Measured on
-#: a 2-core AMD EPYC (AVX2), CE fp32 4096×32000 fwd+bwd, best of 30: 57.3 ms → 41.3 ms (copy
-#: 34.9 ms); a whole chunk of prefetches at once, or prefetching the gradient's lines for
-#: writing, was slower.
-PREFETCH_AHEAD_BYTES = 4096
-#: ... with 512-bit kernels, which finish a chunk's exp work in about half the time: 4 KiB ahead
-#: no longer covers the memory's latency.  AMD EPYC Zen 5, CE fp32 4096×32000 fwd+bwd, distances
-#: alternated in one process: 4 KiB 31.1–37.2 ms, 8 KiB 28.8–30.7, 16 KiB 28.8–30.7, 64 KiB 33.2
-#: (at 256 bits 8 and 16 KiB were 3 % slower than 4)
-PREFETCH_AHEAD_BYTES_512 = 8192
+#: elements per chunk: 8 KB of float32, small enough for L1 next to its exponentials.  Each chunk
+#: costs a few loops of its own (its max, its exponentials, its final pass), each with an entry,
+#: an alias check and a horizontal reduction: 2048 rather than 1024 took 7 % off the 256-bit
+#: CE fp32 4096×32000 forward + backward on one thread (docs/benchmarks.md, "Chunks of 2048")
+CHUNK = 2048
+#: the exponentials of a chunk are computed this many elements at a time, each block after
+#: asking for the logits further on (:func:`ahead_of_row`), with 256-bit (or narrower) kernels:
+#: bound by their exp work, they gain from fewer, longer loops (1024 rather than 256: a further
+#: 12 % off on one thread, 5–10 % on two) ...
+EXP_BLOCK = 1024
+#: ... and with 512-bit kernels, bound by memory: shorter blocks spread the prefetches between
+#: the exp work (1024 was 6 % slower on two threads, 256 as fast as before)
+EXP_BLOCK_512 = 256
+#: how far ahead of the exponentials the logits are prefetched, with 256-bit kernels: one chunk
+#: of float32.  The exp work of a chunk issues no memory reads of its own, so without this the
+#: core computes, then waits for the next chunk; with it the next chunk's lines arrive while it
+#: computes.  Measured on a 2-core AMD EPYC (AVX2), CE fp32 4096×32000 fwd+bwd, best of 30:
+#: 57.3 ms → 41.3 ms (copy 34.9 ms, chunks of 1024 and 4 KiB ahead then).  Less than a chunk
+#: ahead, the next chunk's max pass waits for memory: chunks of 4096 with 8 KiB were 11 % slower
+#: than with 16 KiB (AMD EPYC Zen 5, 256-bit, one thread).
+PREFETCH_AHEAD_BYTES = 8192
+#: ... with 512-bit kernels, which finish a chunk's exp work in about half the time: two chunks
+#: ahead.  (Chunks of 1024: 4 KiB 31.1–37.2 ms, 8 KiB 28.8–30.7, 16 KiB 28.8–30.7, 64 KiB 33.2,
+#: AMD EPYC Zen 5, CE fp32 4096×32000 fwd+bwd, distances alternated in one process.)
+PREFETCH_AHEAD_BYTES_512 = 16384
 #: ... for logits of at least this many bytes (the vector width is read then, once a process: its
 #: probe compiles a loop, 0.2–0.3 s; smaller logits come from the caches, where the distance matters little)
 WIDE_PREFETCH_MIN_BYTES = 4 << 20
+
+
+def exp_block():
+    """The elements of a chunk whose exponentials one loop computes (Numba only): a constant
+    of the compiled code, :data:`EXP_BLOCK_512` when Numba compiles for 512-bit vectors
+    (:func:`~softxent.cpu.vector_width.features_ask_for_512_bit`), else :data:`EXP_BLOCK`.  It
+    sets the order of the sum Σ e^{z−m}, so it must not depend on the problem: a row gives the
+    same bits in every batch."""
+    raise NotImplementedError("exp_block is only callable from Numba code")
+
+
+@overload(exp_block, jit_options={"error_model": "numpy"})
+def _exp_block_overload():
+    block = EXP_BLOCK_512 if features_ask_for_512_bit() else EXP_BLOCK
+    return lambda: block
 
 
 def prefetch_distance(logits) -> int:
@@ -70,6 +96,15 @@ def ahead_of_row(flat, start, num_classes, distance):
     empty, at the end)."""
     lo = min(start + distance, flat.size)
     return flat[lo : min(lo + num_classes, flat.size)]
+
+
+@njit(**EXACT_JIT)
+def rebase_factor(chunk_max, m):
+    """e^{m_c − m} in float64: the factor that moves the exponentials of a chunk, taken relative to
+    the running max m_c after it, to the row max ``m`` (float64).  Exactly 1 without a call to
+    libm's exp when m_c = m, as for every chunk from the one holding the max on."""
+    m_c = np.float64(chunk_max)
+    return 1.0 if m_c == m else math.exp(m_c - m)
 
 
 @njit(**EXACT_JIT)
@@ -149,8 +184,9 @@ def fold_chunk(src, work, m, new_m, s, want_store, inplace, ahead):
         m = new_m
     if m == neg_inf:  # every element so far is −inf or NaN
         return m, s + chunk_nan_or_zero(src, work, want_store)
-    for a in range(0, src.size, SUB_BLOCK):
-        b = min(a + SUB_BLOCK, src.size)
+    block = exp_block()
+    for a in range(0, src.size, block):
+        b = min(a + block, src.size)
         prefetch_range(ahead, min(a, ahead.size), min(b, ahead.size), False)
         if not want_store:
             s += chunk_exp_sum(src[a:b], m)

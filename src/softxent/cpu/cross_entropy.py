@@ -43,6 +43,7 @@ from .chunks import (
     fill_zero,
     fold_chunk,
     prefetch_distance,
+    rebase_factor,
 )
 from .simd import (
     EXACT_JIT,
@@ -223,7 +224,7 @@ def cross_entropy_row(
         lo = c * CHUNK
         hi = min(lo + CHUNK, num_classes)
         # exponentials of chunk c are relative to the running max m_c
-        factor = base * math.exp(np.float64(chunk_max_at[c]) - m64)
+        factor = base * rebase_factor(chunk_max_at[c], m64)
         if simple and stream:
             stream_scaled(work[lo:hi], g[lo:hi], factor, scale * uniform if eps > 0.0 else 0.0)
         elif simple:

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .chunks import CHUNK, ahead_of_row, chunk_finish_scaled, online_update, prefetch_distance
+from .chunks import CHUNK, ahead_of_row, chunk_finish_scaled, online_update, prefetch_distance, rebase_factor
 from .simd import (
     EXACT_JIT,
     HELPER_JIT,
@@ -83,7 +83,7 @@ def softmax_kernel(z, out, distance):
         for c in range(chunk_max_at.size):
             lo = c * CHUNK
             hi = min(lo + CHUNK, row.size)
-            factor = math.exp(np.float64(chunk_max_at[c]) - np.float64(m)) / np.float64(s)
+            factor = rebase_factor(chunk_max_at[c], np.float64(m)) / np.float64(s)
             chunk_finish_scaled(work[lo:hi], dst[lo:hi], factor, 0.0)
 
 

@@ -81,6 +81,23 @@ def choose_cpu_features() -> bool:
     return True
 
 
+def features_ask_for_512_bit() -> bool:
+    """Whether the CPU features Numba compiles with ask for 512-bit vectors: AVX-512 (``+avx512f``)
+    with ``-prefer-256-bit``, as :func:`choose_cpu_features` sets on AVX-512 CPUs.  Read from the
+    settings, without compiling anything: a decision taken at compile time from them is keyed
+    like the code itself in Numba's cache (whose key holds the CPU name and features).  Unlike
+    :func:`kernel_vector_bits` it is only a reading of the flags: features a user chose without
+    ``-prefer-256-bit`` count as narrow here, even where LLVM's tuning for that CPU picks 512 bits."""
+    import numba
+    from llvmlite import binding
+
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = binding.get_host_cpu_features().flatten()
+    flags = set(features.split(","))
+    return "+avx512f" in flags and "-prefer-256-bit" in flags
+
+
 def _probe_loop(x, y):
     s = x[0] - x[0]
     for i in range(x.size):
