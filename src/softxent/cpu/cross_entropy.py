@@ -32,6 +32,7 @@ from numba import njit, prange
 
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
+from .alias_window import padded_empty, padded_row, too_close
 from .chunks import (
     CHUNK,
     ahead_of_row,
@@ -302,9 +303,10 @@ def cross_entropy_fwd_bwd_rows(
     per_row_scale = scale.size > 1
     has_weight = w.size > 0
     row_scratch = num_classes if stream or (want_grad and g.itemsize == 2) else 0
-    scratch = scratch_row(z, threads * row_scratch)
+    # rows the exp loops write or read beside the logits and the gradient: with free margins
+    scratch = padded_row(z, threads * row_scratch)
     capped_length = num_classes if cap > 0.0 else 0
-    capped = scratch_row(z, threads * capped_length)
+    capped = padded_row(z, threads * capped_length)
     for i in prange(num_rows):
         t = target[i] if not has_prob else 0
         row_scale = scale[i] if per_row_scale else scale[0]
@@ -337,7 +339,7 @@ def _thread_scratch(z, scratch, length, threads):
     tid = numba.get_thread_id()
     if 0 <= tid < threads:
         return scratch[tid * length : (tid + 1) * length]
-    return scratch_row(z, length)
+    return padded_row(z, length)
 
 
 #: a gradient at least this large is written with non-temporal stores: far larger than the
@@ -415,6 +417,9 @@ def cross_entropy_rows(
     lse_out, argmax_out = (np.empty(0), np.empty(0, np.int64)) if stats is None else stats
     # the kernel writes float64 lse only (one compiled variant fewer: each costs ~13 s of JIT)
     lse64 = lse_out if lse_out.dtype == np.float64 else np.empty(lse_out.shape, np.float64)
+    g_out = g
+    if want_grad and too_close(g, z):  # see softxent.cpu.alias_window
+        g = padded_empty(g.shape, g.dtype)
     with threads_for(num_rows, z.size):  # a small problem on this thread alone
         cross_entropy_fwd_bwd_rows(
             numba_view(z),
@@ -435,6 +440,8 @@ def cross_entropy_rows(
             numba.get_num_threads(),
             prefetch_distance(z),
         )
+    if g is not g_out:
+        g_out[...] = g
     if lse64 is not lse_out:
         lse_out[...] = lse64
     return loss

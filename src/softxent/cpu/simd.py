@@ -33,6 +33,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .alias_window import padded_row
+
 #: fast-math flags of the row loops: reassociation lets sums vectorize; no
 #: 'nnan'/'ninf', because NaN and ±inf must propagate exactly as in PyTorch.
 LOOP_FLAGS = {"reassoc", "contract", "arcp", "nsz"}
@@ -560,7 +562,8 @@ def _as_compute_overload(arr, x):
 
 def work_row(grad_row, n):
     """The row that holds the exponentials before the final pass: the gradient row
-    itself for float32/float64, a float32 scratch row for 16-bit gradients."""
+    itself for float32/float64, a float32 scratch row for 16-bit gradients (with free margins:
+    :func:`~softxent.cpu.alias_window.padded_row`)."""
     raise NotImplementedError("work_row is only callable from Numba code")
 
 
@@ -568,7 +571,7 @@ def work_row(grad_row, n):
 def _work_row_overload(grad_row, n):
     if grad_row.dtype in (types.float32, types.float64):
         return lambda grad_row, n: grad_row
-    return lambda grad_row, n: np.empty(n, np.float32)
+    return lambda grad_row, n: padded_row(grad_row, n)
 
 
 def scratch_row(src_row, n):

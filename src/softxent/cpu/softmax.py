@@ -18,6 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .alias_window import padded_empty, too_close
 from .chunks import CHUNK, ahead_of_row, chunk_finish_scaled, online_update, prefetch_distance, rebase_factor
 from .simd import (
     EXACT_JIT,
@@ -127,8 +128,13 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
 def softmax_rows(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """softmax of each row of ``z`` (M, C) written into ``out`` (C-contiguous, z's dtype)."""
     if z.size:
+        z = np.ascontiguousarray(z)
+        # the exponentials are summed as they are written into out: see softxent.cpu.alias_window
+        dst = padded_empty(out.shape, out.dtype) if too_close(out, z) else out
         with threads_for(z.shape[0], z.size):
-            softmax_kernel(numba_view(np.ascontiguousarray(z)), numba_view(out), prefetch_distance(z))
+            softmax_kernel(numba_view(z), numba_view(dst), prefetch_distance(z))
+        if dst is not out:
+            out[...] = dst
     return out
 
 
