@@ -399,13 +399,26 @@ def test_a_row_gives_the_same_bits_alone_and_in_a_batch_large_enough_for_the_wid
     ],
 )
 def test_the_exp_block_follows_the_features_numba_compiles_with(monkeypatch, features, wide):
-    import numba
-
-    monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+    assert vector_width.features_ask_for_512_bit(features) is wide
+    monkeypatch.setattr(vector_width, "compiling_features", lambda: features)
     assert vector_width.features_ask_for_512_bit() is wide
     block = chunks._exp_block_overload()()
     assert block == (chunks.EXP_BLOCK_512 if wide else chunks.EXP_BLOCK)
     assert CHUNK % block == 0  # whole blocks per chunk
+
+
+def test_the_exp_block_reads_the_code_generators_features_not_numbas_settings(monkeypatch):
+    # what Numba's cache keys compiled code on; numba.config.CPU_FEATURES can change afterwards
+    # (Numba resets it when it reloads its settings), the code generator's features cannot
+    import numba
+    from numba.core.registry import cpu_target
+
+    keyed = cpu_target.target_context.codegen().magic_tuple()[2]
+    assert vector_width.compiling_features() == keyed
+    before = vector_width.features_ask_for_512_bit()
+    flipped = "+avx2" if before else "+avx2,+avx512f,-prefer-256-bit"
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", flipped)
+    assert vector_width.features_ask_for_512_bit() is before
 
 
 def test_the_compiled_exp_block_is_the_one_this_process_asks_for():
@@ -415,3 +428,17 @@ def test_the_compiled_exp_block_is_the_one_this_process_asks_for():
 
     asks = chunks.EXP_BLOCK_512 if vector_width.features_ask_for_512_bit() else chunks.EXP_BLOCK
     assert compiled_block() == asks
+
+
+def test_rows_of_minus_infinity_give_pytorchs_nan_bit_for_bit():
+    torch = pytest.importorskip("torch")
+    x = torch.full((2, 3 * CHUNK + 5), -float("inf"))
+    want_p = torch.softmax(x, -1).view(torch.int32)
+    leaf = x.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(leaf, torch.tensor([1, 2]), reduction="sum").backward()
+    z = x.numpy()
+    got_p = softmax_kernels.softmax_rows(z, np.empty_like(z))
+    g = np.empty_like(z)
+    ce_kernel.cross_entropy_rows(z, np.array([1, 2]), None, make_options(), 1.0, g)
+    assert np.array_equal(got_p.view(np.int32), want_p.numpy())
+    assert np.array_equal(g.view(np.int32), leaf.grad.view(torch.int32).numpy())

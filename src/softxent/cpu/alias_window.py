@@ -2,8 +2,9 @@ r"""Buffers placed so that no kernel loop falls back to LLVM's scalar version.
 
 LLVM vectorizes a loop that reads one array and writes another behind a runtime check on
 their addresses: when the written array starts a little after the read one (less than the
-loop's vector block — vector width × unroll, 64 to 256 bytes here), the check fails and the
-loop's scalar version runs instead.  Both compute the same exponentials, but a loop that also
+loop's vector block — vector width × unroll, 64 to 256 bytes here), or where it is the input
+itself for a loop that is not written in place, the check fails and the loop's scalar version
+runs instead.  Both compute the same exponentials, but a loop that also
 sums them (the rows' Σ e^{z−m}) adds them in another order there, so the loss, the gradient
 or the softmax would change in their last bit with where the allocator happened to put the
 output — beside small logits, for example, two calls with the same inputs could differ.
@@ -30,13 +31,15 @@ from numba.extending import overload
 ALIAS_WINDOW_BYTES = 1024
 
 
-def too_close(out: np.ndarray, src: np.ndarray) -> bool:
-    """Whether ``out`` starts within :data:`ALIAS_WINDOW_BYTES` of ``src`` (either side) without
-    being the same memory (a kernel writing in place reads and writes one array)."""
+def too_close(out: np.ndarray, src: np.ndarray, *, in_place: bool = False) -> bool:
+    """Whether ``out`` starts within :data:`ALIAS_WINDOW_BYTES` of ``src``, either side (LLVM's
+    check fails only for an output a little after its input; one a little before is redirected
+    too, which costs a copy of under 1 KiB).  The same start is too close as well, unless the
+    kernel runs ``in_place``: its loops then read and write one array, with no check at all."""
     if out.size == 0 or src.size == 0:
         return False
     distance = out.ctypes.data - src.ctypes.data
-    return distance != 0 and abs(distance) < ALIAS_WINDOW_BYTES
+    return abs(distance) < ALIAS_WINDOW_BYTES and not (distance == 0 and in_place)
 
 
 def padded_empty(shape: tuple[int, ...], dtype) -> np.ndarray:

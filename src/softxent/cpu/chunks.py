@@ -35,17 +35,18 @@ from .simd import (
 )
 from .vector_width import compiled_vector_bits, features_ask_for_512_bit
 
-#: elements per chunk: 8 KB of float32, small enough for L1 next to its exponentials.  Each chunk
-#: costs a few loops of its own (its max, its exponentials, its final pass), each with an entry,
-#: an alias check and a horizontal reduction: 2048 rather than 1024 took 7 % off the 256-bit
-#: CE fp32 4096×32000 forward + backward on one thread (docs/benchmarks.md, "Chunks of 2048")
+#: elements per chunk: 8 KB of float32 (16 KB of float64), small enough for L1 next to its
+#: exponentials.  Each chunk costs a few loops of its own (its max, its exponentials, its final
+#: pass), each with an entry, an alias check and a horizontal reduction: 2048 rather than 1024
+#: took 7 % off the 256-bit CE fp32 4096×32000 forward + backward on one thread
+#: (docs/benchmarks.md, "Chunks of 2048")
 CHUNK = 2048
 #: the exponentials of a chunk are computed this many elements at a time, each block after
-#: asking for the logits further on (:func:`ahead_of_row`), with 256-bit (or narrower) kernels:
-#: bound by their exp work, they gain from fewer, longer loops (1024 rather than 256: a further
-#: 12 % off on one thread, 5–10 % on two) ...
+#: asking for the logits further on (:func:`ahead_of_row`), unless the kernels are compiled for
+#: 512-bit vectors (:func:`exp_block`): 256-bit kernels, bound by their exp work, gain from fewer,
+#: longer loops (1024 rather than 256: a further 12 % off on one thread, 5–10 % on two) ...
 EXP_BLOCK = 1024
-#: ... and with 512-bit kernels, bound by memory: shorter blocks spread the prefetches between
+#: ... and 512-bit ones, bound by memory, from shorter blocks, which spread the prefetches between
 #: the exp work (1024 was 6 % slower on two threads, 256 as fast as before)
 EXP_BLOCK_512 = 256
 #: how far ahead of the exponentials the logits are prefetched, with 256-bit kernels: one chunk
@@ -67,10 +68,11 @@ WIDE_PREFETCH_MIN_BYTES = 4 << 20
 
 def exp_block():
     """The elements of a chunk whose exponentials one loop computes (Numba only): a constant
-    of the compiled code, :data:`EXP_BLOCK_512` when Numba compiles for 512-bit vectors
-    (:func:`~softxent.cpu.vector_width.features_ask_for_512_bit`), else :data:`EXP_BLOCK`.  It
-    sets the order of the sum Σ e^{z−m}, so it must not depend on the problem: a row gives the
-    same bits in every batch."""
+    of the compiled code, :data:`EXP_BLOCK_512` when the features Numba compiles with ask for
+    512-bit vectors (:func:`~softxent.cpu.vector_width.features_ask_for_512_bit`), else
+    :data:`EXP_BLOCK`.  It sets the order of the sum Σ e^{z−m}, so it depends on nothing but what
+    Numba's cache keys the code on: a row gives the same bits in every batch, and in every
+    process that shares the cache."""
     raise NotImplementedError("exp_block is only callable from Numba code")
 
 
@@ -102,9 +104,11 @@ def ahead_of_row(flat, start, num_classes, distance):
 def rebase_factor(chunk_max, m):
     """e^{m_c − m} in float64: the factor that moves the exponentials of a chunk, taken relative to
     the running max m_c after it, to the row max ``m`` (float64).  Exactly 1 without a call to
-    libm's exp when m_c = m, as for every chunk from the one holding the max on."""
+    libm's exp when m_c = m is finite, as for every chunk from the one holding the max on."""
     m_c = np.float64(chunk_max)
-    return 1.0 if m_c == m else math.exp(m_c - m)
+    if m_c == m and math.isfinite(m):
+        return 1.0
+    return math.exp(m_c - m)  # ±inf − ±inf: exp(NaN), the NaN the rows' other terms give too
 
 
 @njit(**EXACT_JIT)

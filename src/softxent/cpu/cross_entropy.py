@@ -418,8 +418,10 @@ def cross_entropy_rows(
     # the kernel writes float64 lse only (one compiled variant fewer: each costs ~13 s of JIT)
     lse64 = lse_out if lse_out.dtype == np.float64 else np.empty(lse_out.shape, np.float64)
     g_out = g
-    if want_grad and too_close(g, z):  # see softxent.cpu.alias_window
+    kernel_inplace = inplace and z.dtype in (np.float32, np.float64)
+    if want_grad and too_close(g, z, in_place=inplace):  # see softxent.cpu.alias_window
         g = padded_empty(g.shape, g.dtype)
+        kernel_inplace = False
     with threads_for(num_rows, z.size):  # a small problem on this thread alone
         cross_entropy_fwd_bwd_rows(
             numba_view(z),
@@ -431,7 +433,7 @@ def cross_entropy_rows(
             *kernel_scalars(opts, weight, num_classes),
             want_grad,
             # 16-bit rows keep their exponentials in a float32 scratch row, never in the logits
-            inplace and z.dtype in (np.float32, np.float64),
+            kernel_inplace,
             has_prob,
             loss,
             lse64,

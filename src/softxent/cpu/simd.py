@@ -171,7 +171,8 @@ CACHE_LINE = 64
 @njit(**EXACT_JIT)
 def prefetch_range(arr, lo, hi, for_write):
     """Ask the CPU to bring ``arr[lo:hi]`` into cache (for writing if ``for_write``): issued
-    one chunk ahead, it overlaps the next chunk's memory reads with this chunk's ``exp`` work."""
+    ahead of the exponentials (:func:`~softxent.cpu.chunks.prefetch_distance`), it overlaps the
+    next chunks' memory reads with this chunk's ``exp`` work."""
     step = max(1, CACHE_LINE // arr.itemsize)
     for j in range(lo, hi, step):
         if for_write:

@@ -81,20 +81,24 @@ def choose_cpu_features() -> bool:
     return True
 
 
-def features_ask_for_512_bit() -> bool:
-    """Whether the CPU features Numba compiles with ask for 512-bit vectors: AVX-512 (``+avx512f``)
-    with ``-prefer-256-bit``, as :func:`choose_cpu_features` sets on AVX-512 CPUs.  Read from the
-    settings, without compiling anything: a decision taken at compile time from them is keyed
-    like the code itself in Numba's cache (whose key holds the CPU name and features).  Unlike
-    :func:`kernel_vector_bits` it is only a reading of the flags: features a user chose without
-    ``-prefer-256-bit`` count as narrow here, even where LLVM's tuning for that CPU picks 512 bits."""
-    import numba
-    from llvmlite import binding
+def compiling_features() -> str:
+    """The CPU features of Numba's code generator: what every kernel of this process is compiled
+    for, and what Numba's on-disk cache keys compiled code on (with the CPU name).  They are fixed
+    when the generator starts, at the process's first compilation; ``numba.config.CPU_FEATURES``
+    may say otherwise later (Numba resets it whenever it reloads its settings)."""
+    from numba.core.registry import cpu_target
 
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        features = binding.get_host_cpu_features().flatten()
-    flags = set(features.split(","))
+    return cpu_target.target_context.codegen().magic_tuple()[2]
+
+
+def features_ask_for_512_bit(features: str | None = None) -> bool:
+    """Whether the CPU features ``features`` (an LLVM feature string; by default
+    :func:`compiling_features`) ask for 512-bit vectors: AVX-512 (``+avx512f``) with
+    ``-prefer-256-bit``, as :func:`choose_cpu_features` sets on AVX-512 CPUs.  A decision taken
+    from them while a kernel compiles is keyed like the code itself in Numba's cache.  It is only
+    a reading of the flags, not of the code (:func:`kernel_vector_bits`): features without
+    ``-prefer-256-bit`` count as narrow here, even where LLVM's tuning for the CPU picks 512 bits."""
+    flags = set((compiling_features() if features is None else features).split(","))
     return "+avx512f" in flags and "-prefer-256-bit" in flags
 
 
