@@ -84,3 +84,26 @@ def test_the_weight_sum_of_the_targets_has_the_same_bits_for_any_thread_count(tw
     keep = (t != -100) & (t >= 0)
     assert (bad, count) == (int((t == -1).sum()), int(keep.sum()))
     np.testing.assert_allclose(weight_sum, np.sum(w[t[keep]]), rtol=1e-13)
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 640, 12_345, SMALL_WORK - 1, SMALL_WORK])
+def test_small_targets_take_a_serial_pass_with_the_bits_of_the_parallel_one(n, two_threads, monkeypatch):
+    from softxent.cpu import targets
+
+    rng = np.random.default_rng(n)
+    t = rng.integers(-2, 50, n)
+    t[::5] = -100
+    w = rng.random(50) * 3
+    args = (t, 50, -100, True, w, True)
+    bad, count, weight_sum = targets._index_target_stats(*args)
+    serial = targets._index_target_stats_serial(*args)
+    assert serial[:2] == (bad, count) and serial[2].hex() == weight_sum.hex()
+    used = []
+    for name in ("_index_target_stats", "_index_target_stats_serial"):
+        kernel = getattr(targets, name)
+        monkeypatch.setattr(targets, name, lambda *a, name=name, kernel=kernel: used.append(name) or kernel(*a))
+    assert targets.index_target_stats(t, 50, -100, w) == (int(bad), int(count), float(weight_sum))
+    assert used == ["_index_target_stats" if n >= SMALL_WORK else "_index_target_stats_serial"]
+    keep = (t != -100) & (t >= 0)
+    assert (bad, count) == (int(((t < 0) & (t != -100)).sum()), int(keep.sum()))
+    np.testing.assert_allclose(weight_sum, np.sum(w[t[keep]]), rtol=1e-13)
