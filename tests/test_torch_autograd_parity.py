@@ -93,6 +93,7 @@ USES = [
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_gives_pytorchs_gradient_for_every_autograd_use(backend, use, reduction):
     upstream = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    upstream[3] = float("inf")  # the ignored sample's: its gradient row stays 0, as PyTorch's
 
     def loss_of(fn):
         def loss(x):
@@ -105,6 +106,54 @@ def test_cross_entropy_gives_pytorchs_gradient_for_every_autograd_use(backend, u
     use(loss_of(F.cross_entropy), a)
     use(loss_of(sxt.cross_entropy), b)
     torch.testing.assert_close(b.grad, a.grad)
+
+
+def _per_sample_losses(call, x, target):
+    if call == "cross_entropy":
+        return sxt.cross_entropy(x, target, reduction="none")
+    if call == "class-major":  # (N, C, S) logits with (N, S) targets
+        return sxt.cross_entropy(x.reshape(1, 5, 7).transpose(1, 2), target.reshape(1, 5), reduction="none")
+    if call == "inplace_backward":
+        return sxt.cross_entropy(x * 1.0, target, reduction="none", inplace_backward=True)
+    if call == "distill_loss":
+        teacher = torch.randn(5, 7, dtype=x.dtype, generator=torch.Generator().manual_seed(2))
+        return sxt.distill_loss(x, teacher, target, reduction="none")
+    raise AssertionError(call)
+
+
+def _pytorch_per_sample_losses(call, x, target):
+    if call == "class-major":
+        return F.cross_entropy(x.reshape(1, 5, 7).transpose(1, 2), target.reshape(1, 5), reduction="none")
+    if call == "distill_loss":
+        teacher = torch.randn(5, 7, dtype=x.dtype, generator=torch.Generator().manual_seed(2))
+        kl = F.kl_div(F.log_softmax(x, 1), F.log_softmax(teacher, 1), reduction="none", log_target=True).sum(1)
+        return torch.where(target != -100, kl, torch.zeros_like(kl))
+    return F.cross_entropy(x, target, reduction="none")
+
+
+@pytest.mark.parametrize("call", ["cross_entropy", "class-major", "inplace_backward", "distill_loss"])
+def test_ignored_samples_keep_a_zero_gradient_under_an_infinite_upstream(call):
+    # sqrt of the per-sample losses (or a focal loss with γ < 1): the ignored samples' zero losses
+    # send back an infinite upstream gradient, which PyTorch's ignored rows do not see
+    a, b = _logits().requires_grad_(), _logits().requires_grad_()
+    _pytorch_per_sample_losses(call, a, TARGET).sqrt().sum().backward()
+    _per_sample_losses(call, b, TARGET).sqrt().sum().backward()
+    assert not b.grad.isnan().any()
+    assert torch.equal(b.grad[3], torch.zeros(7, dtype=b.dtype))
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_linear_cross_entropy_ignored_tokens_keep_a_zero_gradient_under_an_infinite_upstream():
+    g = torch.Generator().manual_seed(1)
+    h0, W0 = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(7, 4, dtype=torch.float64, generator=g)
+    grads = []
+    for fn in (_naive_linear, _sxt_linear):
+        h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+        fn(h, W, TARGET, reduction="none").sqrt().sum().backward()
+        grads.append((h.grad, W.grad))
+    assert torch.equal(grads[1][0][3], torch.zeros(4, dtype=torch.float64))
+    for ours, theirs in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("use", USES, ids=lambda u: u.__name__)

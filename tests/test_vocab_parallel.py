@@ -78,6 +78,8 @@ def make_case(name: str, kind: str, reduction: str):
     else:
         target = torch.softmax(torch.randn(N, V, generator=gen, dtype=torch.float64), 1)
     upstream = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.3)
+    if reduction == "none" and kind == "index":  # sqrt of a zero loss: ignored tokens' gradients stay 0
+        upstream[target == options.get("ignore_index", -100)] = float("inf")
     return logits, target, weight, dict(options, reduction=reduction), upstream
 
 

@@ -176,17 +176,19 @@ def _distill_fake(student, teacher_logits, topk_indices, topk_logprobs, valid, l
 
 
 def _setup_distill(ctx, inputs, output):
-    _student, _logits, _indices, _logprobs, _valid, _labels, *flat, _want_grad, _want_stats = inputs
+    _student, _logits, _indices, _logprobs, valid, _labels, *flat, _want_grad, _want_stats = inputs
     ctx.reduction = options_from_flat(*flat).reduction
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(output[1])
+    # "none": the uncounted rows keep their zero gradient whatever their upstream factor
+    ctx.save_for_backward(output[1], valid if ctx.reduction == "none" else None)
 
 
 def _backward_distill(ctx, grad_loss, *_grads_of_data):
-    (grad,) = ctx.saved_tensors
+    grad, valid = ctx.saved_tensors
     dstudent = None
     if ctx.needs_input_grad[0]:
-        dstudent = scale_saved_gradient(ctx, grad, grad_loss, "distill_loss")
+        ignored = None if valid is None else ~valid
+        dstudent = scale_saved_gradient(ctx, grad, grad_loss, "distill_loss", ignored)
     return (dstudent,) + (None,) * 16
 
 

@@ -490,15 +490,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             row_scale = 1.0 if opts.reduction == "none" else rows.scale  # "none": upstream per row in backward
             grad = rows.gradient(e, stats[:, _M], th, target, weight, opts, is_index, start, row_scale)
             grad = grad.to(logits.dtype)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, None if rows.valid is None or opts.reduction != "none" else rows.valid)
         return _reduce(rows, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) * 7
-        (grad,) = ctx.saved_tensors
-        return (scale_saved_gradient(ctx, grad, grad_loss, "vocab_parallel_cross_entropy"),) + (None,) * 6
+        grad, valid = ctx.saved_tensors
+        ignored = None if valid is None else ~valid
+        return (scale_saved_gradient(ctx, grad, grad_loss, "vocab_parallel_cross_entropy", ignored),) + (None,) * 6
 
 
 def _mean_scale(opts, target: Tensor, valid: Tensor | None, w_t: Tensor | None) -> float:

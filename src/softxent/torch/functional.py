@@ -324,7 +324,9 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         # autograd must know the logits changed: anything that saved them now fails loudly
         torch.autograd.graph.increment_version(logits)
         ctx.reduction = opts.reduction
-        ctx.save_for_backward(grad.detach())
+        ctx.ignore_index = opts.ignore_index
+        ignored_rows = opts.reduction == "none" and opts.ignore_index is not None and target.dim() == 1
+        ctx.save_for_backward(grad.detach(), target if ignored_rows else None)
         ctx.mark_non_differentiable(lse, argmax)
         return loss, lse, argmax
 
@@ -335,8 +337,9 @@ class _InplaceCrossEntropy(torch.autograd.Function):
                 "softxent.torch.cross_entropy: double backward (create_graph=True) needs the logits, which "
                 "inplace_backward=True overwrote with their gradient; call without inplace_backward"
             )
-        (grad,) = ctx.saved_tensors
-        return (scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy"),) + (None,) * 9
+        grad, target = ctx.saved_tensors
+        ignored = None if target is None else target == ctx.ignore_index
+        return (scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy", ignored),) + (None,) * 9
 
 
 def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:

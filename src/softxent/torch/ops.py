@@ -175,13 +175,15 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.target_grad = is_probability and target.requires_grad
     ctx.weight_grad = is_probability and weight is not None and weight.requires_grad
     ctx.target_dtype = target.dtype
+    # ignored samples keep a zero gradient whatever their upstream factor ("none": one per sample)
+    ctx.ignored_rows = not is_probability and reduction == "none" and ctx.opts.ignore_index is not None
     ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics are data
     # −log softmax for those gradients, saved as PyTorch saves log_softmax (not the logits, which
     # the caller may then modify in place)
     nlp = None
     if ctx.target_grad or ctx.weight_grad:
         nlp = _neg_log_probs(logits.detach(), target.dtype, ctx.opts.softcap)
-    ctx.save_for_backward(output[1], nlp, weight, target if ctx.weight_grad else None)
+    ctx.save_for_backward(output[1], nlp, weight, target if ctx.weight_grad or ctx.ignored_rows else None)
 
 
 def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
@@ -198,7 +200,8 @@ def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
         return higher_order.gradients(ctx, weight, grad_loss, "cross_entropy") + (None,) * 8
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy")
+        ignored = target == ctx.opts.ignore_index if ctx.ignored_rows else None
+        grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy", ignored)
     grad_target = grad_weight = None
     if ctx.target_grad or ctx.weight_grad:
         nlp = nlp.to(fallback.compute_dtype(nlp.dtype)) * _upstream_scale(ctx, nlp, grad_loss)

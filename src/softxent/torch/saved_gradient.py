@@ -33,8 +33,12 @@ def _graph_is_kept() -> bool:
         return True
 
 
-def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tensor:
+def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str, ignored: Tensor | None = None) -> Tensor:
     """grad · upstream (a scalar, or one factor per sample when ``ctx.reduction == "none"``).
+
+    ``ignored`` (a bool per sample, with ``"none"``): samples whose gradient is zero whatever
+    their upstream factor, as PyTorch's ignored targets — an infinite or NaN factor (``sqrt``
+    of a zero loss) must not turn their zero row into NaN.
 
     The gradient computed in the forward pass is handed to autograd without a
     copy — as it is when the upstream gradient is exactly 1 (``loss.backward()``),
@@ -49,6 +53,8 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str) -> Tens
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
     factor = upstream.to(grad.dtype)
     if ctx.reduction == "none":  # one factor per sample: per row (M, 1), per position (N, 1, S)
+        if ignored is not None:
+            factor = factor.reshape(ignored.shape).masked_fill(ignored, 0.0)
         factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
     if not _plain_eager(grad, upstream) or _graph_is_kept():
         return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
