@@ -337,3 +337,51 @@ def test_input_errors_are_catchable_as_what_pytorch_raises():
         sxt.cross_entropy(x, torch.tensor([0, 1]))
     with pytest.raises(TypeError):
         sxt.cross_entropy(x.long(), TARGET)
+
+
+def _batched_cases():
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0, -100, 2])
+    xc = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    tc = torch.tensor([[0, -100, 2], [1, 1, 3]])
+    q = torch.softmax(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)), 1)
+    W = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    teacher = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+    def kl(s, red):
+        rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(teacher, 1), reduction="none", log_target=True).sum(1)
+        rows = torch.where(t != -100, rows, 0.0)
+        return rows if red == "none" else rows.sum() / (2 if red == "mean" else 1)
+
+    return {
+        "rows": (x, lambda x, r: sxt.cross_entropy(x, t, reduction=r, label_smoothing=0.1),
+                 lambda x, r: F.cross_entropy(x, t, reduction=r, label_smoothing=0.1)),
+        "class-major": (xc, lambda x, r: sxt.cross_entropy(x, tc, reduction=r),
+                        lambda x, r: F.cross_entropy(x, tc, reduction=r)),
+        "probabilities": (x, lambda x, r: sxt.cross_entropy(x, q, reduction=r),
+                          lambda x, r: F.cross_entropy(x, q, reduction=r)),
+        "linear": (x, lambda h, r: sxt.linear_cross_entropy(h, W, torch.tensor([0, -100, 4]), reduction=r),
+                   lambda h, r: F.cross_entropy(h @ W.T, torch.tensor([0, -100, 4]), reduction=r)),
+        "distill": (x, lambda s, r: sxt.distill_loss(s, teacher, t, reduction=r), kl),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", ["rows", "class-major", "probabilities", "linear", "distill"])
+def test_batched_upstream_gradients_give_pytorchs_jacobian(case, reduction):
+    # autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) run the backward under
+    # the legacy vmap: no in-place scaling of the saved gradient, no .item() of the upstream
+    x0, ours, theirs = _batched_cases()[case]
+    results = []
+    for fn in (theirs, ours):
+        x = x0.clone().requires_grad_()
+        loss = fn(x, reduction)
+        upstream = torch.eye(loss.numel(), dtype=x.dtype).reshape(-1, *loss.shape)
+        if reduction != "none":
+            upstream = torch.tensor([1.0, -2.0, 0.5], dtype=x.dtype)
+        results.append(torch.autograd.grad(loss, x, upstream, is_grads_batched=True)[0])
+    torch.testing.assert_close(results[1], results[0])
+    if reduction == "none":
+        jacobians = [torch.autograd.functional.jacobian(lambda x, fn=fn: fn(x, "none"), x0, vectorize=True)
+                     for fn in (theirs, ours)]  # fmt: skip
+        torch.testing.assert_close(jacobians[1], jacobians[0])

@@ -14,11 +14,15 @@ NO_DOUBLE_BACKWARD = (
 )
 
 
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _plain_eager(*tensors: Tensor) -> bool:
-    """True when running eagerly on real tensors, where in-place updates and ``.item()`` are safe."""
+    """True when running eagerly on real tensors, where in-place updates and ``.item()`` are safe
+    (not under ``autograd.grad(..., is_grads_batched=True)``, whose upstream is a batched tensor)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    return all(type(t) is Tensor for t in tensors)
+    return all(type(t) is Tensor and not _is_legacy_batched(t) for t in tensors)
 
 
 def _graph_is_kept() -> bool:
@@ -54,7 +58,7 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str, ignored
     factor = upstream.to(grad.dtype)
     if ctx.reduction == "none":  # one factor per sample: per row (M, 1), per position (N, 1, S)
         if ignored is not None:
-            factor = factor.reshape(ignored.shape).masked_fill(ignored, 0.0)
+            factor = torch.where(ignored, 0.0, factor.reshape(ignored.shape))
         factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
     if not _plain_eager(grad, upstream) or _graph_is_kept():
         return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
