@@ -325,8 +325,13 @@ def test_module_mirrors_nn_cross_entropy_loss():
         (lambda x: sxt.cross_entropy(x, torch.zeros(4, dtype=torch.long), reduction="avg"), ValueError, r"reduction"),
         (lambda x: sxt.cross_entropy(x[0, 0], torch.tensor(0)), ValueError, r"at least one dimension"),
         (lambda x: sxt.cross_entropy(x, torch.rand(4, 5), ignore_index=0), ValueError, r"ignore_index=0 is not sup"),
-        (lambda x: sxt.softmax(x, 2), ValueError, r"dim=2 is out of range"),
-        (lambda x: sxt.logsumexp(x.long(), 1), TypeError, r"input must be a float"),
+        (lambda x: sxt.softmax(x, 2), IndexError, r"dim=2 is out of range"),  # PyTorch's IndexError
+        (lambda x: sxt.log_softmax(x, -3), IndexError, r"dim=-3 is out of range"),
+        (lambda x: sxt.logsumexp(x, (2,)), IndexError, r"dim=2 is out of range"),
+        (lambda x: sxt.softmax(x.long(), 1), TypeError, r"input must be a float"),
+        (lambda x: sxt.softmax(x, 1, dtype=torch.int64), TypeError, r"dtype must be a floating-point"),
+        (lambda x: sxt.log_softmax(x, 1, dtype=torch.complex64), TypeError, r"dtype must be a floating-point"),
+        (lambda x: sxt.logsumexp(x.to(torch.complex64), 1), TypeError, r"input must be a float"),
     ],
 )
 def test_bad_input_raises_a_clear_error_and_modifies_nothing(call, error, pattern):
@@ -355,6 +360,46 @@ def test_softmax_family_matches_torch(dtype, shape, dim):
         (g1,) = torch.autograd.grad(ours, x, v)
         (g2,) = torch.autograd.grad(theirs, x, v)
         torch.testing.assert_close(g1, g2, atol=atol * 10, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_softmax_and_log_softmax_return_contiguous_results_as_pytorch(layout, dim):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = {"contiguous": x, "transposed": x.transpose(1, 3), "channels_last": x.to(memory_format=torch.channels_last)}[
+        layout
+    ]
+    for ours_fn, theirs_fn in ((sxt.softmax, torch.softmax), (sxt.log_softmax, torch.log_softmax)):
+        ours, theirs = ours_fn(x, dim), theirs_fn(x, dim)
+        assert ours.is_contiguous() and ours.stride() == theirs.stride()
+        ours.view(-1)  # what a non-contiguous result broke
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_integer_and_bool_inputs_follow_pytorch_in_the_softmax_family():
+    xi = torch.arange(12).reshape(3, 4)
+    for dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(sxt.softmax(xi, 1, dtype=dtype), torch.softmax(xi, 1, dtype=dtype))
+        torch.testing.assert_close(sxt.log_softmax(xi, 0, dtype=dtype), torch.log_softmax(xi, 0, dtype=dtype))
+    for x in (xi, xi > 5):
+        for dim in (1, (0, 1), [0]):
+            ours, theirs = sxt.logsumexp(x, dim), torch.logsumexp(x, dim)
+            assert ours.dtype == theirs.dtype == torch.get_default_dtype()
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_meta_tensors_give_pytorchs_shapes():
+    x = torch.empty(4, 5, device="meta", requires_grad=True)
+    t = torch.empty(4, dtype=torch.long, device="meta")
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", (4,))):
+        loss = sxt.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+        assert loss.device.type == "meta" and loss.shape == shape
+    spatial = sxt.cross_entropy(torch.empty(2, 5, 3, device="meta"), torch.empty(2, 3, dtype=torch.long, device="meta"),
+                                reduction="none")  # fmt: skip
+    assert spatial.shape == (2, 3)
+    h, w = torch.empty(4, 3, device="meta"), torch.empty(5, 3, device="meta")
+    assert sxt.linear_cross_entropy(h, w, t).shape == ()
+    assert sxt.softmax(x, 1).shape == (4, 5) and sxt.logsumexp(x, 1).shape == (4,)
 
 
 def test_softmax_family_supports_double_backward():

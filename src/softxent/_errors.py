@@ -7,6 +7,8 @@ classes that are all of those it could mean, with its own clear messages:
 * :class:`InvalidArgumentError` — a bad value or shape: ``ValueError`` and ``RuntimeError``;
 * :class:`TargetIndexError` — a class index outside [0, C): also an ``IndexError``
   (PyTorch: "IndexError: Target 5 is out of bounds.");
+* :class:`AxisError` — an axis (``dim``) outside the input's dimensions: also an ``IndexError``
+  (PyTorch: "IndexError: Dimension out of range"; NumPy's ``AxisError`` is both as well);
 * :class:`InvalidTypeError` — a wrong type or dtype: ``TypeError`` and ``RuntimeError``.
 """
 
@@ -19,6 +21,10 @@ class InvalidArgumentError(ValueError, RuntimeError):
 
 class TargetIndexError(InvalidArgumentError, IndexError):
     """A class index outside [0, C) that is not ``ignore_index`` (also an ``IndexError``)."""
+
+
+class AxisError(InvalidArgumentError, IndexError):
+    """An axis or ``dim`` outside [−ndim, ndim) (also an ``IndexError``)."""
 
 
 class InvalidTypeError(TypeError, RuntimeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
+from ._errors import AxisError, InvalidArgumentError, InvalidTypeError, TargetIndexError
 
 
 def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
@@ -21,7 +21,7 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
         except AttributeError:
             raise InvalidTypeError(f"{name} must be an int, got {type(axis).__name__}") from None
     if not -ndim <= axis < ndim:
-        raise InvalidArgumentError(f"{name}={axis} is out of range for logits with {ndim} dimension(s)")
+        raise AxisError(f"{name}={axis} is out of range for an input with {ndim} dimension(s)")
     return axis % ndim
 
 

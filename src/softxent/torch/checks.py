@@ -122,6 +122,8 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device autocast does not know (meta): never on there
+        return False
 
 
 def matmul_dtype(input: Tensor, *others: Tensor) -> torch.dtype:

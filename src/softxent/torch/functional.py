@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError, InvalidTypeError
 from .._options import CrossEntropyOptions, make_options
 from .._validate import normalize_axis
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
@@ -343,10 +343,9 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
 
 def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor:
-    """Apply a rows op (M, C) → (M, C) along ``dim`` of any tensor (0-d: a single class)."""
-    check_input(input)
-    if dtype is not None:
-        input = input.to(dtype)
+    """Apply a rows op (M, C) → (M, C) along ``dim`` of any tensor (0-d: a single class); the
+    result is contiguous, as PyTorch's, whatever the input's layout."""
+    input = _cast_to(input, dtype)
     dim = normalize_axis(dim, max(input.dim(), 1), "dim")
     if input.dim() and input.shape[dim] == 0 or composite_needed(input):
         # no classes (an empty result, as PyTorch), or forward-mode AD: PyTorch's own op
@@ -354,7 +353,22 @@ def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor
         return native(input, dim)
     if input.dim() == 0:
         return op(input.reshape(1, 1)).reshape(())
-    return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim)
+    return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim).contiguous()
+
+
+def _cast_to(input: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``input`` checked and cast to ``dtype`` first where one is given (as ``torch.softmax``'s
+    ``dtype=``, which also takes integer inputs); ``dtype`` must be a floating-point dtype."""
+    if dtype is None:
+        check_input(input)
+        return input
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidTypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype}")
+    if not isinstance(input, Tensor):
+        raise InvalidTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.is_complex():
+        raise InvalidTypeError(f"input must be a real tensor, got {input.dtype}")
+    return input.to(dtype)
 
 
 def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -385,6 +399,8 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     ``dim`` is an int, or as in PyTorch a tuple/list of dims reduced together.
     Rows holding +inf give +inf, rows of only −inf give −inf.  Gradient: softmax(z)·g.
     """
+    if isinstance(input, Tensor) and not (input.is_floating_point() or input.is_complex()):
+        input = input.to(torch.get_default_dtype())  # integers and bools, as PyTorch: the default float dtype
     if isinstance(dim, (tuple, list)):
         if len(dim) != 1:  # several dims at once: PyTorch's own reduction (the fused kernel takes one axis)
             check_input(input)
