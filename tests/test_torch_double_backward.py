@@ -1,6 +1,7 @@
 """Double backward (create_graph=True) through softxent.torch.cross_entropy: gradgradcheck, and
 Hessian-vector products equal to PyTorch's for every layout and option, while the caller holds
-the logits; a clear error where they are gone or were modified, or under inplace_backward."""
+the logits or not (the Hessian follows from the saved gradient); a clear error where neither serves
+(softcap with logits gone or modified, inplace_backward)."""
 
 import pytest
 import torch
@@ -76,15 +77,86 @@ def test_a_penalty_on_the_input_gradient_trains_as_with_pytorch():
         torch.testing.assert_close(ours, theirs)
 
 
-def test_logits_that_are_gone_or_modified_give_a_clear_error():
+def _penalized_gradients(fn, make_logits, params, t, modify=False, **options):
+    """MAML / gradient-penalty style: ∂(loss + ‖∂loss/∂params‖²)/∂params, the logits a temporary."""
+    logits = make_logits()
+    loss = fn(logits, t, **options)
+    if modify:
+        with torch.no_grad():
+            logits.mul_(2.0)  # the logits changed after the call: PyTorch's saved state does not see it
+    del logits
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    penalty = sum(g.pow(2).sum() for g in grads)
+    return torch.autograd.grad(loss + penalty, params)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1, "weight": True}, {"reduction": "none", "ignore_index": 1}, {"reduction": "sum"}],
+    ids=str,
+)
+@pytest.mark.parametrize("kind", ["index", "probability", "class-major"])
+def test_second_derivatives_need_no_logits_the_caller_dropped_or_modified(kind, options):
+    # criterion(model(x), y) then autograd.grad(..., create_graph=True): the logits are a temporary
+    # nobody holds; the Hessian follows from the gradient the forward saved, as PyTorch's from its
+    # saved log-softmax
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(7, dtype=torch.float64, generator=g) + 0.5
+    if kind == "index":
+        t = torch.randint(0, 7, (6,), generator=g)
+        t[::4] = options.get("ignore_index", -100)
+    elif kind == "probability":
+        if "ignore_index" in options:
+            pytest.skip("probability targets take no ignore_index")
+        t = torch.softmax(torch.randn(6, 7, dtype=torch.float64, generator=g), 1)
+    else:
+        t = torch.randint(0, 7, (2, 3), generator=g)
+
+    def logits():
+        z = h @ w
+        return z.reshape(2, 3, 7).transpose(1, 2) if kind == "class-major" else z  # (N, C, S)
+
+    def per_sample(fn):
+        if options.get("reduction") != "none":
+            return fn
+        upstream = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+        return lambda z, t, **kw: (fn(z, t, **kw).reshape(-1) * upstream).sum()
+
+    for modify in (False, True):
+        theirs = _penalized_gradients(per_sample(F.cross_entropy), logits, (h, w), t, modify, **options)
+        ours = _penalized_gradients(per_sample(sxt.cross_entropy), logits, (h, w), t, modify, **options)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_gradgradcheck_of_a_temporary_and_third_derivatives():
+    x, t, _ = _case((4, 7), "index", {})
+    for options in ({}, {"z_loss": 1e-2, "label_smoothing": 0.1}):
+        # the loss is taken of x * 1.0: a temporary nobody holds
+        assert torch.autograd.gradgradcheck(lambda a, options=options: sxt.cross_entropy(a * 1.0, t, **options), (x,))
+    v = torch.randn(4, 7, dtype=torch.float64)
+    thirds = []
+    for fn in (F.cross_entropy, sxt.cross_entropy):
+        (g,) = torch.autograd.grad(fn(x * 1.0, t), x, create_graph=True)
+        (hv,) = torch.autograd.grad((g * v).sum(), x, create_graph=True)
+        thirds.append(torch.autograd.grad((hv * v).sum(), x)[0])
+    torch.testing.assert_close(thirds[1], thirds[0])
+
+
+def test_where_the_gradient_cannot_serve_gone_logits_give_a_clear_error():
     h = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 7, dtype=torch.float64)
     t = torch.randint(0, 7, (6,))
-    loss = sxt.cross_entropy(h @ w, t)  # the logits are a temporary: not kept for this
+    # softcap: the chain factor 1 − tanh²(z/s) needs the logits themselves
+    loss = sxt.cross_entropy(h @ w, t, softcap=3.0)  # the logits are a temporary: not kept for this
     with pytest.raises(RuntimeError, match="logits, but they are no longer alive"):
         torch.autograd.grad(loss, h, create_graph=True)
     logits = h @ w
-    loss = sxt.cross_entropy(logits, t)
+    loss = sxt.cross_entropy(logits, t, softcap=3.0)
     with torch.no_grad():
         logits.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
@@ -94,9 +166,20 @@ def test_logits_that_are_gone_or_modified_give_a_clear_error():
     with pytest.raises(RuntimeError, match="inplace_backward=True overwrote"):
         torch.autograd.grad(loss, x, create_graph=True)
     # a first-order backward keeps working as before in every one of these cases
-    loss = sxt.cross_entropy(h @ w, t)
+    loss = sxt.cross_entropy(h @ w, t, softcap=3.0)
     (dh,) = torch.autograd.grad(loss, h)
-    torch.testing.assert_close(dh, torch.autograd.grad(F.cross_entropy(h @ w, t), h)[0])
+    (want,) = torch.autograd.grad(F.cross_entropy(3.0 * torch.tanh((h @ w) / 3.0), t), h)
+    torch.testing.assert_close(dh, want)
+
+
+def test_first_order_gradients_are_plain_tensors():
+    # the saved gradient is differentiable now; what autograd hands out must not be
+    x = torch.randn(5, 7, requires_grad=True)
+    t = torch.randint(0, 7, (5,))
+    sxt.cross_entropy(x, t).backward()
+    assert not x.grad.requires_grad and x.grad.grad_fn is None
+    (g,) = torch.autograd.grad(sxt.cross_entropy(x, t, reduction="sum"), x)
+    assert not g.requires_grad and g.grad_fn is None
 
 
 def test_hooks_run_once_and_views_made_in_the_call_work():
@@ -122,7 +205,9 @@ def test_hooks_run_once_and_views_made_in_the_call_work():
         (gx,) = torch.autograd.grad(fn(x.t(), t.view(-1)[:5]), x, create_graph=True)
         hvps.append(torch.autograd.grad(gx.sin().sum(), x)[0])
     torch.testing.assert_close(hvps[1], hvps[0])
-    # a cast made in the call is a new tensor nobody holds: a clear error
-    loss = sxt.cross_entropy(x.t().float(), t.view(-1)[:5])
-    with pytest.raises(RuntimeError, match="keep a reference to the tensor you passed"):
-        torch.autograd.grad(loss, x, create_graph=True)
+    # a cast made in the call is a new tensor nobody holds: the saved gradient serves
+    hvps = []
+    for fn in (F.cross_entropy, sxt.cross_entropy):
+        (gx,) = torch.autograd.grad(fn(x.t().float(), t.view(-1)[:5]), x, create_graph=True)
+        hvps.append(torch.autograd.grad(gx.sin().sum(), x)[0])
+    torch.testing.assert_close(hvps[1], hvps[0])

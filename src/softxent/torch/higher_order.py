@@ -1,10 +1,20 @@
 r"""Double backward (``create_graph=True``) through the fused cross-entropy.
 
-The fused op computes ∂ℓ/∂z in its forward pass and saves that gradient, not the logits, so its
-backward is not itself differentiable.  For higher-order derivatives — ``gradgradcheck``, Hessian-
-vector products, a penalty on an input gradient — the backward instead recomputes the loss from the
-caller's logits with the composite of PyTorch ops (:func:`softxent.torch.fallback.composite_cross_entropy`)
-and differentiates it with ``create_graph=True``:
+The fused op computes ∂ℓ/∂z in its forward pass and saves that gradient G, not the logits.  Two
+ways make its backward differentiable — for ``gradgradcheck``, Hessian-vector products, a penalty
+on a gradient, MAML:
+
+1. **From G itself** (:func:`hessian_product`; every case without softcap whose target and class
+   weights need no gradient).  G is a differentiable output of the op: the backward with
+   ``create_graph=True`` returns G times the upstream factor, and when autograd differentiates
+   that, the op's backward receives ∂/∂G and returns the Hessian-vector product, which follows from
+   G alone (p = (G + r·y)/Σ(G + r·y), see :func:`hessian_product`) — as PyTorch's follows from its
+   saved log-softmax.  Nothing else is kept: the logits may be a temporary (``criterion(model(x),
+   y)``) or modified in place afterwards.
+2. **From the logits** (softcap, whose chain factor 1 − tanh² needs them; a differentiable
+   probability target or class weight): the backward recomputes the loss from the caller's logits
+   with the composite of PyTorch ops (:func:`softxent.torch.fallback.composite_cross_entropy`) and
+   differentiates it with ``create_graph=True``:
 
 .. math::
 
@@ -13,8 +23,8 @@ and differentiates it with ``create_graph=True``:
 
 (autograd forms the second derivative from the composite's graph).  The logits are not kept alive
 for this — that would double the memory of every training step — but remembered by a weak
-reference: higher-order derivatives work while the caller holds the logits (a variable, a model
-output, ``gradgradcheck``'s inputs — or the tensor a view made in the call was taken of) and
+reference: these higher-order derivatives work while the caller holds the logits (a variable, a
+model output, ``gradgradcheck``'s inputs — or the tensor a view made in the call was taken of) and
 unchanged; otherwise a clear error says so.  The gradient is taken with respect to fresh aliases,
 so hooks on the caller's tensors run once, in the outer backward.
 
@@ -154,4 +164,47 @@ def differentiable(loss_of: Callable[..., Tensor], tensors, needs, grad_loss: Te
     out: list[Tensor | None] = [None] * len(tensors)
     for i, g in zip(wanted, found, strict=True):
         out[i] = torch.zeros_like(aliases[i]) if g is None else g
+    return out
+
+
+def hessian_product(grad: Tensor, target: Tensor, weight: Tensor | None, opts, v: Tensor) -> Tensor:
+    r"""∂⟨v, G⟩/∂z for the gradient G the op computed in its forward pass (rows (M, C) or
+    class-major (N, C, S), ``v`` alike), from G itself — no logits needed.
+
+    Without softcap each counted row's G = r·(A·p − y), with r the loss's scale (1/D for a mean),
+    y the effective target, A = Σ_k y_k + 2λ·lse and p = softmax(z); so P = G + r·y = r·A·p gives
+    p = P/ΣP, and
+
+    .. math::
+
+        \frac{\partial G}{\partial z} v = r\,[A\,(p \odot v - p\,⟨p, v⟩) + 2λ\,p\,⟨p, v⟩]
+            = P \odot (v - ⟨p, v⟩) + 2λ\,r\,p\,⟨p, v⟩
+
+    (symmetric, so also the vector-Jacobian product).  Rows that do not count (ignored, or whose
+    P sums to 0) give 0.  Differentiable in G when grad mode is on (third derivatives)."""
+    from .fallback import compute_dtype, effective_target
+    from .target_counts import device_loss_scale
+
+    num_classes = grad.shape[1]
+    class_major = grad.dim() == 3
+    is_index = target.dim() == grad.dim() - 1
+
+    def rows(t: Tensor) -> Tensor:
+        return t.movedim(1, -1).reshape(-1, num_classes) if class_major else t
+
+    acc = compute_dtype(grad.dtype)
+    g, w = rows(grad).to(acc), rows(v).to(acc)
+    t = target.reshape(-1) if is_index else rows(target)
+    y, valid = effective_target(g, t, weight, opts, is_index)
+    r = device_loss_scale(t, weight, opts, is_index, num_classes, g.shape[0], acc)
+    big_p = torch.where(valid[:, None], g + r * y, 0.0)
+    total = big_p.sum(dim=1, keepdim=True)
+    p = big_p / torch.where(total == 0, 1.0, total)
+    pv = (p * w).sum(dim=1, keepdim=True)
+    out = big_p * (w - pv)
+    if opts.z_loss:
+        out = out + 2.0 * opts.z_loss * r * p * pv
+    out = out.to(grad.dtype)
+    if class_major:
+        return out.reshape(grad.shape[0], grad.shape[2], num_classes).movedim(-1, 1)
     return out

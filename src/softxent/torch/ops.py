@@ -9,8 +9,11 @@ So the logits are read once and the gradient written once per step.
 
 The ops are registered with ``torch.library.custom_op`` (+ ``register_fake``
 and ``register_autograd``) so that ``torch.compile(fullgraph=True)`` traces
-through them.  Double backward is not supported (the gradient is a constant
-to autograd) and raises a clear error.
+through them.  The saved gradient of ``softxent::cross_entropy`` is itself a
+differentiable output (without softcap): a backward with ``create_graph=True``
+returns it scaled, and its own backward is the Hessian-vector product
+(:func:`softxent.torch.higher_order.hessian_product`) — double backward with
+no logits kept.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .._options import CrossEntropyOptions
 from .._validate import check_target_range
 from . import deferred_checks, eager_calls, fallback, higher_order
 from .backends import Backend, backend_for
-from .saved_gradient import scale_saved_gradient
+from .saved_gradient import scale_saved_gradient, upstream_factor
 from .target_counts import bad_indices, device_loss_scale, empty_stats
 
 
@@ -177,16 +180,21 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.target_dtype = target.dtype
     # ignored samples keep a zero gradient whatever their upstream factor ("none": one per sample)
     ctx.ignored_rows = not is_probability and reduction == "none" and ctx.opts.ignore_index is not None
-    ctx.mark_non_differentiable(*output[1:])  # the gradient and the statistics are data
+    # the gradient is itself differentiable (its derivative, the Hessian, follows from it: see
+    # softxent.torch.higher_order), so that a backward with create_graph=True can return it scaled
+    # and needs nothing else of the forward; not with softcap, whose chain factor needs the logits
+    ctx.gradient_is_differentiable = output[1].numel() > 0 and ctx.opts.softcap is None
+    ctx.mark_non_differentiable(*(output[2:] if ctx.gradient_is_differentiable else output[1:]))
     # −log softmax for those gradients, saved as PyTorch saves log_softmax (not the logits, which
     # the caller may then modify in place)
     nlp = None
     if ctx.target_grad or ctx.weight_grad:
         nlp = _neg_log_probs(logits.detach(), target.dtype, ctx.opts.softcap)
-    ctx.save_for_backward(output[1], nlp, weight, target if ctx.weight_grad or ctx.ignored_rows else None)
+    keep_target = ctx.weight_grad or ctx.ignored_rows or ctx.gradient_is_differentiable
+    ctx.save_for_backward(output[1], nlp, weight, target if keep_target else None)
 
 
-def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
+def _backward_cross_entropy(ctx, grad_loss, grad_of_gradient=None, *_grads_of_stats):
     deferred_checks.raise_completed()
     grad, nlp, weight, target = ctx.saved_tensors
     if ctx.needs_input_grad[2] and not ctx.weight_grad:
@@ -194,14 +202,26 @@ def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
             "softxent.torch.cross_entropy: the derivative for 'weight' with class-index targets is not "
             "implemented (as in PyTorch)"
         )
-    if grad_loss is None:
+    if grad_loss is None and grad_of_gradient is None:
         return (None,) * 11
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient, from the logits
-        return higher_order.gradients(ctx, weight, grad_loss, "cross_entropy") + (None,) * 8
+    ignored = target == ctx.opts.ignore_index if ctx.ignored_rows else None
+    hessian_term = None
+    if grad_of_gradient is not None and ctx.needs_input_grad[0]:  # a backward through a backward's result
+        hessian_term = higher_order.hessian_product(grad, target, weight, ctx.opts, grad_of_gradient)
+    if grad_loss is None:
+        return (hessian_term,) + (None,) * 10
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if ctx.gradient_is_differentiable and not (ctx.target_grad or ctx.weight_grad):
+            # the saved gradient (an output of this node: autograd differentiates it through
+            # hessian_product) times the upstream factor
+            grad_logits = grad * upstream_factor(ctx, grad, grad_loss, ignored) if ctx.needs_input_grad[0] else None
+            return (_plus(grad_logits, hessian_term),) + (None,) * 10
+        grads = higher_order.gradients(ctx, weight, grad_loss, "cross_entropy")  # from the logits
+        return (_plus(grads[0], hessian_term), *grads[1:]) + (None,) * 8
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        ignored = target == ctx.opts.ignore_index if ctx.ignored_rows else None
-        grad_logits = scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy", ignored)
+        grad_logits = scale_saved_gradient(ctx, grad.detach(), grad_loss, "cross_entropy", ignored)
+        grad_logits = _plus(grad_logits, hessian_term)
     grad_target = grad_weight = None
     if ctx.target_grad or ctx.weight_grad:
         nlp = nlp.to(fallback.compute_dtype(nlp.dtype)) * _upstream_scale(ctx, nlp, grad_loss)
@@ -213,6 +233,10 @@ def _backward_cross_entropy(ctx, grad_loss, *_grads_of_data):
             class_sums = (y * nlp).movedim(1, -1).reshape(-1, nlp.shape[1]).sum(0)
             grad_weight = class_sums.to(weight.dtype)
     return (grad_logits, grad_target, grad_weight) + (None,) * 8
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return a if b is None else b if a is None else a + b
 
 
 def _neg_log_probs(logits: Tensor, target_dtype: torch.dtype, softcap: float | None) -> Tensor:

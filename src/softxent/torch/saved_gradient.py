@@ -37,6 +37,18 @@ def _graph_is_kept() -> bool:
         return True
 
 
+def upstream_factor(ctx, grad: Tensor, upstream: Tensor, ignored: Tensor | None = None) -> Tensor:
+    """The factor the saved gradient ``grad`` is multiplied by: the upstream gradient in its dtype —
+    a scalar, or with ``ctx.reduction == "none"`` one per sample shaped to broadcast over the
+    classes ((M, 1) for rows, (N, 1, S) class-major) and 0 for the ``ignored`` samples."""
+    factor = upstream.to(grad.dtype)
+    if ctx.reduction == "none":
+        if ignored is not None:
+            factor = torch.where(ignored, 0.0, factor.reshape(ignored.shape))
+        factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
+    return factor
+
+
 def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str, ignored: Tensor | None = None) -> Tensor:
     """grad · upstream (a scalar, or one factor per sample when ``ctx.reduction == "none"``).
 
@@ -55,11 +67,7 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str, ignored
     """
     if torch.is_grad_enabled():
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
-    factor = upstream.to(grad.dtype)
-    if ctx.reduction == "none":  # one factor per sample: per row (M, 1), per position (N, 1, S)
-        if ignored is not None:
-            factor = torch.where(ignored, 0.0, factor.reshape(ignored.shape))
-        factor = factor.reshape(grad.shape[0], 1, -1) if grad.dim() == 3 else factor.reshape(-1, 1)
+    factor = upstream_factor(ctx, grad, upstream, ignored)
     if not _plain_eager(grad, upstream) or _graph_is_kept():
         return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
     if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
