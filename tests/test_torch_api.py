@@ -425,3 +425,33 @@ def test_custom_ops_pass_opcheck():
     for op in (torch.ops.softxent.softmax.default, torch.ops.softxent.log_softmax.default):
         torch.library.opcheck(op, (x,))
     torch.library.opcheck(torch.ops.softxent.logsumexp.default, (x,))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("call", ["cross_entropy", "class-major", "distill_loss", "linear_cross_entropy"])
+def test_a_jit_trace_taken_without_grad_gives_gradients_later(call):
+    # torch.jit.trace keeps the "compute the gradient" flag as a constant of its graph: a trace of
+    # an input that needed no gradient must still give one to inputs that do
+    t = torch.tensor([0, 1, 2, 3])
+    w = torch.randn(5, 3)
+    teacher = torch.randn(4, 5)
+    fns = {
+        "cross_entropy": ((4, 5), lambda x: sxt.cross_entropy(x, t), lambda x: F.cross_entropy(x, t)),
+        "class-major": ((2, 5, 2), lambda x: sxt.cross_entropy(x, t.view(2, 2)),
+                        lambda x: F.cross_entropy(x, t.view(2, 2))),
+        "distill_loss": ((4, 5), lambda x: sxt.distill_loss(x, teacher, t),
+                         lambda x: F.kl_div(F.log_softmax(x, 1), F.log_softmax(teacher, 1), reduction="batchmean",
+                                            log_target=True)),
+        "linear_cross_entropy": ((4, 3), lambda h: sxt.linear_cross_entropy(h, w, t),
+                                 lambda h: F.cross_entropy(h @ w.T, t)),
+    }  # fmt: skip
+    shape, ours, theirs = fns[call]
+    traced = torch.jit.trace(ours, (torch.randn(shape),))  # check_trace on: the graph is stable
+    x = torch.randn(shape, requires_grad=True)
+    loss = traced(x)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    want = theirs(x2)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(x.grad, x2.grad)

@@ -116,6 +116,13 @@ def linear_in(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.
     return torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
+def gradient_wanted(input: Tensor) -> bool:
+    """Whether a fused op should compute ∂loss/∂``input`` in its forward pass: grad mode is on and
+    ``input`` requires grad — or a ``torch.jit.trace`` is recording, which keeps this flag as a
+    constant of its graph for every later call (inputs that require grad included)."""
+    return torch.jit.is_tracing() or (torch.is_grad_enabled() and input.requires_grad)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type``."""
     try:

@@ -50,7 +50,7 @@ from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
 from . import higher_order
 from .backends import backend_for
-from .checks import autocast_enabled, check_input, check_same_device, composite_needed, linear_in
+from .checks import autocast_enabled, check_input, check_same_device, composite_needed, gradient_wanted, linear_in
 from .checks import matmul_dtype as matmul_dtype_of
 from .distill_composite import composite_distill
 from .fallback import compute_dtype
@@ -502,7 +502,7 @@ def distill_loss(
     if composite_needed(student_logits, *teacher_tensors):  # torch.func transforms, forward-mode AD
         loss, stats = composite_distill(rows, teacher_tensors, valid, labels, opts, rows.dtype)
     else:
-        want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        want_grad = gradient_wanted(student_logits)
         loss, _, *stats = distill_op(
             rows, teacher_logits, indices, logprobs, valid, labels, *flat_options(opts), want_grad, return_stats,
         )  # fmt: skip

@@ -27,6 +27,7 @@ from .checks import (
     check_target,
     class_indices,
     composite_needed,
+    gradient_wanted,
     loss_dtype,
 )
 from .saved_gradient import scale_saved_gradient
@@ -205,7 +206,7 @@ def _fused_loss(call: _Layout, inplace_backward: bool, return_stats: bool):
         target_rows = target.reshape(rows.shape)
     else:
         target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, call.class_dim)
-    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    compute_grad = gradient_wanted(input)
     op_args = (call.weight, *ops.op_options(call.opts))
     use_inplace = (
         inplace_backward
