@@ -455,3 +455,25 @@ def test_a_jit_trace_taken_without_grad_gives_gradients_later(call):
     want.backward()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_zero_dim_tensor_options_are_taken_as_pytorch_takes_them():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1, 3, 2, 4])
+    options = dict(label_smoothing=torch.tensor(0.1), ignore_index=torch.tensor(2))
+    torch.testing.assert_close(sxt.cross_entropy(x, t, **options), F.cross_entropy(x, t, **options))
+    for bad, pattern in ((dict(ignore_index=torch.tensor(2.0)), "ignore_index"),
+                         (dict(label_smoothing=torch.tensor([0.1, 0.2])), "label_smoothing")):  # fmt: skip
+        with pytest.raises(TypeError, match=pattern):
+            sxt.cross_entropy(x, t, **bad)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 3, 4), (2, 3, 4, 5)])
+def test_softmax_without_a_dim_makes_pytorchs_implicit_choice_and_warns(shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    for ours, theirs in ((sxt.softmax, F.softmax), (sxt.log_softmax, F.log_softmax)):
+        with pytest.warns(UserWarning, match="Implicit dimension choice"):
+            got = ours(x)
+        with pytest.warns(UserWarning, match="Implicit dimension choice"):
+            want = theirs(x)
+        torch.testing.assert_close(got, want)

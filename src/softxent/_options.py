@@ -59,6 +59,7 @@ def make_options(
         ValueError / TypeError naming the offending argument.
     """
     if ignore_index is not None:
+        ignore_index = _zero_dim_item(ignore_index)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise InvalidTypeError(
                 f"ignore_index must be an int or None, got {type(ignore_index).__name__} {ignore_index!r}"
@@ -112,8 +113,18 @@ def check_chunk_size(chunk_size) -> int:
     return min(int(chunk_size), MAX_CHUNK_SIZE)  # at least N tokens: one chunk
 
 
+def _zero_dim_item(value: object) -> object:
+    """The Python scalar of a 0-d tensor or array (``label_smoothing=torch.tensor(0.1)``, which
+    PyTorch takes), else ``value`` itself."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def real_number(name: str, value: object) -> float:
-    """``value`` as a float; a TypeError naming ``name`` unless it is a real number (bools are not)."""
+    """``value`` as a float; a TypeError naming ``name`` unless it is a real number (bools are not)
+    or a 0-d tensor/array holding one."""
+    value = _zero_dim_item(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)

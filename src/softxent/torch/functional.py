@@ -8,6 +8,7 @@ CPU, blocks of PyTorch ops on other devices.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import NamedTuple
 
@@ -357,6 +358,17 @@ def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor
     return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim).contiguous()
 
 
+def _implicit_dim(name: str, input: Tensor) -> int:
+    """``F.softmax``'s deprecated choice of a dim when none is given (0 for 0-, 1- and 3-D inputs,
+    else 1), with PyTorch's warning."""
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. Change the call to include dim=X as an argument.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return 0 if getattr(input, "ndim", 2) in (0, 1, 3) else 1
+
+
 def _cast_to(input: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``input`` checked and cast to ``dtype`` first where one is given (as ``torch.softmax``'s
     ``dtype=``, which also takes integer inputs); ``dtype`` must be a floating-point dtype."""
@@ -372,23 +384,29 @@ def _cast_to(input: Tensor, dtype: torch.dtype | None) -> Tensor:
     return input.to(dtype)
 
 
-def softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+def softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
     r"""softmax along ``dim``: :math:`p_j = e^{z_j - m} / \sum_k e^{z_k - m}`, m the max.
 
     Drop-in for ``torch.softmax`` / ``F.softmax``: same result shape and dtype
-    (``dtype`` casts the input first).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
+    (``dtype`` casts the input first; ``dim=None`` is ``F.softmax``'s deprecated implicit choice,
+    with its warning).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
     On CPU it runs a fused Numba kernel, on CUDA a fused Triton kernel; elsewhere ``torch.softmax``.
     """
+    if dim is None:
+        dim = _implicit_dim("softmax", input)
     if backend_for(input.device).name == "fallback":
         return torch.softmax(input, dim, dtype=dtype)
     return _rows_call(ops.softmax, input, dim, dtype)
 
 
-def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+def log_softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
     r"""log-softmax along ``dim``: :math:`z_j - \operatorname{lse}(z)`.
 
-    Drop-in for ``torch.log_softmax``.  Gradient: ``g − softmax(z)·Σ_k g_k``.
+    Drop-in for ``torch.log_softmax`` / ``F.log_softmax`` (``dim=None`` as in :func:`softmax`).
+    Gradient: ``g − softmax(z)·Σ_k g_k``.
     """
+    if dim is None:
+        dim = _implicit_dim("log_softmax", input)
     if backend_for(input.device).name == "fallback":
         return torch.log_softmax(input, dim, dtype=dtype)
     return _rows_call(ops.log_softmax, input, dim, dtype)
