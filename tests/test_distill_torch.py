@@ -218,3 +218,23 @@ def test_zero_probabilities_contribute_nothing_and_nan_propagates(divergence):
     nan_student[2, 1] = float("nan")
     loss = sxt.distill_loss(nan_student, z_t, divergence=divergence, reduction="none")
     assert torch.isnan(loss[2]) and not torch.isnan(loss[0])
+
+
+def test_shift_over_an_empty_sequence_axis_counts_nothing():
+    zs, zt = torch.randn(2, 0, 5), torch.randn(2, 0, 5)
+    y = torch.zeros(2, 0, dtype=torch.long)
+    assert sxt.distill_loss(zs, zt, y, shift=True).item() == 0.0
+    assert sxt.distill_loss(zs, zt, shift=True).item() == 0.0
+    assert sxt.distill_loss(zs, zt, y, shift=True, reduction="none").shape == (2, 0)
+    assert sxt.linear_distill_loss(torch.randn(2, 0, 3), torch.randn(5, 3), zt, y, shift=True).item() == 0.0
+    assert float(sx.distill_loss(zs.numpy(), zt.numpy(), y.numpy(), shift=True)) == 0.0
+
+
+def test_agreement_is_a_ratio_in_the_stats_dtype():
+    zs = torch.randn(3, 5, dtype=torch.float64)
+    zt = zs.clone()
+    zt[0] = -zt[0]
+    _, stats = sxt.distill_loss(zs, zt, return_stats=True)
+    assert stats.agreement.dtype == torch.float64 and stats.agreement.item() == 2 / 3
+    _, stats = sxt.distill_loss(zs.float(), zt.float(), return_stats=True)
+    assert stats.agreement.dtype == torch.float32

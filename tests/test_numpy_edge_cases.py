@@ -163,3 +163,14 @@ def test_loss_of_one_dimensional_logits_is_a_single_sample():
 def test_python_lists_are_accepted():
     assert np.isclose(sx.cross_entropy([[0.0, 0.0]], [1]), np.log(2))
     np.testing.assert_allclose(sx.softmax([0.0, 0.0]), [0.5, 0.5])
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 0), -1), ((0, 4), 0), ((0, 4), -1), ((2, 0, 3), 1)])
+def test_softmax_family_over_an_empty_class_axis_matches_torch(shape, axis):
+    z = np.zeros(shape, np.float32)
+    dim = axis % len(shape)
+    for name in ("logsumexp", "softmax", "log_softmax"):
+        got = getattr(sx, name)(z, axis=axis)
+        want = getattr(torch, name)(torch.from_numpy(z), dim).numpy()
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)  # −inf for logsumexp over no classes

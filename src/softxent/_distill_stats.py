@@ -23,9 +23,13 @@ class DistillStats(NamedTuple):
     agreement: Any
 
 
-def summarize(divergence, student_argmax, teacher_argmax, valid, loss_shape) -> DistillStats:
+def summarize(divergence, student_argmax, teacher_argmax, valid, loss_shape, to_float=None) -> DistillStats:
     """:class:`DistillStats` from per-token (N,) divergences, argmaxes and the counted mask
-    (NumPy, PyTorch or JAX arrays alike; no host sync)."""
-    agree = (student_argmax == teacher_argmax) & valid
+    (NumPy, PyTorch or JAX arrays alike; no host sync).  ``to_float`` casts the two counts before
+    their ratio is taken (PyTorch divides integers in its default float dtype)."""
+    agree = ((student_argmax == teacher_argmax) & valid).sum()
     count = valid.sum()
-    return DistillStats(divergence=divergence.reshape(loss_shape), agreement=agree.sum() / (count + (count == 0)))
+    count = count + (count == 0)
+    if to_float is not None:
+        agree, count = to_float(agree), to_float(count)
+    return DistillStats(divergence=divergence.reshape(loss_shape), agreement=agree / count)

@@ -7,6 +7,7 @@ and returned as float16; the results have the logits' dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,8 @@ def _as_logits(z, name: str = "logits") -> np.ndarray:
 def _rows(z: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """(M, C) view of ``z`` with the class axis last (a copy only if axis is not last)."""
     moved = np.moveaxis(z, axis, -1)
-    return moved.reshape(-1, z.shape[axis]), moved.shape
+    # the row count spelled out: reshape(-1, 0) cannot infer it when there are no classes
+    return moved.reshape(math.prod(moved.shape[:-1]), z.shape[axis]), moved.shape
 
 
 def _unrows(rows: np.ndarray, moved_shape: tuple[int, ...], axis: int) -> np.ndarray:

@@ -43,7 +43,7 @@ def counted(lead: tuple[int, ...], target, opts: DistillOptions, shift: bool):
     shift = check_target(lead, None if target is None else target.shape, opts.alpha, shift, opts.ignore_index)
     valid = np.ones(lead, bool)
     if shift:
-        valid[..., -1] = False
+        valid[..., -1:] = False  # a slice: a sequence of length 0 has no last position
     if target is None:
         return valid.reshape(-1), None
     labels = target.astype(np.int64)

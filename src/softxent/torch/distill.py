@@ -394,7 +394,7 @@ def _counted(lead: tuple[int, ...], target: Tensor | None, opts: DistillOptions,
     shift = check_target(lead, None if target is None else target.shape, opts.alpha, shift, opts.ignore_index)
     valid = torch.ones(lead, dtype=torch.bool, device=device)
     if shift:
-        valid[..., -1] = False
+        valid[..., -1:] = False  # a slice: a sequence of length 0 has no last position
     if target is None:
         return valid.reshape(-1), None
     labels = target.to(torch.int64)
@@ -442,8 +442,8 @@ def _finish(loss: Tensor, stats, valid: Tensor, lead, opts: DistillOptions, dtyp
     if not return_stats:
         return loss
     with torch.no_grad():
-        out = summarize(stats[0], stats[1], stats[2], valid, lead)
-    return loss, DistillStats(divergence=out.divergence, agreement=out.agreement.to(stats[0].dtype))
+        out = summarize(stats[0], stats[1], stats[2], valid, lead, to_float=lambda n: n.to(stats[0].dtype))
+    return loss, out
 
 
 def distill_loss(
