@@ -116,6 +116,8 @@ def check_chunk_size(chunk_size) -> int:
 def _zero_dim_item(value: object) -> object:
     """The Python scalar of a 0-d tensor or array (``label_smoothing=torch.tensor(0.1)``, which
     PyTorch takes), else ``value`` itself."""
+    if isinstance(value, numbers.Number):  # first: torch.compile traces a float option as a symbol
+        return value
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
         return value.item()
     return value
