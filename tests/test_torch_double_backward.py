@@ -211,3 +211,26 @@ def test_hooks_run_once_and_views_made_in_the_call_work():
         (gx,) = torch.autograd.grad(fn(x.t().float(), t.view(-1)[:5]), x, create_graph=True)
         hvps.append(torch.autograd.grad(gx.sin().sum(), x)[0])
     torch.testing.assert_close(hvps[1], hvps[0])
+
+
+@pytest.mark.parametrize("call", ["linear_cross_entropy", "linear_distill_loss"])
+def test_compiled_fused_linear_losses_refuse_double_backward_as_pytorch(call):
+    # PyTorch's compiled F.linear + F.cross_entropy raises on a second derivative through the
+    # weight; the fused losses' compiled backward takes their inputs and raises the same, rather
+    # than return a gradient without its second-order term
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 9, (6,), generator=g)
+    teacher = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    losses = {
+        "linear_cross_entropy": lambda h, w: sxt.linear_cross_entropy(h, w, t),
+        "linear_distill_loss": lambda h, w: sxt.linear_distill_loss(h, w, teacher, t),
+    }
+    compiled = torch.compile(losses[call], backend="aot_eager")
+    (gw,) = torch.autograd.grad(compiled(h, w), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gw.pow(2).sum(), w)
+    # first-order gradients are unchanged
+    (gw,) = torch.autograd.grad(compiled(h, w), w)
+    torch.testing.assert_close(gw, torch.autograd.grad(losses[call](h, w), w)[0])

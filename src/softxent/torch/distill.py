@@ -348,7 +348,7 @@ def _backward_linear(ctx, grad_loss, *_grads_of_data):
     wanted = [ctx.needs_input_grad[i] for i in range(3)]
     if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
         grads = [
-            scale_saved_gradient(ctx, g, grad_loss, "linear_distill_loss") if need else None
+            scale_saved_gradient(ctx, g, grad_loss, "linear_distill_loss", anchors=(hidden, weight)) if need else None
             for g, need in zip(computed, wanted, strict=True)
         ]
     else:

@@ -250,7 +250,9 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
     wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
     if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
         grads = [
-            scale_saved_gradient(ctx, g, grad_loss, "linear_cross_entropy") if need else None
+            scale_saved_gradient(ctx, g, grad_loss, "linear_cross_entropy", anchors=(input, linear_weight))
+            if need
+            else None
             for g, need in zip(computed_grads, wanted, strict=True)
         ]
     else:

@@ -17,10 +17,15 @@ NO_DOUBLE_BACKWARD = (
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
+def _traced() -> bool:
+    """True while torch.compile / AOTAutograd (or another dispatch mode) traces this code."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when running eagerly on real tensors, where in-place updates and ``.item()`` are safe
     (not under ``autograd.grad(..., is_grads_batched=True)``, whose upstream is a batched tensor)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if _traced():
         return False
     return all(type(t) is Tensor and not _is_legacy_batched(t) for t in tensors)
 
@@ -49,12 +54,35 @@ def upstream_factor(ctx, grad: Tensor, upstream: Tensor, ignored: Tensor | None 
     return factor
 
 
-def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str, ignored: Tensor | None = None) -> Tensor:
+@torch.library.custom_op("softxent::scaled_gradient", mutates_args=())
+def scaled_gradient(grad: Tensor, factor: Tensor, anchors: list[Tensor]) -> Tensor:
+    """``grad · factor`` inside a compiled backward, taking the op's differentiable inputs
+    ``anchors`` as arguments it does not read.
+
+    Under ``torch.compile`` a backward that uses no input of the graph saves none, and AOTAutograd
+    then answers a later ``create_graph=True`` with a gradient that has no path back to the inputs:
+    the second-order term is silently left out.  PyTorch's own ``F.linear`` + ``F.cross_entropy``
+    saves its inputs for the matmul's backward, and AOTAutograd raises ("does not currently support
+    double backward").  Making the compiled backward of the fused linear losses take their hidden
+    states and weight gives the same error instead of a wrong result (the weight is alive anyway;
+    the hidden states are what the op saves in eager mode)."""
+    return grad * factor
+
+
+@scaled_gradient.register_fake
+def _scaled_gradient_fake(grad, factor, anchors):
+    return torch.empty_like(grad)
+
+
+def scale_saved_gradient(
+    ctx, grad: Tensor, upstream: Tensor, name: str, ignored: Tensor | None = None, anchors: tuple = ()
+) -> Tensor:
     """grad · upstream (a scalar, or one factor per sample when ``ctx.reduction == "none"``).
 
     ``ignored`` (a bool per sample, with ``"none"``): samples whose gradient is zero whatever
     their upstream factor, as PyTorch's ignored targets — an infinite or NaN factor (``sqrt``
-    of a zero loss) must not turn their zero row into NaN.
+    of a zero loss) must not turn their zero row into NaN.  ``anchors``: the op's differentiable
+    inputs, which a compiled backward then takes (see :func:`scaled_gradient`).
 
     The gradient computed in the forward pass is handed to autograd without a
     copy — as it is when the upstream gradient is exactly 1 (``loss.backward()``),
@@ -68,6 +96,8 @@ def scale_saved_gradient(ctx, grad: Tensor, upstream: Tensor, name: str, ignored
     if torch.is_grad_enabled():
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
     factor = upstream_factor(ctx, grad, upstream, ignored)
+    if _traced() and any(a is not None for a in anchors):  # see scaled_gradient
+        return scaled_gradient(grad, factor, [a for a in anchors if a is not None])
     if not _plain_eager(grad, upstream) or _graph_is_kept():
         return grad * factor  # traced (torch.compile, fake tensors), or not the last use: out of place
     if ctx.reduction != "none" and upstream.device.type == "cpu" and upstream.item() == 1.0:
