@@ -28,9 +28,12 @@ model output, ``gradgradcheck``'s inputs — or the tensor a view made in the ca
 unchanged; otherwise a clear error says so.  The gradient is taken with respect to fresh aliases,
 so hooks on the caller's tensors run once, in the outer backward.
 
-Under ``torch.compile`` the op's backward is traced once, without this path: a compiled backward
-with ``create_graph=True`` returns the first-order gradient as a constant (PyTorch's compiled loss
-raises, because its graph saves the logits; softxent's saves only the gradient).
+Under ``torch.compile`` the op's backward is traced once, without these paths: AOTAutograd raises
+on a second derivative that reaches an input the compiled graph saved, and otherwise leaves the
+second-order term out — as it does for PyTorch's own compiled ``F.cross_entropy`` of the region's
+input logits (the fused linear losses' compiled backward takes their hidden states and weight, see
+:func:`softxent.torch.saved_gradient.scaled_gradient`, so that it raises where PyTorch's
+``F.linear`` + ``F.cross_entropy`` does).
 """
 
 from __future__ import annotations
