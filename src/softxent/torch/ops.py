@@ -183,7 +183,7 @@ def _setup_cross_entropy(ctx, inputs, output):
     # the gradient is itself differentiable (its derivative, the Hessian, follows from it: see
     # softxent.torch.higher_order), so that a backward with create_graph=True can return it scaled
     # and needs nothing else of the forward; not with softcap, whose chain factor needs the logits
-    ctx.gradient_is_differentiable = output[1].numel() > 0 and ctx.opts.softcap is None
+    ctx.gradient_is_differentiable = output[1].shape == logits.shape and ctx.opts.softcap is None
     ctx.mark_non_differentiable(*(output[2:] if ctx.gradient_is_differentiable else output[1:]))
     # −log softmax for those gradients, saved as PyTorch saves log_softmax (not the logits, which
     # the caller may then modify in place)
