@@ -234,3 +234,18 @@ def test_compiled_fused_linear_losses_refuse_double_backward_as_pytorch(call):
     # first-order gradients are unchanged
     (gw,) = torch.autograd.grad(compiled(h, w), w)
     torch.testing.assert_close(gw, torch.autograd.grad(losses[call](h, w), w)[0])
+
+
+def test_the_saved_gradient_is_data_where_its_derivative_is_not_formed():
+    # a differentiable probability target: G's derivative in it is not formed, so the op's G is
+    # not differentiable (autograd refuses it) rather than missing a term
+    from softxent.torch import ops
+
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(4, 3, dtype=torch.float64), 1)
+    _, grad, *_ = torch.ops.softxent.cross_entropy(x, q, None, -100, False, "mean", 0.0, 0.0, 0.0, True, False)
+    assert grad.requires_grad  # plain: the Hessian follows from G
+    _, grad, *_ = ops.cross_entropy(x, q.requires_grad_(), None, -100, False, "mean", 0.0, 0.0, 0.0, True, False)
+    assert not grad.requires_grad
+    _, grad, *_ = ops.cross_entropy(x, q.detach(), None, -100, False, "mean", 0.0, 0.0, 2.0, True, False)
+    assert not grad.requires_grad  # softcap

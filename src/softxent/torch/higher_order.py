@@ -4,17 +4,19 @@ The fused op computes ∂ℓ/∂z in its forward pass and saves that gradient G,
 ways make its backward differentiable — for ``gradgradcheck``, Hessian-vector products, a penalty
 on a gradient, MAML:
 
-1. **From G itself** (:func:`hessian_product`; every case without softcap whose target and class
-   weights need no gradient).  G is a differentiable output of the op: the backward with
-   ``create_graph=True`` returns G times the upstream factor, and when autograd differentiates
-   that, the op's backward receives ∂/∂G and returns the Hessian-vector product, which follows from
-   G alone (p = (G + r·y)/Σ(G + r·y), see :func:`hessian_product`) — as PyTorch's follows from its
-   saved log-softmax.  Nothing else is kept: the logits may be a temporary (``criterion(model(x),
-   y)``) or modified in place afterwards.
-2. **From the logits** (softcap, whose chain factor 1 − tanh² needs them; a differentiable
-   probability target or class weight): the backward recomputes the loss from the caller's logits
-   with the composite of PyTorch ops (:func:`softxent.torch.fallback.composite_cross_entropy`) and
-   differentiates it with ``create_graph=True``:
+1. **From the logits**, while the caller holds them unchanged (always for softcap, whose chain
+   factor 1 − tanh² needs them, and for a differentiable probability target or class weight): the
+   backward recomputes the loss from the caller's logits with the composite of PyTorch ops
+   (:func:`softxent.torch.fallback.composite_cross_entropy`) and differentiates it with
+   ``create_graph=True`` (below).
+2. **From G itself** (:func:`hessian_product`), where the logits are gone or were modified — the
+   logits a temporary (``criterion(model(x), y)``) — in every case without softcap whose target and
+   class weights need no gradient.  G is a differentiable output of the op: the backward with
+   ``create_graph=True`` returns G times the upstream factor, and when autograd differentiates that,
+   the op's backward receives ∂/∂G and returns the Hessian-vector product, which follows from G
+   alone (p = (G + r·y)/Σ(G + r·y)) — as PyTorch's follows from its saved log-softmax.
+
+The recompute from the logits:
 
 .. math::
 
@@ -25,7 +27,8 @@ on a gradient, MAML:
 for this — that would double the memory of every training step — but remembered by a weak
 reference: these higher-order derivatives work while the caller holds the logits (a variable, a
 model output, ``gradgradcheck``'s inputs — or the tensor a view made in the call was taken of) and
-unchanged; otherwise a clear error says so.  The gradient is taken with respect to fresh aliases,
+unchanged; otherwise the second way serves, or where it cannot (softcap, a differentiable target or
+class weight) a clear error says so.  The gradient is taken with respect to fresh aliases,
 so hooks on the caller's tensors run once, in the outer backward.
 
 Under ``torch.compile`` the op's backward is traced once, without these paths: AOTAutograd raises
@@ -142,6 +145,15 @@ def _checked(held: _Held, name: str, what: str, plural: bool) -> Tensor:
     return t
 
 
+def logits_held(ctx) -> bool:
+    """Whether the loss can be recomputed from the caller's logits: still alive and unchanged."""
+    recompute = getattr(ctx, "_softxent_recompute", None)
+    if recompute is None:
+        return False
+    logits = recompute.logits.get()
+    return logits is not None and logits._version == recompute.logits.version
+
+
 def gradients(ctx, weight: Tensor | None, grad_loss: Tensor, name: str) -> tuple:
     """(∂/∂logits, ∂/∂target, ∂/∂weight) in the op's layout, as differentiable functions of the
     caller's tensors (None where not needed); raises where they cannot be recomputed."""
@@ -184,7 +196,9 @@ def hessian_product(grad: Tensor, target: Tensor, weight: Tensor | None, opts, v
             = P \odot (v - ⟨p, v⟩) + 2λ\,r\,p\,⟨p, v⟩
 
     (symmetric, so also the vector-Jacobian product).  Rows that do not count (ignored, or whose
-    P sums to 0) give 0.  Differentiable in G when grad mode is on (third derivatives)."""
+    P sums to 0) give 0.  Differentiable in G when grad mode is on (third derivatives).  With a
+    z-loss that brings A near 0 (a large λ, lse ≈ −Σy/2λ) the sum G + r·y cancels and p loses
+    its digits: the backward uses this only where the caller's logits are gone."""
     from .fallback import compute_dtype, effective_target
     from .target_counts import device_loss_scale
 

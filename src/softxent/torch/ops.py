@@ -182,8 +182,11 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.ignored_rows = not is_probability and reduction == "none" and ctx.opts.ignore_index is not None
     # the gradient is itself differentiable (its derivative, the Hessian, follows from it: see
     # softxent.torch.higher_order), so that a backward with create_graph=True can return it scaled
-    # and needs nothing else of the forward; not with softcap, whose chain factor needs the logits
-    ctx.gradient_is_differentiable = output[1].shape == logits.shape and ctx.opts.softcap is None
+    # and needs nothing else of the forward; not with softcap, whose chain factor needs the logits,
+    # nor where the target or class weights need gradients (G's derivative in them is not formed)
+    ctx.gradient_is_differentiable = (
+        output[1].shape == logits.shape and ctx.opts.softcap is None and not (ctx.target_grad or ctx.weight_grad)
+    )
     ctx.mark_non_differentiable(*(output[2:] if ctx.gradient_is_differentiable else output[1:]))
     # −log softmax for those gradients, saved as PyTorch saves log_softmax (not the logits, which
     # the caller may then modify in place)
@@ -211,9 +214,11 @@ def _backward_cross_entropy(ctx, grad_loss, grad_of_gradient=None, *_grads_of_st
     if grad_loss is None:
         return (hessian_term,) + (None,) * 10
     if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-        if ctx.gradient_is_differentiable and not (ctx.target_grad or ctx.weight_grad):
+        if ctx.gradient_is_differentiable and not higher_order.logits_held(ctx):
             # the saved gradient (an output of this node: autograd differentiates it through
-            # hessian_product) times the upstream factor
+            # hessian_product) times the upstream factor — where the caller's logits are gone or
+            # were modified (held, they give the composite's derivatives, exact also where
+            # hessian_product cancels: see there)
             grad_logits = grad * upstream_factor(ctx, grad, grad_loss, ignored) if ctx.needs_input_grad[0] else None
             return (_plus(grad_logits, hessian_term),) + (None,) * 10
         grads = higher_order.gradients(ctx, weight, grad_loss, "cross_entropy")  # from the logits
