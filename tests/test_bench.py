@@ -1,6 +1,7 @@
 """`softxent bench` end to end on a small problem (no timing is asserted)."""
 
 import json
+import re
 
 import pytest
 
@@ -128,3 +129,41 @@ def test_bench_backend_jax_rejects_the_dist_suite():
     pytest.importorskip("jax", reason="JAX is not installed")
     with pytest.raises(SystemExit, match="ce and lce"):
         main(["bench", "--backend", "jax", "--suite", "dist"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--n", "64", "--v", "0"], "argument --v: must be >= 1"),
+        (["bench", "--n", "-5", "--v", "100"], "argument --n: must be >= 1"),
+        (["bench", "--suite", "lce", "--n", "16", "--d", "0", "--v", "100"], "argument --d: must be >= 1"),
+        (["bench", "--device", "tpu", "--n", "8", "--v", "10"], "--device takes cpu or cuda"),
+        (["bench", "--suite", "dist", "--dtype", "bfloat16"], "suite dist runs float32"),
+        (["bench", "--suite", "dist", "--shape", "8x10"], "suite dist runs float32"),
+        (["bench", "--json", "/proc/softxent-no/x.json", "--n", "8", "--v", "10"], "--json .* cannot write"),
+        (["bench", "--backend", "jax", "--shape", "2x3x4x5"], "takes shapes NxV"),
+        (["bench", "--backend", "jax", "--suite", "lce", "--shape", "16x100"], "takes shapes NxDxV"),
+        (["bench", "--backend", "jax", "--device", "cuda", "--n", "8", "--v", "10"], "JAX's default device"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    argv = argv + ["--out", str(tmp_path / "out")] if "--json" in argv else argv
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code != 0
+    assert re.search(message, str(info.value.code) + capsys.readouterr().err)
+
+
+def test_bench_refuses_an_output_folder_that_is_a_file(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit, match="--out .* cannot create the folder"):
+        main(["bench", "--n", "8", "--v", "10", "--out", str(taken)])
+
+
+@pytest.mark.parametrize("suite,shape", [("ce", "16x100"), ("lce", "16x8x100"), ("distill", "16x8x100")])
+def test_bench_runs_float64_as_its_help_offers(suite, shape, tmp_path):
+    argv = ["bench", "--suite", suite, "--shape", shape, "--dtype", "float64", "--reps", "1", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert rows and all(r["problem"].endswith("float64") for r in rows)

@@ -1,6 +1,7 @@
 """The command line: `softxent check` and `softxent demo` end to end."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -70,3 +71,20 @@ def test_console_script_runs_as_a_module():
 def test_demo_rejects_bad_options(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--seed", "-5"], "argument --seed: must be in"),
+        (["check", "--seed", "-1"], "argument --seed: must be in"),
+        (["demo", "--seed", "99999999999999999999999"], "argument --seed: must be in"),
+        (["demo", "--lr", "inf"], "--lr must be a finite number"),
+        (["demo", "--out", "/proc/softxent-no/such"], "--out .* cannot create the folder"),
+    ],
+)
+def test_bad_demo_and_check_arguments_get_a_message_not_a_traceback(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code != 0
+    assert re.search(message, str(info.value.code) + capsys.readouterr().err)

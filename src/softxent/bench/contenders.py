@@ -136,7 +136,7 @@ def cross_entropy_problem(shape, dtype: torch.dtype, device: torch.device, seed:
     element = logits.element_size()
     n = logits.numel() // v
     copy_dst = torch.empty_like(logits)
-    ref_logits = logits.double().requires_grad_()
+    ref_logits = logits.detach().double().clone().requires_grad_()  # a copy also for float64 logits
     ref_loss = F.cross_entropy(ref_logits, target)
     ref_loss.backward()
     problem = Problem(

@@ -52,7 +52,7 @@ def distill_problem(n: int, d: int, v: int, dtype: torch.dtype, device: torch.de
     teacher_weight = (2 * torch.randn(v, d, generator=gen) / d**0.5).to(device=device, dtype=dtype)
     fused = sxt.FusedTeacher(teacher_hidden, teacher_weight)
 
-    ref_h, ref_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_h, ref_w = (t.detach().double().clone().requires_grad_() for t in (hidden, weight))  # copies also in float64
     ref_loss = naive_distill(ref_h, ref_w, teacher_hidden.double(), teacher_weight.double())
     ref_loss.backward()
     reference = (ref_loss.detach(), [ref_h.grad, ref_w.grad])

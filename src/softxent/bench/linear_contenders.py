@@ -46,8 +46,8 @@ def linear_cross_entropy_problem(
     linear_weight = (torch.randn(v, d, generator=gen) / d**0.5).to(device=device, dtype=dtype)
     target = torch.randint(0, v, (n,), generator=gen).to(device)
 
-    ref_h = hidden.double().requires_grad_()
-    ref_w = linear_weight.double().requires_grad_()
+    ref_h = hidden.detach().double().clone().requires_grad_()  # copies also for float64 inputs
+    ref_w = linear_weight.detach().double().clone().requires_grad_()
     ref_loss = naive_linear_cross_entropy(ref_h, ref_w, target)
     ref_loss.backward()
     reference = (ref_loss.detach(), [ref_h.grad, ref_w.grad])

@@ -26,6 +26,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .arguments import output_dir, output_file, positive_int
+
 DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"], "distill": ["4096x1024x32000"]}
 SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV", "distill": "NxDxV"}
 DEFAULT_REPS = {"ce": 5, "lce": 3, "dist": 10, "distill": 3}
@@ -60,11 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--world", default="1,2,4", help="suite dist: comma-separated world sizes (processes), default 1,2,4"
     )
-    parser.add_argument("--n", type=int, help="rows (tokens); with --v (and --d for lce) replaces the default shapes")
     parser.add_argument(
-        "--d", type=int, default=1024, help="features of the hidden states (suites lce and distill, default 1024)"
+        "--n", type=positive_int, help="rows (tokens); with --v (and --d for lce) replaces the default shapes"
     )
-    parser.add_argument("--v", type=int, help="classes (vocabulary size)")
+    parser.add_argument(
+        "--d",
+        type=positive_int,
+        default=1024,
+        help="features of the hidden states (suites lce and distill, default 1024)",
+    )
+    parser.add_argument("--v", type=positive_int, help="classes (vocabulary size)")
     parser.add_argument(
         "--shape",
         type=_shape,
@@ -72,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeatable; NxV or NxCxHxW (class dimension 1, e.g. 32x2x256x256) for ce (default 4096x32000 "
         "1024x128256), NxDxV for lce (default 4096x1024x32000)",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="(default float32)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--reps",
@@ -129,8 +136,7 @@ def _jax(args: argparse.Namespace, reps: int) -> int:
         raise SystemExit("--backend jax runs the suites ce and lce")
     if args.dtype == "float64":
         raise SystemExit("--backend jax times float32, bfloat16 and float16")
-    given = [(args.n, args.v) if args.suite == "ce" else (args.n, args.d, args.v)] if args.n else None
-    shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
+    shapes = _checked_shapes(args)
     rows = jax_suite.run(args.suite, shapes, args.dtype, reps)
     table = jax_suite.markdown_table(rows)
     out = Path(args.out)
@@ -145,13 +151,46 @@ def _jax(args: argparse.Namespace, reps: int) -> int:
     return 0
 
 
+def _checked_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    """The shapes to run (given, from --n/--v/--d, or the suite's defaults), each of the suite's form."""
+    given = [(args.n, args.v) if args.suite == "ce" else (args.n, args.d, args.v)] if args.n else None
+    shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
+    form = SHAPE_FORMS[args.suite]
+    jax_ce = getattr(args, "backend", "torch") == "jax" and args.suite == "ce"
+    for shape in shapes:
+        if args.suite == "ce":
+            ok = len(shape) == 2 if jax_ce else len(shape) >= 2
+        else:
+            ok = len(shape) == len(form.split("x"))
+        if not ok:
+            raise SystemExit(
+                f"suite {args.suite} takes shapes {'NxV' if jax_ce else form}, got {'x'.join(map(str, shape))}"
+            )
+    return shapes
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Create --out and check that --json / --plot can be written, before any timing."""
+    out = output_dir(args.out)
+    output_file(Path(args.json) if args.json else out / "bench.json", "--json")
+    output_file(Path(args.plot) if args.plot else out / "bench.png", "--plot")
+
+
 def main(args: argparse.Namespace) -> int:
+    if (args.n is None) != (args.v is None):
+        raise SystemExit("--n and --v go together")
+    reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
+    if reps < 1:
+        raise SystemExit("--reps must be >= 1")
+    if args.suite == "dist" and (args.shape or args.dtype != "float32" or args.device not in (None, "cpu")):
+        raise SystemExit("suite dist runs float32 on CPU gloo processes: it takes --n/--v and --world, "
+                         "not --shape, --dtype or --device")  # fmt: skip
+    if args.suite != "dist":
+        _checked_shapes(args)
     if getattr(args, "backend", "torch") == "jax":
-        if (args.n is None) != (args.v is None):
-            raise SystemExit("--n and --v go together")
-        reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
-        if reps < 1:
-            raise SystemExit("--reps must be >= 1")
+        if args.device not in (None, "cpu"):
+            raise SystemExit("--backend jax runs on JAX's default device: leave --device out (or give cpu)")
+        _check_outputs(args)
         return _jax(args, reps)
     try:
         import torch
@@ -159,21 +198,16 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("softxent bench needs PyTorch: pip install torch (then softxent[torch])") from None
     from softxent.bench import contenders, linear_contenders, report, runner
 
-    if (args.n is None) != (args.v is None):
-        raise SystemExit("--n and --v go together")
-    reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
-    if reps < 1:
-        raise SystemExit("--reps must be >= 1")
+    _check_outputs(args)
     if args.suite == "dist":
         return _distributed(args, reps)
-    given = [(args.n, args.v) if args.suite == "ce" else (args.n, args.d, args.v)] if args.n else None
-    shapes = args.shape or given or [_shape(s) for s in DEFAULT_SHAPES[args.suite]]
-    form = SHAPE_FORMS[args.suite]
-    for shape in shapes:
-        ok = len(shape) >= 2 if args.suite == "ce" else len(shape) == len(form.split("x"))
-        if not ok:
-            raise SystemExit(f"suite {args.suite} takes shapes {form}, got {'x'.join(map(str, shape))}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes = _checked_shapes(args)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"--device takes cpu or cuda (cuda:N), got {args.device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device takes cpu or cuda (cuda:N), got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype)

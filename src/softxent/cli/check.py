@@ -18,6 +18,8 @@ import numpy as np
 import softxent as sx
 from softxent._gradcheck import gradient_errors, numerical_gradient
 
+from .arguments import seed
+
 #: a case passes when max |analytic − numeric| ≤ ABS_TOL + REL_TOL·|numeric|
 ABS_TOL = 1e-7
 REL_TOL = 1e-6
@@ -234,7 +236,7 @@ def format_table(results: list[CheckResult]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random inputs (default 0)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import softxent as sx
 from softxent._gradcheck import gradient_errors, numerical_gradient
 
 from . import mlp
+from .arguments import output_dir, seed
 
 #: the whole-network gradient check passes below this relative error
 GRADCHECK_TOLERANCE = 1e-6
@@ -164,10 +166,12 @@ def train(args: argparse.Namespace, log=print) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden units (default 64)")
-    parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh", help="hidden activation")
+    parser.add_argument(
+        "--activation", choices=("tanh", "relu"), default="tanh", help="hidden activation (default tanh)"
+    )
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, init and shuffling")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the split, init and shuffling (default 0)")
     parser.add_argument("--out", default="softxent-demo", help="folder for demo.png and metrics.json")
 
 
@@ -176,8 +180,9 @@ def main(args: argparse.Namespace) -> int:
     for name in ("epochs", "hidden", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.lr > 0:
-        raise SystemExit("--lr must be > 0")
+    if not 0 < args.lr < math.inf:
+        raise SystemExit("--lr must be a finite number > 0")
+    output_dir(args.out)  # before training: a bad --out fails at once
     metrics = train(args)
     acc = metrics["test_accuracy"]
     print(
