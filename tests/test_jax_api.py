@@ -278,3 +278,23 @@ def test_default_chunk_rows_tiles_the_tokens_and_shrinks_for_options_that_hold_m
         )
         temp = step.lower(h, w).compile().memory_analysis().temp_size_in_bytes
         assert temp <= 0.1 * n * v * 4, (options, temp)
+
+
+def test_host_int64_indices_jax_would_wrap_are_refused_not_wrapped():
+    # with 64-bit types off JAX narrows int64 to int32: 2**32 + 1 would become the valid class 1
+    z = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    if jax.config.jax_enable_x64:
+        pytest.skip("64-bit JAX keeps int64 indices")
+    with pytest.raises(IndexError, match="4294967297"):
+        sxj.cross_entropy(z, np.array([2**32 + 1, 0]))
+    with pytest.raises(IndexError, match="4294967297"):
+        sxj.distill_loss(z, 2 * z, np.array([2**32 + 1, 0]))
+    with pytest.raises(ValueError, match="ignore_index"):
+        sxj.cross_entropy(z, np.array([1, 0]), ignore_index=2**40)
+    # small unsigned labels and the default ignore_index keep working
+    want = float(sxj.cross_entropy(z, np.array([1, 0])))
+    assert float(sxj.cross_entropy(z, np.array([1, 0], np.uint8))) == want
+    assert (
+        float(sxj.cross_entropy(z, np.array([1, 255], np.uint8), ignore_index=255))
+        == float(sxj.cross_entropy(z[:1], np.array([1]))) / 1
+    )

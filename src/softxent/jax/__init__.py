@@ -36,7 +36,7 @@ from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions, cross_entropy_options
 from .._training import CrossEntropyStats, check_shift, summarize
 from .._validate import check_target_range, check_weight_shape, normalize_axis, target_is_index
-from ._arguments import float_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
+from ._arguments import float_array, index_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
 from ._cross_entropy import Spec, cross_entropy_rows, mean_scale
 from ._distill import distill_loss, distill_loss_grad, linear_distill_loss, linear_distill_loss_grad
 from ._linear import LinearSpec, default_chunk_rows, linear_cross_entropy_rows
@@ -125,7 +125,7 @@ def _shifted(target, ignore_index: int):
 def _prepare_target(logits_shape, axis: int, target, weight, opts: CrossEntropyOptions, shift: bool):
     """Checked (target_rows, weight, is_index): (M,) class indices or (M, C) probabilities."""
     num_classes = logits_shape[axis]
-    target = jnp.asarray(target)
+    target = index_array(target, opts.ignore_index)
     is_integer, is_floating = (jnp.issubdtype(target.dtype, kind) for kind in (jnp.integer, jnp.floating))
     is_index = target_is_index(
         logits_shape, axis, target.shape, target.dtype, is_integer, is_floating, opts.ignore_index

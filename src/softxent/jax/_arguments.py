@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .._errors import InvalidArgumentError, InvalidTypeError
+from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from .._options import check_chunk_size
 from .._validate import check_linear_shapes
 
@@ -113,3 +114,29 @@ def loss_and_grads(loss_fn, primals: tuple, grad_output, return_stats: bool, num
     grads = vjp(upstream(grad_output, loss))
     grads = (*grads, *(None,) * ((num_grads or len(grads)) - len(grads)))
     return (loss, *grads, stats) if return_stats else (loss, *grads)
+
+
+def index_array(target, ignore_index: int | None):
+    """``target`` as a JAX array, refusing what JAX's integer type would change: with 64-bit types
+    off it narrows int64 host indices to int32, which would wrap 2**32 + 1 to the valid class 1;
+    an ``ignore_index`` outside JAX's default integer type (which JAX itself refuses with an
+    unnamed OverflowError) is refused too, named."""
+    if isinstance(target, (jax.Array, jax.core.Tracer)):
+        out = target
+    else:
+        host = np.asarray(target)
+        out = jnp.asarray(host)
+        if np.issubdtype(host.dtype, np.integer) and host.size and np.dtype(out.dtype).itemsize < host.itemsize:
+            info = np.iinfo(np.dtype(out.dtype))
+            wide = host[(host < info.min) | (host > info.max)]
+            if wide.size:
+                raise TargetIndexError(
+                    f"target contains class index {wide.flat[0]}, which JAX's {out.dtype} cannot hold "
+                    "(enable jax_enable_x64 for int64 indices)"
+                )
+    default_int = np.dtype(jnp.asarray(0).dtype)  # what JAX makes of a Python int: int32 unless x64
+    if ignore_index is not None and not np.iinfo(default_int).min <= ignore_index <= np.iinfo(default_int).max:
+        raise InvalidArgumentError(
+            f"ignore_index={ignore_index} does not fit JAX's {default_int} integers (enable jax_enable_x64 for int64)"
+        )
+    return out

@@ -35,7 +35,7 @@ from .._distill_options import DistillOptions, distill_options
 from .._distill_stats import DistillStats, summarize
 from .._distill_teacher import check_labels, check_target, teacher_arrays, teacher_kind
 from .._errors import InvalidArgumentError, InvalidTypeError
-from ._arguments import concrete, float_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
+from ._arguments import concrete, float_array, index_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
 from ._cross_entropy import reduced, scaled
 from ._linear import chunk_layout, chunk_logits, chunked, default_chunk_rows, layer_carry, layer_gradients, unchunked
 from ._rows import compute_dtype
@@ -276,7 +276,7 @@ def _counted(lead, target, opts: DistillOptions, shift: bool, num_classes: int):
     """(valid (N,) bool, labels (N,) int) — see :func:`softxent.numpy_distill.counted`; labels are
     checked when they are concrete."""
     if target is not None:
-        target = jnp.asarray(target)
+        target = index_array(target, opts.ignore_index)
         if not jnp.issubdtype(target.dtype, jnp.integer):
             raise InvalidTypeError(f"target must hold integer class indices, got {target.dtype}")
     shift = check_target(lead, None if target is None else target.shape, opts.alpha, shift, opts.ignore_index)
