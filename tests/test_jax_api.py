@@ -294,7 +294,5 @@ def test_host_int64_indices_jax_would_wrap_are_refused_not_wrapped():
     # small unsigned labels and the default ignore_index keep working
     want = float(sxj.cross_entropy(z, np.array([1, 0])))
     assert float(sxj.cross_entropy(z, np.array([1, 0], np.uint8))) == want
-    assert (
-        float(sxj.cross_entropy(z, np.array([1, 255], np.uint8), ignore_index=255))
-        == float(sxj.cross_entropy(z[:1], np.array([1]))) / 1
-    )
+    ignored = sxj.cross_entropy(z, np.array([1, 255], np.uint8), ignore_index=255)
+    assert float(ignored) == float(sxj.cross_entropy(z[:1], np.array([1])))
