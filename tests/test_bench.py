@@ -167,3 +167,9 @@ def test_bench_runs_float64_as_its_help_offers(suite, shape, tmp_path):
     assert main(argv + ["--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert rows and all(r["problem"].endswith("float64") for r in rows)
+
+
+def test_the_table_prints_no_negative_zero():
+    from softxent.bench.report import _fmt
+
+    assert _fmt(-0.3, ".0f") == "0" and _fmt(-16.2, ".0f") == "-16" and _fmt(None, ".0f") == "–"

@@ -50,7 +50,10 @@ def machine_description(device: torch.device) -> dict:
 
 
 def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+    if value is None:
+        return "–"
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0" for a tiny negative
 
 
 def markdown_table(rows: list[Row]) -> str:
