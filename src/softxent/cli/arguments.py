@@ -12,12 +12,16 @@ from pathlib import Path
 SEED_LIMIT = 2**32
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1 (sizes, counts)."""
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (sizes, counts)."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -25,10 +29,7 @@ def positive_int(text: str) -> int:
 
 def seed(text: str) -> int:
     """A seed in [0, 2**32)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _integer(text)
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value

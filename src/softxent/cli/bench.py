@@ -107,8 +107,7 @@ def _distributed(args: argparse.Namespace, reps: int) -> int:
     n, v = (args.n, args.v) if args.n else (4096, 32000)
     rows = distributed.run(n, v, worlds, reps)
     table = distributed.markdown_table(rows, n, v)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by _check_outputs
     json_path = Path(args.json) if args.json else out / "bench.json"
     import torch
 
@@ -124,7 +123,7 @@ def _distributed(args: argparse.Namespace, reps: int) -> int:
     return 0
 
 
-def _jax(args: argparse.Namespace, reps: int) -> int:
+def _jax(args: argparse.Namespace, reps: int, shapes: list[tuple[int, ...]]) -> int:
     """--backend jax: softxent.jax against optax under jit (:mod:`softxent.bench.jax_suite`)."""
     import json
 
@@ -136,11 +135,9 @@ def _jax(args: argparse.Namespace, reps: int) -> int:
         raise SystemExit("--backend jax runs the suites ce and lce")
     if args.dtype == "float64":
         raise SystemExit("--backend jax times float32, bfloat16 and float16")
-    shapes = _checked_shapes(args)
     rows = jax_suite.run(args.suite, shapes, args.dtype, reps)
     table = jax_suite.markdown_table(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by _check_outputs
     json_path = Path(args.json) if args.json else out / "bench.json"
     config = {"backend": "jax", "suite": args.suite, "shapes": ["x".join(map(str, s)) for s in shapes],
               "dtype": args.dtype, "reps": reps}  # fmt: skip
@@ -185,13 +182,12 @@ def main(args: argparse.Namespace) -> int:
     if args.suite == "dist" and (args.shape or args.dtype != "float32" or args.device not in (None, "cpu")):
         raise SystemExit("suite dist runs float32 on CPU gloo processes: it takes --n/--v and --world, "
                          "not --shape, --dtype or --device")  # fmt: skip
-    if args.suite != "dist":
-        _checked_shapes(args)
+    shapes = _checked_shapes(args) if args.suite != "dist" else []
     if getattr(args, "backend", "torch") == "jax":
         if args.device not in (None, "cpu"):
             raise SystemExit("--backend jax runs on JAX's default device: leave --device out (or give cpu)")
         _check_outputs(args)
-        return _jax(args, reps)
+        return _jax(args, reps, shapes)
     try:
         import torch
     except ImportError:
@@ -201,7 +197,6 @@ def main(args: argparse.Namespace) -> int:
     _check_outputs(args)
     if args.suite == "dist":
         return _distributed(args, reps)
-    shapes = _checked_shapes(args)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -230,8 +225,7 @@ def main(args: argparse.Namespace) -> int:
         skipped.extend({"problem": problem.label, "contender": name, "reason": why} for name, why in problem.skipped)
         del problem
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by _check_outputs
     json_path = Path(args.json) if args.json else out / "bench.json"
     plot_path = Path(args.plot) if args.plot else out / "bench.png"
     table = report.markdown_table(rows)

@@ -134,9 +134,10 @@ def index_array(target, ignore_index: int | None):
                     f"target contains class index {wide.flat[0]}, which JAX's {out.dtype} cannot hold "
                     "(enable jax_enable_x64 for int64 indices)"
                 )
-    default_int = np.dtype(jnp.asarray(0).dtype)  # what JAX makes of a Python int: int32 unless x64
-    if ignore_index is not None and not np.iinfo(default_int).min <= ignore_index <= np.iinfo(default_int).max:
+    default_int = np.iinfo(jax.dtypes.canonicalize_dtype(np.int64))  # a Python int's type: int32 unless x64
+    if ignore_index is not None and not default_int.min <= ignore_index <= default_int.max:
         raise InvalidArgumentError(
-            f"ignore_index={ignore_index} does not fit JAX's {default_int} integers (enable jax_enable_x64 for int64)"
+            f"ignore_index={ignore_index} does not fit JAX's {default_int.dtype} integers "
+            "(enable jax_enable_x64 for int64)"
         )
     return out

@@ -31,7 +31,7 @@ from .checks import (
     gradient_wanted,
     loss_dtype,
 )
-from .saved_gradient import scale_saved_gradient
+from .saved_gradient import ignored_samples, scale_saved_gradient
 
 
 def _to_rows(x: Tensor, class_dim: int) -> Tensor:
@@ -326,9 +326,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         # autograd must know the logits changed: anything that saved them now fails loudly
         torch.autograd.graph.increment_version(logits)
         ctx.reduction = opts.reduction
-        ctx.ignore_index = opts.ignore_index
-        ignored_rows = opts.reduction == "none" and opts.ignore_index is not None and target.dim() == 1
-        ctx.save_for_backward(grad.detach(), target if ignored_rows else None)
+        ctx.save_for_backward(grad.detach(), ignored_samples(target, opts, target.dim() == 1))
         ctx.mark_non_differentiable(lse, argmax)
         return loss, lse, argmax
 
@@ -339,8 +337,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
                 "softxent.torch.cross_entropy: double backward (create_graph=True) needs the logits, which "
                 "inplace_backward=True overwrote with their gradient; call without inplace_backward"
             )
-        grad, target = ctx.saved_tensors
-        ignored = None if target is None else target == ctx.ignore_index
+        grad, ignored = ctx.saved_tensors
         return (scale_saved_gradient(ctx, grad, grad_loss, "cross_entropy", ignored),) + (None,) * 9
 
 
@@ -372,16 +369,13 @@ def _implicit_dim(name: str, input: Tensor) -> int:
 def _cast_to(input: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``input`` checked and cast to ``dtype`` first where one is given (as ``torch.softmax``'s
     ``dtype=``, which also takes integer inputs); ``dtype`` must be a floating-point dtype."""
-    if dtype is None:
-        check_input(input)
-        return input
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidTypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype}")
-    if not isinstance(input, Tensor):
-        raise InvalidTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.is_complex():
-        raise InvalidTypeError(f"input must be a real tensor, got {input.dtype}")
-    return input.to(dtype)
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InvalidTypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype}")
+        if isinstance(input, Tensor) and not input.is_complex():
+            input = input.to(dtype)
+    check_input(input)
+    return input
 
 
 def softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = None) -> Tensor:

@@ -50,7 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .fallback import compute_dtype, effective_target
 from .saved_gradient import NO_DOUBLE_BACKWARD
+from .target_counts import device_loss_scale
 
 GONE = (
     "softxent.torch: double backward (create_graph=True) through {name} recomputes the loss from the "
@@ -199,9 +201,6 @@ def hessian_product(grad: Tensor, target: Tensor, weight: Tensor | None, opts, v
     P sums to 0) give 0.  Differentiable in G when grad mode is on (third derivatives).  With a
     z-loss that brings A near 0 (a large λ, lse ≈ −Σy/2λ) the sum G + r·y cancels and p loses
     its digits: the backward uses this only where the caller's logits are gone."""
-    from .fallback import compute_dtype, effective_target
-    from .target_counts import device_loss_scale
-
     num_classes = grad.shape[1]
     class_major = grad.dim() == 3
     is_index = target.dim() == grad.dim() - 1

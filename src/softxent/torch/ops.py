@@ -28,7 +28,7 @@ from .._options import CrossEntropyOptions
 from .._validate import check_target_range
 from . import deferred_checks, eager_calls, fallback, higher_order
 from .backends import Backend, backend_for
-from .saved_gradient import scale_saved_gradient, upstream_factor
+from .saved_gradient import ignored_samples, scale_saved_gradient, upstream_factor
 from .target_counts import bad_indices, device_loss_scale, empty_stats
 
 
@@ -178,8 +178,6 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.target_grad = is_probability and target.requires_grad
     ctx.weight_grad = is_probability and weight is not None and weight.requires_grad
     ctx.target_dtype = target.dtype
-    # ignored samples keep a zero gradient whatever their upstream factor ("none": one per sample)
-    ctx.ignored_rows = not is_probability and reduction == "none" and ctx.opts.ignore_index is not None
     # the gradient is itself differentiable (its derivative, the Hessian, follows from it: see
     # softxent.torch.higher_order), so that a backward with create_graph=True can return it scaled
     # and needs nothing else of the forward; not with softcap, whose chain factor needs the logits,
@@ -193,13 +191,14 @@ def _setup_cross_entropy(ctx, inputs, output):
     nlp = None
     if ctx.target_grad or ctx.weight_grad:
         nlp = _neg_log_probs(logits.detach(), target.dtype, ctx.opts.softcap)
-    keep_target = ctx.weight_grad or ctx.ignored_rows or ctx.gradient_is_differentiable
-    ctx.save_for_backward(output[1], nlp, weight, target if keep_target else None)
+    keep_target = ctx.weight_grad or ctx.gradient_is_differentiable
+    ignored = ignored_samples(target, ctx.opts, not is_probability)
+    ctx.save_for_backward(output[1], nlp, weight, target if keep_target else None, ignored)
 
 
 def _backward_cross_entropy(ctx, grad_loss, grad_of_gradient=None, *_grads_of_stats):
     deferred_checks.raise_completed()
-    grad, nlp, weight, target = ctx.saved_tensors
+    grad, nlp, weight, target, ignored = ctx.saved_tensors
     if ctx.needs_input_grad[2] and not ctx.weight_grad:
         raise RuntimeError(
             "softxent.torch.cross_entropy: the derivative for 'weight' with class-index targets is not "
@@ -207,7 +206,6 @@ def _backward_cross_entropy(ctx, grad_loss, grad_of_gradient=None, *_grads_of_st
         )
     if grad_loss is None and grad_of_gradient is None:
         return (None,) * 11
-    ignored = target == ctx.opts.ignore_index if ctx.ignored_rows else None
     hessian_term = None
     if grad_of_gradient is not None and ctx.needs_input_grad[0]:  # a backward through a backward's result
         hessian_term = higher_order.hessian_product(grad, target, weight, ctx.opts, grad_of_gradient)

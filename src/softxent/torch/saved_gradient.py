@@ -42,6 +42,15 @@ def _graph_is_kept() -> bool:
         return True
 
 
+def ignored_samples(target: Tensor, opts, is_index: bool) -> Tensor | None:
+    """The samples whose gradient stays zero whatever their upstream factor — class indices equal
+    to ``ignore_index`` under ``reduction="none"`` (a bool per sample) — for
+    :func:`scale_saved_gradient`'s ``ignored``; None where no factor is per sample or nothing is ignored."""
+    if not is_index or opts.reduction != "none" or opts.ignore_index is None:
+        return None
+    return target == opts.ignore_index
+
+
 def upstream_factor(ctx, grad: Tensor, upstream: Tensor, ignored: Tensor | None = None) -> Tensor:
     """The factor the saved gradient ``grad`` is multiplied by: the upstream gradient in its dtype —
     a scalar, or with ``ctx.reduction == "none"`` one per sample shaped to broadcast over the
