@@ -156,6 +156,56 @@ def test_cross_entropy_kernel_matches_the_reference_for_every_option(c, kind, us
         np.testing.assert_allclose(forward_only, got_loss, rtol=4 * np.finfo(dtype).eps, atol=0, err_msg=msg)
 
 
+def _rising_rows(rng, num_classes, offset):
+    """Rows whose max rises in a later chunk by each amount (and to +inf, and a NaN there), at the
+    start of a chunk, inside one and in the short last chunk; one row rising by 10 in every chunk."""
+    rows = []
+    for rise in (0.0, 3.0, 15.9, 16.1, 40.0, 90.0, 1e6, np.inf, np.nan):
+        for at in (CHUNK, 2 * CHUNK + 1000, num_classes - 2):
+            z = rng.normal(size=num_classes)
+            z[at] = z[:CHUNK].max() + rise
+            rows.append(z)
+    rows.append(rng.normal(size=num_classes) + 10.0 * (np.arange(num_classes) // CHUNK))
+    return np.array(rows) + offset
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_a_max_that_rises_in_a_later_chunk_gives_the_references_results(dtype, offset):
+    # each chunk's exponentials are relative to the running max after it, and the sum so far is
+    # rescaled whenever a chunk raises that max (chunks.fold_chunk): the results are the row's
+    rng = np.random.default_rng(5)
+    num_classes = 3 * CHUNK + 11
+    with np.errstate(over="ignore"):  # the rise of 1e6 is +inf in float16
+        z = _rising_rows(rng, num_classes, offset).astype(dtype)
+    rows = len(z)
+    target = rng.integers(0, num_classes, rows)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
+    if dtype == np.float16:
+        tol = dict(rtol=1e-3, atol=1e-3)
+    for opts in (make_options(), make_options(label_smoothing=0.1, z_loss=1e-4)):
+        scale = np.linspace(0.5, 1.5, rows)
+        want_grad = np.empty(z.shape)
+        with np.errstate(all="ignore"):
+            want_loss = reference.cross_entropy_rows(z, target, None, opts, scale, want_grad)
+        got_grad = np.empty_like(z)
+        lse, argmax = np.empty(rows), np.empty(rows, np.int64)
+        got_loss = ce_kernel.cross_entropy_rows(z, target, None, opts, scale, got_grad, stats=(lse, argmax))
+        np.testing.assert_allclose(got_loss, want_loss, equal_nan=True, **tol)
+        np.testing.assert_allclose(got_grad.astype(np.float64), want_grad, equal_nan=True, **tol)
+        forward_only = ce_kernel.cross_entropy_rows(z, target, None, opts)
+        np.testing.assert_allclose(forward_only, want_loss, equal_nan=True, **tol)
+    np.testing.assert_allclose(lse, reference.logsumexp_rows(z), equal_nan=True, rtol=1e-6)
+    np.testing.assert_array_equal(argmax, np.argmax(z, axis=1))  # the first max, or the first NaN
+    for name in ("softmax_rows", "log_softmax_rows"):
+        got = getattr(softmax_kernels, name)(z, np.empty_like(z))
+        want = getattr(reference, name)(z, np.empty_like(z))
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), equal_nan=True, **tol)
+    np.testing.assert_allclose(
+        softmax_kernels.logsumexp_rows(z), reference.logsumexp_rows(z), equal_nan=True, rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_in_place_gradient_overwrites_the_logits_with_the_same_values(dtype, softcap):

@@ -296,3 +296,10 @@ def test_host_int64_indices_jax_would_wrap_are_refused_not_wrapped():
     assert float(sxj.cross_entropy(z, np.array([1, 0], np.uint8))) == want
     ignored = sxj.cross_entropy(z, np.array([1, 255], np.uint8), ignore_index=255)
     assert float(ignored) == float(sxj.cross_entropy(z[:1], np.array([1])))
+
+
+def test_a_one_element_class_index_of_1d_logits_is_one_sample_as_in_pytorch():
+    z = jnp.array([0.5, -1.0, 2.0])
+    one = sxj.cross_entropy(z, jnp.array([2]), reduction="none")
+    assert one.shape == ()
+    np.testing.assert_allclose(one, sxj.cross_entropy(z, jnp.array(2), reduction="none"), rtol=1e-6)

@@ -158,6 +158,14 @@ def test_loss_of_one_dimensional_logits_is_a_single_sample():
     np.testing.assert_allclose(sx.cross_entropy(z, np.array(2)), want)
     loss, grad = sx.cross_entropy_grad(z, np.array(2), reduction="none")
     assert loss.shape == () and grad.shape == (3,)
+    # PyTorch also reads a one-element 1-D index as the sample's class (0-d loss for every reduction)
+    one = F.cross_entropy(torch.tensor(z), torch.tensor([2]), reduction="none")
+    assert one.shape == ()
+    loss_1, grad_1 = sx.cross_entropy_grad(z, np.array([2]), reduction="none")
+    assert loss_1.shape == () and np.array_equal(grad_1, grad)
+    np.testing.assert_allclose(loss_1, one.item())
+    with pytest.raises(ValueError):
+        sx.cross_entropy(z, np.array([2, 1]))
 
 
 def test_python_lists_are_accepted():

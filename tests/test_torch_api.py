@@ -182,12 +182,57 @@ def test_backward_twice_with_unit_upstream_gradient_accumulates():
     torch.testing.assert_close(x.grad, 2 * torch.autograd.grad(F.cross_entropy(x, t), x)[0])
 
 
-def test_weight_requiring_grad_raises_like_pytorch():
-    x = torch.randn(4, 5, requires_grad=True)
+@pytest.mark.parametrize("logits_grad", [True, False])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}])
+def test_weight_requiring_grad_with_class_indices_raises_at_the_call_like_pytorch(logits_grad, options):
+    x = torch.randn(4, 5, requires_grad=logits_grad)
     w = torch.rand(5, requires_grad=True)
-    loss = sxt.cross_entropy(x, torch.randint(0, 5, (4,)), weight=w)
-    with pytest.raises(RuntimeError, match="derivative for 'weight' with class-index targets is not implemented"):
-        loss.backward()
+    t = torch.randint(0, 5, (4,))
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        F.cross_entropy(x, t, weight=w, **options)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        sxt.cross_entropy(x, t, weight=w, **options)
+    with torch.no_grad():  # no graph: both compute the loss
+        torch.testing.assert_close(
+            sxt.cross_entropy(x, t, weight=w, **options), F.cross_entropy(x, t, weight=w, **options)
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_one_element_class_index_of_a_1d_input_is_one_unbatched_sample_like_pytorch(reduction):
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    ours = sxt.cross_entropy(x, torch.tensor([3]), reduction=reduction)
+    theirs = F.cross_entropy(x, torch.tensor([3]), reduction=reduction)
+    assert ours.shape == theirs.shape == ()
+    torch.testing.assert_close(ours, theirs)
+    # (PyTorch's own backward of this form fails: "size mismatch"; its 0-d form gives the gradient)
+    reference = F.cross_entropy(x, torch.tensor(3), reduction=reduction)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(reference, x)[0])
+    with pytest.raises(ValueError):  # two indices for one sample stay an error
+        sxt.cross_entropy(x, torch.tensor([3, 4]))
+
+
+def test_sparse_logits_and_weights_are_refused_as_pytorch_refuses_them():
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    for call in (
+        lambda: sxt.cross_entropy(x.to_sparse(), t),
+        lambda: sxt.cross_entropy(x, t, weight=torch.rand(3).to_sparse()),
+        lambda: sxt.softmax(x.to_sparse(), -1),
+        lambda: sxt.logsumexp(x.to_sparse(), -1),
+    ):
+        with pytest.raises(NotImplementedError, match="dense"):
+            call()
+        with pytest.raises(ValueError, match="dense"):
+            call()
+
+
+def test_a_sparse_probability_target_gives_the_dense_ones_loss():
+    x = torch.randn(4, 3, requires_grad=True)
+    q = torch.rand(4, 3)
+    loss = sxt.cross_entropy(x, q.to_sparse())
+    torch.testing.assert_close(loss, F.cross_entropy(x, q.to_sparse()))  # PyTorch's forward takes one too
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, q), x)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,7 +9,10 @@ classes that are all of those it could mean, with its own clear messages:
   (PyTorch: "IndexError: Target 5 is out of bounds.");
 * :class:`AxisError` — an axis (``dim``) outside the input's dimensions: also an ``IndexError``
   (PyTorch: "IndexError: Dimension out of range"; NumPy's ``AxisError`` is both as well);
-* :class:`InvalidTypeError` — a wrong type or dtype: ``TypeError`` and ``RuntimeError``.
+* :class:`InvalidTypeError` — a wrong type or dtype: ``TypeError`` and ``RuntimeError``;
+* :class:`UnsupportedLayoutError` — a sparse (or other non-strided) tensor where a dense one is
+  needed: also a ``NotImplementedError`` (PyTorch: "Could not run 'aten::_log_softmax' with
+  arguments from the 'SparseCPU' backend").
 """
 
 from __future__ import annotations
@@ -29,3 +32,8 @@ class AxisError(InvalidArgumentError, IndexError):
 
 class InvalidTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype (a ``TypeError`` and a ``RuntimeError``)."""
+
+
+class UnsupportedLayoutError(InvalidArgumentError, NotImplementedError):
+    """A sparse or other non-strided tensor where a dense one is needed (also a
+    ``NotImplementedError``, as PyTorch raises for its kernels)."""

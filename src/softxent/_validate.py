@@ -25,6 +25,13 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
+def unbatched_index_target(logits_ndim: int, target_shape: Sequence[int], is_integer: bool) -> bool:
+    """Whether the target is PyTorch's other spelling of one unbatched sample's class index: a 1-D
+    integer target of one element for 1-D logits (``F.cross_entropy`` reads it as the 0-d index;
+    the loss is 0-d for every reduction).  The caller reshapes it to ``()``."""
+    return logits_ndim == 1 and is_integer and tuple(target_shape) == (1,)
+
+
 def check_target_shape(logits_shape: Sequence[int], axis: int, target_shape: Sequence[int], is_index: bool) -> None:
     """Class-index targets have the logits' shape without the class axis;
     probability targets have the logits' shape.

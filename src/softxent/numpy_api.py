@@ -17,7 +17,13 @@ from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
 from ._options import CrossEntropyOptions, cross_entropy_options
 from ._reduction import loss_scale as reduction_scale
 from ._training import CrossEntropyStats, check_shift, shifted_labels, summarize
-from ._validate import check_target_range, check_weight_shape, normalize_axis, target_is_index
+from ._validate import (
+    check_target_range,
+    check_weight_shape,
+    normalize_axis,
+    target_is_index,
+    unbatched_index_target,
+)
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_grad"]
 
@@ -168,6 +174,8 @@ def prepare_target(
     num_classes = logits_shape[axis]
     target = np.asarray(target)
     is_integer, is_floating = (np.issubdtype(target.dtype, kind) for kind in (np.integer, np.floating))
+    if unbatched_index_target(len(logits_shape), target.shape, is_integer):
+        target = target.reshape(())
     is_index = target_is_index(
         logits_shape, axis, target.shape, target.dtype, is_integer, is_floating, opts.ignore_index
     )

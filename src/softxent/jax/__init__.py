@@ -35,7 +35,13 @@ from .._distill_teacher import FusedTeacher, TopK
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions, cross_entropy_options
 from .._training import CrossEntropyStats, check_shift, summarize
-from .._validate import check_target_range, check_weight_shape, normalize_axis, target_is_index
+from .._validate import (
+    check_target_range,
+    check_weight_shape,
+    normalize_axis,
+    target_is_index,
+    unbatched_index_target,
+)
 from ._arguments import float_array, index_array, layer_inputs, layer_primals, loss_and_grads, shaped_loss
 from ._cross_entropy import Spec, cross_entropy_rows, mean_scale
 from ._distill import distill_loss, distill_loss_grad, linear_distill_loss, linear_distill_loss_grad
@@ -127,6 +133,8 @@ def _prepare_target(logits_shape, axis: int, target, weight, opts: CrossEntropyO
     num_classes = logits_shape[axis]
     target = index_array(target, opts.ignore_index)
     is_integer, is_floating = (jnp.issubdtype(target.dtype, kind) for kind in (jnp.integer, jnp.floating))
+    if unbatched_index_target(len(logits_shape), target.shape, is_integer):
+        target = target.reshape(())
     is_index = target_is_index(
         logits_shape, axis, target.shape, target.dtype, is_integer, is_floating, opts.ignore_index
     )

@@ -8,15 +8,20 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
+from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError, UnsupportedLayoutError
 from .._options import CrossEntropyOptions
-from .._validate import check_target_range, check_weight_shape, target_is_index
+from .._validate import check_target_range, check_weight_shape, target_is_index, unbatched_index_target
 
 
 def check_input(input: Tensor, name: str = "input") -> None:
-    """Raise unless ``input`` is a floating-point tensor (the error names ``name``)."""
+    """Raise unless ``input`` is a dense floating-point tensor (the error names ``name``)."""
     if not isinstance(input, Tensor):
         raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if input.layout != torch.strided:
+        raise UnsupportedLayoutError(
+            f"{name} must be a dense (strided) tensor, got layout {input.layout} (PyTorch's cross_entropy "
+            "takes none either: call .to_dense() first)"
+        )
     if not input.is_floating_point():
         raise InvalidTypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
@@ -30,6 +35,20 @@ def target_kind(target) -> tuple[bool, bool]:
         raise InvalidTypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     is_floating = target.is_floating_point()
     return not is_floating and not target.is_complex() and target.dtype != torch.bool, is_floating
+
+
+def plain_target(input: Tensor, target):
+    """``target`` as the checks read it: a sparse probability target densified (PyTorch's
+    ``cross_entropy`` takes one), and a one-element 1-D class index of a 1-D ``input`` — one unbatched
+    sample — made 0-d, as PyTorch reads it (:func:`softxent._validate.unbatched_index_target`).
+    Anything else is returned as it is, for :func:`check_target` to judge."""
+    if not isinstance(target, Tensor):
+        return target
+    if target.layout != torch.strided:
+        target = target.to_dense()
+    if unbatched_index_target(input.dim(), target.shape, target_kind(target)[0]):
+        target = target.reshape(())
+    return target
 
 
 def check_same_device(input: Tensor, input_name: str = "input", /, **others) -> None:
@@ -52,6 +71,12 @@ def check_target(
         check_input(weight, "weight")
         check_weight_shape(weight.shape, logits_shape[class_dim])
     check_same_device(input, target=target, weight=weight)
+    if is_index and weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise InvalidArgumentError(
+            "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight': with "
+            "class-index targets the loss has no derivative for weight (as in PyTorch); detach it or set "
+            "weight.requires_grad = False"
+        )
     return is_index
 
 

@@ -30,6 +30,7 @@ from .checks import (
     composite_needed,
     gradient_wanted,
     loss_dtype,
+    plain_target,
 )
 from .saved_gradient import ignored_samples, scale_saved_gradient
 
@@ -144,6 +145,7 @@ def cross_entropy(
     if input.dim() == 0:
         raise InvalidArgumentError("input must have at least one dimension (the classes), got a scalar")
     class_dim = 0 if input.dim() == 1 else 1
+    target = plain_target(input, target)
     is_index = check_target(input, tuple(input.shape), class_dim, target, weight, opts)
     target = training.shift_target(target, is_index, opts, shift)
     if input.shape[class_dim] == 0:

@@ -41,6 +41,7 @@ from .checks import (
     class_indices,
     composite_needed,
     linear_in,
+    plain_target,
 )
 from .checks import loss_dtype as promoted_loss_dtype
 from .checks import matmul_dtype as matmul_dtype_of
@@ -431,6 +432,7 @@ def linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, opts, shift=shift, return_stats=return_stats
         )
     lead = tuple(input.shape[:-1])
+    target = plain_target(input, target)
     is_index = check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
     if not is_index and ignore_index_given:
         raise InvalidArgumentError("ignore_index cannot be specified when target contains probabilities")
