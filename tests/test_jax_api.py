@@ -303,3 +303,12 @@ def test_a_one_element_class_index_of_1d_logits_is_one_sample_as_in_pytorch():
     one = sxj.cross_entropy(z, jnp.array([2]), reduction="none")
     assert one.shape == ()
     np.testing.assert_allclose(one, sxj.cross_entropy(z, jnp.array(2), reduction="none"), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("option", "value"), [("label_smoothing", 0.1), ("z_loss", 1e-3), ("ignore_index", 1)])
+def test_an_option_traced_by_jit_is_refused_by_name_and_works_static(option, value):
+    z, t = jnp.ones((3, 4)), jnp.array([0, 1, 2])
+    with pytest.raises(TypeError, match=f"{option} must be a concrete number.*static_argnames"):
+        jax.jit(lambda x, v: sxj.cross_entropy(x, t, **{option: v}))(z, value)
+    static = jax.jit(lambda x, v: sxj.cross_entropy(x, t, **{option: v}), static_argnames="v")(z, value)
+    np.testing.assert_allclose(static, sxj.cross_entropy(z, t, **{option: value}), rtol=1e-6)

@@ -59,7 +59,7 @@ def make_options(
         ValueError / TypeError naming the offending argument.
     """
     if ignore_index is not None:
-        ignore_index = _zero_dim_item(ignore_index)
+        ignore_index = _zero_dim_item("ignore_index", ignore_index)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise InvalidTypeError(
                 f"ignore_index must be an int or None, got {type(ignore_index).__name__} {ignore_index!r}"
@@ -113,20 +113,28 @@ def check_chunk_size(chunk_size) -> int:
     return min(int(chunk_size), MAX_CHUNK_SIZE)  # at least N tokens: one chunk
 
 
-def _zero_dim_item(value: object) -> object:
+def _zero_dim_item(name: str, value: object) -> object:
     """The Python scalar of a 0-d tensor or array (``label_smoothing=torch.tensor(0.1)``, which
-    PyTorch takes), else ``value`` itself."""
+    PyTorch takes), else ``value`` itself.  A traced 0-d value, which has no number yet (an
+    argument of a ``jax.jit`` function), is refused with an error naming the option ``name``."""
     if isinstance(value, numbers.Number):  # first: torch.compile traces a float option as a symbol
         return value
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
-        return value.item()
+        try:
+            return value.item()
+        except (TypeError, RuntimeError, ValueError) as error:
+            raise InvalidTypeError(
+                f"{name} must be a concrete number, got a traced value ({type(error).__name__}): the options "
+                "set the kernels' arithmetic: under jax.jit pass it as a static argument (static_argnames), under "
+                "torch.vmap as a Python number"
+            ) from error
     return value
 
 
 def real_number(name: str, value: object) -> float:
     """``value`` as a float; a TypeError naming ``name`` unless it is a real number (bools are not)
     or a 0-d tensor/array holding one."""
-    value = _zero_dim_item(value)
+    value = _zero_dim_item(name, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
