@@ -249,3 +249,29 @@ def test_the_saved_gradient_is_data_where_its_derivative_is_not_formed():
     assert not grad.requires_grad
     _, grad, *_ = ops.cross_entropy(x, q.detach(), None, -100, False, "mean", 0.0, 0.0, 2.0, True, False)
     assert not grad.requires_grad  # softcap
+
+
+def test_logits_changed_through_data_after_the_call_do_not_change_the_derivatives():
+    # PyTorch differentiates at the logits of the call (its saved log-softmax); a change through
+    # .data does not show in the version counter, so softxent must not read the logits again
+    w0 = torch.randn(4, 5, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3])
+    results = []
+    for loss_fn in (F.cross_entropy, sxt.cross_entropy):
+        w = torch.nn.Parameter(w0.clone())
+        loss = loss_fn(w, t, label_smoothing=0.1)
+        w.data.clamp_(-0.5, 0.5)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        (h,) = torch.autograd.grad((g**2).sum(), w)
+        results.append((g.detach(), h))
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("options", [{"z_loss": 1e-3}, {"softcap": 3.0}])
+def test_where_the_derivatives_need_the_logits_a_change_through_data_raises(options):
+    w = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    loss = sxt.cross_entropy(w, torch.tensor([0, 1, 2, 3]), **options)
+    w.data.clamp_(-0.5, 0.5)
+    with pytest.raises(RuntimeError, match="modified.*version counter does not show"):
+        torch.autograd.grad(loss, w, create_graph=True)

@@ -4,17 +4,20 @@ The fused op computes ∂ℓ/∂z in its forward pass and saves that gradient G,
 ways make its backward differentiable — for ``gradgradcheck``, Hessian-vector products, a penalty
 on a gradient, MAML:
 
-1. **From the logits**, while the caller holds them unchanged (always for softcap, whose chain
-   factor 1 − tanh² needs them, and for a differentiable probability target or class weight): the
-   backward recomputes the loss from the caller's logits with the composite of PyTorch ops
-   (:func:`softxent.torch.fallback.composite_cross_entropy`) and differentiates it with
-   ``create_graph=True`` (below).
-2. **From G itself** (:func:`hessian_product`), where the logits are gone or were modified — the
-   logits a temporary (``criterion(model(x), y)``) — in every case without softcap whose target and
-   class weights need no gradient.  G is a differentiable output of the op: the backward with
-   ``create_graph=True`` returns G times the upstream factor, and when autograd differentiates that,
-   the op's backward receives ∂/∂G and returns the Hessian-vector product, which follows from G
-   alone (p = (G + r·y)/Σ(G + r·y)) — as PyTorch's follows from its saved log-softmax.
+1. **From G itself** (:func:`hessian_product`) in every case without softcap whose target and
+   class weights need no gradient — with a z-loss only where the logits are gone or were modified
+   (the logits a temporary, ``criterion(model(x), y)``).  G is a differentiable output of the op:
+   the backward with ``create_graph=True`` returns G times the upstream factor, and when autograd
+   differentiates that, the op's backward receives ∂/∂G and returns the Hessian-vector product,
+   which follows from G alone (p = (G + r·y)/Σ(G + r·y)) — as PyTorch's follows from its saved
+   log-softmax: the derivatives at the logits of the call, whatever became of them since.
+2. **From the logits**, while the caller holds them unchanged (always for softcap, whose chain
+   factor 1 − tanh² needs them, for a differentiable probability target or class weight, and first
+   with a z-loss): the backward recomputes the loss from the caller's logits with the composite of
+   PyTorch ops (:func:`softxent.torch.fallback.composite_cross_entropy`) and differentiates it with
+   ``create_graph=True`` (below).  The recomputed gradient is checked against G
+   (:func:`check_recomputed`): logits changed where their version counter does not show
+   (``.data``) raise instead of silently giving another point's derivatives.
 
 The recompute from the logits:
 
@@ -63,6 +66,12 @@ GONE = (
 MODIFIED = (
     "softxent.torch: double backward (create_graph=True) through {name} recomputes the loss from the "
     "{what}, but {they} been modified in place since the call; use torch.nn.functional"
+)
+
+
+UNTRACKED = (
+    " (the gradient they give now is not the call's: changed through .data, .detach() or NumPy, "
+    "which their version counter does not show)"
 )
 
 
@@ -166,6 +175,29 @@ def gradients(ctx, weight: Tensor | None, grad_loss: Tensor, name: str) -> tuple
     target = _checked(recompute.target, name, "target", plural=False)  # the class weights: saved by the op
     grads = differentiable(recompute.loss_of, (logits, target, weight), ctx.needs_input_grad[:3], grad_loss)
     return tuple(g if g is None or i == 2 else recompute.to_op_layout(g) for i, g in enumerate(grads))
+
+
+#: the gradient recomputed from the held logits may differ from the forward pass's by this many
+#: units of the gradient's precision, relative to its row's largest entry (both are accurate to a
+#: few units)
+RECOMPUTE_TOLERANCE_EPS = 64
+
+
+def check_recomputed(recomputed: Tensor, expected: Tensor, name: str) -> None:
+    """Raise where the gradient ``recomputed`` from the caller's logits (op layout, classes on
+    dim 1) is not the one the forward pass computed, ``expected``: the logits were changed in a
+    way their version counter does not show (through ``.data``, ``.detach()`` or NumPy), and the
+    derivatives of other logits would silently replace those of the call.  Entries are compared
+    where both are finite, within :data:`RECOMPUTE_TOLERANCE_EPS` units of ``expected``'s dtype
+    times each row's largest entry."""
+    a, b = recomputed.detach(), expected.detach()
+    acc = compute_dtype(b.dtype)
+    a, b = a.to(acc), b.to(acc)
+    both = torch.isfinite(a) & torch.isfinite(b)
+    size = torch.where(both, b.abs(), 0.0).amax(dim=1, keepdim=True) if b.numel() else b
+    tolerance = RECOMPUTE_TOLERANCE_EPS * torch.finfo(expected.dtype).eps * size
+    if bool(((a - b).abs() > tolerance)[both].any()):
+        raise RuntimeError(MODIFIED.format(name=name, what="logits", they="they have") + UNTRACKED)
 
 
 def differentiable(loss_of: Callable[..., Tensor], tensors, needs, grad_loss: Tensor) -> list[Tensor | None]:

@@ -212,14 +212,17 @@ def _backward_cross_entropy(ctx, grad_loss, grad_of_gradient=None, *_grads_of_st
     if grad_loss is None:
         return (hessian_term,) + (None,) * 10
     if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-        if ctx.gradient_is_differentiable and not higher_order.logits_held(ctx):
+        factor = upstream_factor(ctx, grad, grad_loss, ignored)
+        if ctx.gradient_is_differentiable and (not ctx.opts.z_loss or not higher_order.logits_held(ctx)):
             # the saved gradient (an output of this node: autograd differentiates it through
-            # hessian_product) times the upstream factor — where the caller's logits are gone or
-            # were modified (held, they give the composite's derivatives, exact also where
-            # hessian_product cancels: see there)
-            grad_logits = grad * upstream_factor(ctx, grad, grad_loss, ignored) if ctx.needs_input_grad[0] else None
+            # hessian_product) times the upstream factor: the derivatives at the forward's logits,
+            # as PyTorch's from its saved log-softmax, whatever became of the logits since.  With a
+            # z-loss the held logits serve first (exact also where hessian_product cancels: see there)
+            grad_logits = grad * factor if ctx.needs_input_grad[0] else None
             return (_plus(grad_logits, hessian_term),) + (None,) * 10
         grads = higher_order.gradients(ctx, weight, grad_loss, "cross_entropy")  # from the logits
+        if grads[0] is not None:
+            higher_order.check_recomputed(grads[0], grad * factor, "cross_entropy")
         return (_plus(grads[0], hessian_term), *grads[1:]) + (None,) * 8
     grad_logits = None
     if ctx.needs_input_grad[0]:
