@@ -238,3 +238,17 @@ def test_agreement_is_a_ratio_in_the_stats_dtype():
     assert stats.agreement.dtype == torch.float64 and stats.agreement.item() == 2 / 3
     _, stats = sxt.distill_loss(zs.float(), zt.float(), return_stats=True)
     assert stats.agreement.dtype == torch.float32
+
+
+def test_float16_autocast_linear_distillation_survives_a_loss_scale_applied_in_backward():
+    torch.manual_seed(0)
+    n, d, v, s = 512, 16, 8000, 2.0**12
+    h0, w0, zt = torch.randn(n, d), torch.randn(v, d) * 0.5, torch.randn(n, v) * 3
+    hr, wr = h0.double().requires_grad_(), w0.double().requires_grad_()
+    sxt.linear_distill_loss(hr, wr, zt.double()).backward()  # float64: the reference
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = sxt.linear_distill_loss(h, w, zt)
+    (loss * s).backward()
+    for a, b in ((h, hr), (w, wr)):  # float16 logits: 1e-3; lost to subnormals they were ~1e-2
+        assert ((a.grad.double() / s - b.grad).norm() / b.grad.norm()).item() < 2e-3

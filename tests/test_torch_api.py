@@ -522,3 +522,25 @@ def test_softmax_without_a_dim_makes_pytorchs_implicit_choice_and_warns(shape):
         with pytest.warns(UserWarning, match="Implicit dimension choice"):
             want = theirs(x)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("upstream", [1.0, 4096.0, 1 / 32])
+@pytest.mark.parametrize("shape", [(512, 8000), (4, 5, 16, 16)])
+def test_a_float16_mean_keeps_its_small_gradients_for_a_loss_scale_applied_in_backward(upstream, shape):
+    # GradScaler: (loss * S).backward().  PyTorch forms S·(p − y)/N in float32 before rounding to
+    # float16; a gradient stored as (p − y)/N in float16 would have lost most entries to subnormals
+    torch.manual_seed(0)
+    x0 = torch.randn(*shape)
+    t = torch.randint(0, shape[1], (shape[0],) + tuple(shape[2:]))
+    exact = x0.double().requires_grad_()
+    (F.cross_entropy(exact, t) * upstream).backward()
+    errors = []
+    for loss_fn in (F.cross_entropy, sxt.cross_entropy):
+        x = x0.half().requires_grad_()
+        loss = loss_fn(x, t)
+        (loss * upstream).backward(retain_graph=True)
+        first = x.grad.clone()
+        (loss * upstream).backward()  # the saved gradient is intact for a second backward
+        assert torch.equal(x.grad - first, first)
+        errors.append(((first.double() - exact.grad).abs().sum() / exact.grad.abs().sum()).item())
+    assert errors[1] <= 1.1 * errors[0] + 1e-6, errors  # as accurate as PyTorch's float16 gradient

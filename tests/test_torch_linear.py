@@ -437,3 +437,24 @@ def test_double_backward_with_a_bias_of_another_dtype_and_a_k_dimensional_weight
         results.append((dh, *torch.autograd.grad(dh.pow(2).sum(), (h, w))))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ignored", [0, 500])
+def test_float16_autocast_gradients_survive_a_loss_scale_applied_in_backward(ignored):
+    # GradScaler under float16 autocast: (loss * S).backward().  The chunks' gradients (p − y)/N are
+    # float16; stored unscaled, most entries of a large vocabulary would round to subnormals or 0
+    torch.manual_seed(0)
+    n, d, v, s = 512, 16, 8000, 2.0**12
+    h0, w0, t = torch.randn(n, d), torch.randn(v, d) * 0.5, torch.randint(0, v, (n,))
+    t[:ignored] = -100
+    hr, wr = h0.double().requires_grad_(), w0.double().requires_grad_()
+    F.cross_entropy(F.linear(hr, wr), t).backward()
+    errors = []
+    for loss_fn in (lambda h, w: F.cross_entropy(F.linear(h, w), t), lambda h, w: sxt.linear_cross_entropy(h, w, t)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_fn(h, w)
+        (loss * s).backward()
+        errors.append([((a.grad.double() / s - b.grad).norm() / b.grad.norm()).item() for a, b in ((h, hr), (w, wr))])
+    for ours, naive in zip(errors[1], errors[0], strict=True):
+        assert ours <= 1.5 * naive, errors

@@ -55,7 +55,7 @@ from .checks import matmul_dtype as matmul_dtype_of
 from .distill_composite import composite_distill
 from .fallback import compute_dtype
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
-from .saved_gradient import scale_saved_gradient
+from .saved_gradient import scale_saved_gradient, stored_scale
 
 __all__ = ["TopK", "FusedTeacher", "DistillStats", "distill_loss", "linear_distill_loss"]
 
@@ -210,9 +210,14 @@ def _run_linear(
     scale = None
     device = hidden.device
     backend = backend_for(device)
+    # float16 chunks: their gradients times 2^k ≤ the counted tokens (see stored_scale), so that
+    # |2^k·G| stays at most a token's own |∂ℓ/∂z|; the layer's gradients are divided by it below
+    stored = 1.0
+    if grad_output is None and scale_of_sum > 0.0:
+        stored = stored_scale(matmul_dtype, opts.reduction, max(1, round(1.0 / scale_of_sum)))
     if want_grad:
         scale = scale_of_sum if grad_output is None else grad_output.to(torch.float64) * scale_of_sum
-        scale = backend.row_scales(scale, compute_dtype(hidden.dtype))
+        scale = backend.row_scales(scale * stored, compute_dtype(hidden.dtype))
     ops_table = array_ops(backend)
     teacher = _teacher_rows(ops_table, valid, labels, teacher_tensors, num_classes, opts, teacher_dtype)
     tokens = counted_tokens(valid, lambda mask: mask.nonzero().reshape(-1))
@@ -235,7 +240,11 @@ def _run_linear(
         loss = loss_rows
     else:
         loss = (loss_rows.sum(dtype=torch.float64) * scale_of_sum).to(acc)
-    return loss, *gradient_outputs(grads, hidden, weight, bias), *stats
+    layer_grads = gradient_outputs(grads, hidden, weight, bias)
+    if stored != 1.0:
+        for g in layer_grads:
+            g.div_(stored)  # a power of two: exact (but where the result is a subnormal of its dtype)
+    return loss, *layer_grads, *stats
 
 
 @torch.library.custom_op("softxent::linear_distill", mutates_args=())

@@ -32,7 +32,7 @@ from .checks import (
     loss_dtype,
     plain_target,
 )
-from .saved_gradient import ignored_samples, scale_saved_gradient
+from .saved_gradient import ignored_samples, scale_saved_gradient, stored_scale
 
 
 def _to_rows(x: Tensor, class_dim: int) -> Tensor:
@@ -328,6 +328,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         # autograd must know the logits changed: anything that saved them now fails loudly
         torch.autograd.graph.increment_version(logits)
         ctx.reduction = opts.reduction
+        ctx.gradient_unscale = 1.0 / stored_scale(logits.dtype, opts.reduction, ops.num_samples(logits))
         ctx.save_for_backward(grad.detach(), ignored_samples(target, opts, target.dim() == 1))
         ctx.mark_non_differentiable(lse, argmax)
         return loss, lse, argmax

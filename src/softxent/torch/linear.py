@@ -49,7 +49,7 @@ from .functional import cross_entropy
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .linear_options import chunk_size_from_options
 from .ops import options_from_op
-from .saved_gradient import scale_saved_gradient
+from .saved_gradient import scale_saved_gradient, stored_scale
 from .target_counts import device_loss_scale, empty_stats
 
 
@@ -103,10 +103,19 @@ def _run(
         )
         tokens = active_tokens(target, opts, lambda mask: mask.nonzero().reshape(-1))
     want_grad = any(wanted)
-    scale = None
+    scale = chunk_scale = None
+    # the chunks' gradients times a power of two where they are float16 (a mean: see stored_scale),
+    # so that the GEMMs read them unrounded to subnormals; the layer's gradients are divided by it.
+    # 2^k ≤ 1/scale where the scale is known here: |2^k·G| then stays at most a token's own |∂ℓ/∂z|,
+    # and so do the GEMMs' sums of it (a CUDA graph's scale stays on the device: 2^k ≤ N)
+    stored = 1.0
+    if grad_output is None:
+        bound = num_tokens if isinstance(loss_scale, Tensor) or not loss_scale > 0.0 else int(1.0 / loss_scale)
+        stored = stored_scale(matmul_dtype, opts.reduction, bound)
     if want_grad:
         scale = loss_scale if grad_output is None else grad_output.to(torch.float64).reshape(-1) * loss_scale
         scale = backend.row_scales(scale, fallback.compute_dtype(hidden.dtype))
+        chunk_scale = scale if stored == 1.0 else scale * stored
 
     loss_dtype = backend.loss_dtype_of_rows or acc
     loss_rows = torch.zeros(num_tokens, dtype=loss_dtype, device=hidden.device)
@@ -137,7 +146,7 @@ def _run(
         loss_rows,
         chunk_rows=chunk,
         tokens=tokens,
-        scale=scale,
+        scale=chunk_scale,
         grads=grads,
         stats=stats if want_stats else None,
     )
@@ -145,7 +154,11 @@ def _run(
         loss = loss_rows.to(acc)
     else:
         loss = (loss_rows.sum() * loss_scale).to(acc)
-    return loss, *gradient_outputs(grads, hidden, linear_weight, linear_bias), d_target, *stats
+    layer_grads = gradient_outputs(grads, hidden, linear_weight, linear_bias)
+    if stored != 1.0:
+        for g in layer_grads:
+            g.div_(stored)  # a power of two: exact (but where the result is a subnormal of its dtype)
+    return loss, *layer_grads, d_target, *stats
 
 
 @torch.library.custom_op("softxent::linear_cross_entropy", mutates_args=())

@@ -28,7 +28,7 @@ from .._options import CrossEntropyOptions
 from .._validate import check_target_range
 from . import deferred_checks, eager_calls, fallback, higher_order
 from .backends import Backend, backend_for
-from .saved_gradient import ignored_samples, scale_saved_gradient, upstream_factor
+from .saved_gradient import ignored_samples, scale_saved_gradient, stored_scale, upstream_factor
 from .target_counts import bad_indices, device_loss_scale, empty_stats
 
 
@@ -106,7 +106,9 @@ def forward(
 
     ``logits`` are rows (M, C), or class-major (N, C, S) with ``target`` (N, S) / (N, C, S).
     With ``inplace`` the gradient is written over ``logits`` (rows only).
-    Returns (loss, grad, lse, argmax): the last two per sample (see :func:`empty_stats`)."""
+    Returns (loss, grad, lse, argmax): the last two per sample (see :func:`empty_stats`); ``grad``
+    is the gradient times :func:`~softxent.torch.saved_gradient.stored_scale`, which backward
+    divides out (``ctx.gradient_unscale``)."""
     is_index = target.dim() == logits.dim() - 1
     deferred_checks.raise_completed()  # an earlier call's class indices, checked on the device
     loss_scale = _forward_loss_scale(backend, logits, target, weight, opts, is_index)
@@ -124,7 +126,9 @@ def forward(
         rows_fn = partial(backend.cross_entropy_rows, inplace=True)
     else:
         rows_fn = backend.cross_entropy_rows
-    scale, grad_out = (loss_scale, grad) if compute_grad else (None, None)
+    scale, grad_out = (None, None)
+    if compute_grad:  # the gradient times stored_scale (a power of two: 1 but for float16 means)
+        scale, grad_out = loss_scale * stored_scale(logits.dtype, opts.reduction, num_samples(logits)), grad
     loss_rows = rows_fn(logits, target, weight, opts, scale, grad_out, **extra)
     loss = _reduced_loss(loss_rows, opts.reduction, loss_scale, fallback.compute_dtype(logits.dtype))
     return loss, grad, *stats
@@ -172,6 +176,7 @@ def _setup_cross_entropy(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.opts = options_from_op(ignore_index, use_ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ctx.gradient_unscale = 1.0 / stored_scale(logits.dtype, reduction, num_samples(logits))
     # probability targets and their class weights are differentiable in PyTorch (class indices'
     # weights are not): ∂ℓ/∂q_j = (1−ε)·w_j·(lse − z_j), ∂ℓ/∂w_j = ((1−ε)·q_j + ε/C)·(lse − z_j)
     is_probability = target.dim() == logits.dim()
@@ -208,7 +213,12 @@ def _backward_cross_entropy(ctx, grad_loss, grad_of_gradient=None, *_grads_of_st
         return (None,) * 11
     hessian_term = None
     if grad_of_gradient is not None and ctx.needs_input_grad[0]:  # a backward through a backward's result
-        hessian_term = higher_order.hessian_product(grad, target, weight, ctx.opts, grad_of_gradient)
+        # the op's output is the gradient times 1/unscale: so is the derivative of ⟨v, output⟩
+        unscale = ctx.gradient_unscale
+        true_grad = grad if unscale == 1.0 else grad * unscale
+        hessian_term = higher_order.hessian_product(true_grad, target, weight, ctx.opts, grad_of_gradient)
+        if unscale != 1.0:
+            hessian_term = hessian_term / unscale
     if grad_loss is None:
         return (hessian_term,) + (None,) * 10
     if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient

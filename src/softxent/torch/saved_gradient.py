@@ -42,6 +42,26 @@ def _graph_is_kept() -> bool:
         return True
 
 
+#: the largest power of two a float16 gradient of a mean is stored times (:func:`stored_scale`)
+FLOAT16_MEAN_SCALE_MAX = 2.0**10
+
+
+def stored_scale(dtype: torch.dtype, reduction: str, num_samples: int) -> float:
+    """The power of two the fused cross-entropy op stores its gradient times — 1, but for a float16
+    gradient of a mean: 2^⌊log₂ M⌋ for M samples, at most :data:`FLOAT16_MEAN_SCALE_MAX`.
+
+    A mean over D samples has the gradient (A·p − y)/D: for most classes of a large vocabulary its
+    entries lie below float16's normal range (6.1e-5) and round to subnormals or 0 — and a loss
+    scale applied in backward (``GradScaler``: ``(loss * S).backward()``) then multiplies what is
+    left instead of saving it, as it does for PyTorch, which forms S·(p − y)/D in float32 first.
+    Stored times 2^k, the entries keep float16's 11 bits down to p ≈ 6e-8·D/2^k; backward folds
+    2^−k into the upstream factor (``ctx.gradient_unscale``, read by :func:`upstream_factor`).
+    A mean's gradient has |G| ≤ 1 (the z-loss aside), so the stored entries stay below 2^10."""
+    if dtype != torch.float16 or reduction != "mean" or num_samples < 2:
+        return 1.0
+    return min(FLOAT16_MEAN_SCALE_MAX, 2.0 ** (num_samples.bit_length() - 1))
+
+
 def ignored_samples(target: Tensor, opts, is_index: bool) -> Tensor | None:
     """The samples whose gradient stays zero whatever their upstream factor — class indices equal
     to ``ignore_index`` under ``reduction="none"`` (a bool per sample) — for
@@ -54,8 +74,13 @@ def ignored_samples(target: Tensor, opts, is_index: bool) -> Tensor | None:
 def upstream_factor(ctx, grad: Tensor, upstream: Tensor, ignored: Tensor | None = None) -> Tensor:
     """The factor the saved gradient ``grad`` is multiplied by: the upstream gradient in its dtype —
     a scalar, or with ``ctx.reduction == "none"`` one per sample shaped to broadcast over the
-    classes ((M, 1) for rows, (N, 1, S) class-major) and 0 for the ``ignored`` samples."""
-    factor = upstream.to(grad.dtype)
+    classes ((M, 1) for rows, (N, 1, S) class-major) and 0 for the ``ignored`` samples — times
+    ``ctx.gradient_unscale`` where the op stored its gradient scaled (:func:`stored_scale`; the
+    factor then a float32 scalar)."""
+    unscale = getattr(ctx, "gradient_unscale", 1.0)
+    # with a stored scale (a float16 mean: a scalar factor) the product is formed in float32: the
+    # upstream times 2^−k may lie below float16's normal range (an upstream of 1/32)
+    factor = upstream.to(grad.dtype) if unscale == 1.0 else upstream.to(torch.float32) * unscale
     if ctx.reduction == "none":
         if ignored is not None:
             factor = torch.where(ignored, 0.0, factor.reshape(ignored.shape))
@@ -105,6 +130,8 @@ def scale_saved_gradient(
     if torch.is_grad_enabled():
         raise RuntimeError(NO_DOUBLE_BACKWARD.format(name=name))
     factor = upstream_factor(ctx, grad, upstream, ignored)
+    if getattr(ctx, "gradient_unscale", 1.0) != 1.0:  # a stored scale: the factor is never 1
+        upstream = factor
     if _traced() and any(a is not None for a in anchors):  # see scaled_gradient
         return scaled_gradient(grad, factor, [a for a in anchors if a is not None])
     if not _plain_eager(grad, upstream) or _graph_is_kept():
