@@ -89,7 +89,7 @@ def test_every_pytorch_option_matches_f_cross_entropy(shape, kind, dtype, backen
     num_classes = shape[1]
     index_shape = (shape[0],) + shape[2:]
     for reduction, label_smoothing, use_weight, ignore_index in OPTIONS:
-        if kind == "prob" and ignore_index != -100:
+        if kind == "prob" and ignore_index >= 0:
             continue  # PyTorch rejects it; see test_bad_input_raises_a_clear_error_and_modifies_nothing
         if kind == "index":
             target = torch.randint(0, num_classes, index_shape, generator=gen)
@@ -544,3 +544,35 @@ def test_a_float16_mean_keeps_its_small_gradients_for_a_loss_scale_applied_in_ba
         assert torch.equal(x.grad - first, first)
         errors.append(((first.double() - exact.grad).abs().sum() / exact.grad.abs().sum()).item())
     assert errors[1] <= 1.1 * errors[0] + 1e-6, errors  # as accurate as PyTorch's float16 gradient
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -7, -100])
+def test_probability_targets_take_any_negative_ignore_index_as_pytorch(ignore_index):
+    # a CrossEntropyLoss(ignore_index=-1) set up for class indices, given mixup's soft targets
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1)
+    for options in ({}, {"reduction": "none"}, {"label_smoothing": 0.1}):
+        ours = sxt.CrossEntropyLoss(ignore_index=ignore_index, **options)(x, q)
+        theirs = torch.nn.CrossEntropyLoss(ignore_index=ignore_index, **options)(x, q)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(theirs.sum(), x)[0])
+    with pytest.raises(ValueError, match="ignore_index is not supported for floating point target"):
+        sxt.cross_entropy(x, q, ignore_index=0)
+
+
+def test_pytorchs_deprecated_elementwise_mean_is_the_mean_with_its_warning():
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+        ours = sxt.cross_entropy(x, t, reduction="elementwise_mean")
+    torch.testing.assert_close(ours, F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_logits_of_a_dtype_without_kernels_raise_what_pytorch_raises(dtype):
+    x, t = torch.ones(2, 3, dtype=dtype), torch.tensor([0, 1])
+    with pytest.raises(NotImplementedError):
+        F.cross_entropy(x, t)
+    with pytest.raises(NotImplementedError, match="input must be a floating-point tensor"):
+        sxt.cross_entropy(x, t)
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        sxt.log_softmax(x, -1)

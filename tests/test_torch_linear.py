@@ -458,3 +458,18 @@ def test_float16_autocast_gradients_survive_a_loss_scale_applied_in_backward(ign
         errors.append([((a.grad.double() / s - b.grad).norm() / b.grad.norm()).item() for a, b in ((h, hr), (w, wr))])
     for ours, naive in zip(errors[1], errors[0], strict=True):
         assert ours <= 1.5 * naive, errors
+
+
+def test_autocast_leaves_float64_layers_in_float64_as_pytorch():
+    torch.manual_seed(0)
+    h = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    t, teacher = torch.randint(0, 11, (4,)), torch.randn(4, 11, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 tensors are not autocast-eligible
+        naive = F.cross_entropy(F.linear(h, w), t)
+        ours = sxt.linear_cross_entropy(h, w, t)
+        distilled = sxt.linear_distill_loss(h, w, teacher)
+    assert ours.dtype == distilled.dtype == torch.float64
+    torch.testing.assert_close(ours, naive)
+    torch.testing.assert_close(torch.autograd.grad(ours, w)[0], torch.autograd.grad(naive, w)[0])
+    torch.testing.assert_close(distilled, sxt.linear_distill_loss(h, w, teacher))

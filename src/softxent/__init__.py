@@ -12,7 +12,14 @@ PyTorch API: ``import softxent.torch as sxt`` (needs the ``torch`` extra).
 
 from ._distill_stats import DistillStats
 from ._distill_teacher import FusedTeacher, TopK
-from ._errors import AxisError, InvalidArgumentError, InvalidTypeError, TargetIndexError, UnsupportedLayoutError
+from ._errors import (
+    AxisError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    TargetIndexError,
+    UnsupportedDtypeError,
+    UnsupportedLayoutError,
+)
 from ._training import CrossEntropyStats
 from .numpy_api import cross_entropy, cross_entropy_grad, log_softmax, logsumexp, softmax
 from .numpy_distill import distill_loss, distill_loss_grad, linear_distill_loss, linear_distill_loss_grad
@@ -40,6 +47,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "TargetIndexError",
+    "UnsupportedDtypeError",
     "UnsupportedLayoutError",
     "__version__",
 ]

@@ -10,6 +10,8 @@ classes that are all of those it could mean, with its own clear messages:
 * :class:`AxisError` — an axis (``dim``) outside the input's dimensions: also an ``IndexError``
   (PyTorch: "IndexError: Dimension out of range"; NumPy's ``AxisError`` is both as well);
 * :class:`InvalidTypeError` — a wrong type or dtype: ``TypeError`` and ``RuntimeError``;
+* :class:`UnsupportedDtypeError` — integer, bool or complex logits: also a ``NotImplementedError``
+  (PyTorch: "'log_softmax_lastdim_kernel_impl' not implemented for 'Long'");
 * :class:`UnsupportedLayoutError` — a sparse (or other non-strided) tensor where a dense one is
   needed: also a ``NotImplementedError`` (PyTorch: "Could not run 'aten::_log_softmax' with
   arguments from the 'SparseCPU' backend").
@@ -32,6 +34,11 @@ class AxisError(InvalidArgumentError, IndexError):
 
 class InvalidTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype (a ``TypeError`` and a ``RuntimeError``)."""
+
+
+class UnsupportedDtypeError(InvalidTypeError, NotImplementedError):
+    """Logits of a dtype the kernels do not implement — integer, bool, complex — (a ``TypeError``,
+    ``RuntimeError`` and ``NotImplementedError``, as PyTorch raises for its kernels)."""
 
 
 class UnsupportedLayoutError(InvalidArgumentError, NotImplementedError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 from ._errors import InvalidArgumentError, InvalidTypeError
@@ -69,6 +70,9 @@ def make_options(
             raise InvalidArgumentError(
                 f"ignore_index must fit in a signed 64-bit integer (class indices are int64), got {ignore_index}"
             )
+    if reduction == "elementwise_mean":  # PyTorch's deprecated name of "mean", with its warning
+        warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' instead.", stacklevel=3)
+        reduction = "mean"
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise InvalidArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     label_smoothing = unit_interval("label_smoothing", label_smoothing)

@@ -109,11 +109,12 @@ def check_weight_shape(weight_shape: Sequence[int], num_classes: int) -> None:
 
 
 def check_ignore_index_for_probabilities(is_index: bool, ignore_index: int | None) -> None:
-    """As in PyTorch, probability targets accept only the default ignore_index (or None)."""
-    if not is_index and ignore_index not in (None, -100):
+    """As in PyTorch, probability targets take no ignore_index: a negative one (the default −100,
+    or −1 as a loss module set up for class indices may carry) or None, which never matches."""
+    if not is_index and ignore_index is not None and ignore_index >= 0:
         raise InvalidArgumentError(
             f"ignore_index is not supported for floating point target: ignore_index={ignore_index} is not "
-            "supported for probability (floating point) targets; leave it at -100 or None"
+            "supported for probability (floating point) targets; leave it negative (-100) or None"
         )
 
 

@@ -57,7 +57,8 @@ def distill_problem(n: int, d: int, v: int, dtype: torch.dtype, device: torch.de
     ref_loss.backward()
     reference = (ref_loss.detach(), [ref_h.grad, ref_w.grad])
     del ref_h, ref_w, ref_loss
-    top = _teacher_top_k(teacher_hidden, teacher_weight, TOP_K)
+    k = min(TOP_K, v)  # a vocabulary smaller than TOP_K keeps all its classes
+    top = _teacher_top_k(teacher_hidden, teacher_weight, k)
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     leaves = [h, w]
@@ -74,7 +75,7 @@ def distill_problem(n: int, d: int, v: int, dtype: torch.dtype, device: torch.de
 
     add("softxent linear_distill_loss, FusedTeacher", backward_into_leaves(sxt.linear_distill_loss, leaves, fused))
     add(
-        f"softxent linear_distill_loss, TopK k={TOP_K}",
+        f"softxent linear_distill_loss, TopK k={k}",
         backward_into_leaves(sxt.linear_distill_loss, leaves, top),
         checked=False,  # another loss: the teacher restricted to its top-k
     )

@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError, UnsupportedLayoutError
+from .._errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    TargetIndexError,
+    UnsupportedDtypeError,
+    UnsupportedLayoutError,
+)
 from .._options import CrossEntropyOptions
 from .._validate import check_target_range, check_weight_shape, target_is_index, unbatched_index_target
 
@@ -23,7 +29,7 @@ def check_input(input: Tensor, name: str = "input") -> None:
             "takes none either: call .to_dense() first)"
         )
     if not input.is_floating_point():
-        raise InvalidTypeError(
+        raise UnsupportedDtypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {input.dtype}"
         )
 
@@ -160,9 +166,11 @@ def autocast_enabled(device_type: str) -> bool:
 
 def matmul_dtype(input: Tensor, *others: Tensor) -> torch.dtype:
     """The dtype a linear layer's matmul runs in: the autocast dtype when autocast is on for the
-    device, else the promoted dtype of the tensors."""
+    device (and none of the tensors is float64, which autocast leaves alone), else the promoted
+    dtype of the tensors."""
     device_type = input.device.type
-    if autocast_enabled(device_type):
+    # autocast casts no float64 tensor (its eligibility rule): float64 layers keep their precision
+    if autocast_enabled(device_type) and all(t.dtype != torch.float64 for t in (input, *others)):
         return torch.get_autocast_dtype(device_type)
     dtype = input.dtype
     for t in others:

@@ -515,7 +515,9 @@ def distill_loss(
         loss, _, *stats = distill_op(
             rows, teacher_logits, indices, logprobs, valid, labels, *flat_options(opts), want_grad, return_stats,
         )  # fmt: skip
-    dtype = torch.float32 if autocast_enabled(student_logits.device.type) else student_logits.dtype
+    dtype = student_logits.dtype
+    if autocast_enabled(student_logits.device.type):  # a float32 op under autocast, which keeps float64
+        dtype = torch.promote_types(dtype, torch.float32)
     return _finish(loss, stats, valid, lead, opts, dtype, return_stats)
 
 
@@ -599,6 +601,7 @@ def linear_distill_loss(
             chunk, matmul_dtype, teacher_dtype, *wanted, return_stats,
         )  # fmt: skip
         stats = (div, s_top, t_top)
-    autocast = autocast_enabled(device.type)
-    dtype = torch.float32 if autocast else torch.promote_types(student_hidden.dtype, student_weight.dtype)
+    dtype = torch.promote_types(student_hidden.dtype, student_weight.dtype)
+    if autocast_enabled(device.type):  # a float32 op under autocast, which keeps float64
+        dtype = torch.promote_types(dtype, torch.float32)
     return _finish(loss, stats, valid, lead, opts, dtype, return_stats)
