@@ -252,3 +252,25 @@ def test_float16_autocast_linear_distillation_survives_a_loss_scale_applied_in_b
     (loss * s).backward()
     for a, b in ((h, hr), (w, wr)):  # float16 logits: 1e-3; lost to subnormals they were ~1e-2
         assert ((a.grad.double() / s - b.grad).norm() / b.grad.norm()).item() < 2e-3
+
+
+def test_a_float16_student_keeps_its_small_gradients_for_a_loss_scale_applied_in_backward():
+    torch.manual_seed(0)
+    n, v, s = 512, 8000, 2.0**12
+    zs, zt = torch.randn(n, v), torch.randn(n, v) * 3
+    exact = zs.double().requires_grad_()
+    sxt.distill_loss(exact, zt.double()).backward()
+    student = zs.half().requires_grad_()
+    (sxt.distill_loss(student, zt) * s).backward()
+    error = ((student.grad.double() / s - exact.grad).norm() / exact.grad.norm()).item()
+    assert error < 2e-3  # float16 rounding; lost to subnormals it was ~1e-2
+
+
+def test_the_float16_distillation_op_compiles_with_its_gradient_scale():
+    zs = torch.randn(8, 50, dtype=torch.float16, requires_grad=True)
+    zt = torch.randn(8, 50)
+    compiled = torch.compile(lambda a, b: sxt.distill_loss(a, b), fullgraph=True, backend="aot_eager")
+    (compiled(zs, zt) * 64).backward()
+    exact = zs.detach().double().requires_grad_()
+    (sxt.distill_loss(exact, zt.double()) * 64).backward()
+    torch.testing.assert_close(zs.grad.double(), exact.grad, rtol=2e-2, atol=1e-4)

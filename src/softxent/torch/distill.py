@@ -145,9 +145,11 @@ def distill_op(
     temperature_scaling: bool,
     want_grad: bool,
     want_stats: bool,
+    gradient_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, ∂loss/∂student (or empty), divergence, student argmax, teacher argmax (or empty)) of
-    rows ``student`` (M, V); the loss is reduced (1/(counted rows) for a mean) or (M,)."""
+    """(loss, ∂loss/∂student × ``gradient_scale`` (or empty), divergence, student argmax, teacher
+    argmax (or empty)) of rows ``student`` (M, V); the loss is reduced (1/(counted rows) for a mean)
+    or (M,).  ``gradient_scale``: a power of two (:func:`_stored_scale`), divided out in backward."""
     opts = options_from_flat(
         divergence, beta, temperature, alpha, ignore_index, use_ignore_index, reduction, topk_rest, temperature_scaling
     )
@@ -158,7 +160,7 @@ def distill_op(
     grad = torch.empty_like(student) if want_grad else student.new_empty(0)
     stats = _empty_stats(student, num_rows if want_stats else 0)
     loss_rows = backend_for(student.device).distill_rows(
-        student, chunk, None, opts, scale_of_sum if want_grad else None, grad if want_grad else None,
+        student, chunk, None, opts, scale_of_sum * gradient_scale if want_grad else None, grad if want_grad else None,
         stats if want_stats else None,
     )  # fmt: skip
     acc = compute_dtype(student.dtype)
@@ -168,16 +170,26 @@ def distill_op(
 
 @distill_op.register_fake
 def _distill_fake(student, teacher_logits, topk_indices, topk_logprobs, valid, labels, *flat_and_flags):
-    *flat, want_grad, want_stats = flat_and_flags
+    flat, (want_grad, want_stats) = flat_and_flags[:9], flat_and_flags[9:11]
     acc = compute_dtype(student.dtype)
     loss = student.new_empty((student.shape[0],) if options_from_flat(*flat).reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(student) if want_grad else student.new_empty(0)
     return loss, grad, *_fake_stats(student, student.shape[0] if want_stats else 0)
 
 
+def _stored_scale(student: Tensor, valid: Tensor, reduction: str) -> float:
+    """:func:`~softxent.torch.saved_gradient.stored_scale` of the student's gradient, 2^k ≤ the
+    counted rows (so that |2^k·G| stays at most a row's own |∂ℓ/∂z|, whatever the temperature);
+    1 while ``torch.compile`` traces (the count is data)."""
+    if student.dtype != torch.float16 or reduction != "mean" or torch.compiler.is_compiling():
+        return 1.0
+    return stored_scale(student.dtype, reduction, int(valid.sum()))
+
+
 def _setup_distill(ctx, inputs, output):
-    _student, _logits, _indices, _logprobs, valid, _labels, *flat, _want_grad, _want_stats = inputs
+    _student, _logits, _indices, _logprobs, valid, _labels, *flat, _want_grad, _want_stats = inputs[:17]
     ctx.reduction = options_from_flat(*flat).reduction
+    ctx.gradient_unscale = 1.0 / inputs[17] if len(inputs) > 17 else 1.0
     ctx.mark_non_differentiable(*output[1:])
     # "none": the uncounted rows keep their zero gradient whatever their upstream factor
     ctx.save_for_backward(output[1], valid if ctx.reduction == "none" else None)
@@ -189,7 +201,7 @@ def _backward_distill(ctx, grad_loss, *_grads_of_data):
     if ctx.needs_input_grad[0]:
         ignored = None if valid is None else ~valid
         dstudent = scale_saved_gradient(ctx, grad, grad_loss, "distill_loss", ignored)
-    return (dstudent,) + (None,) * 16
+    return (dstudent,) + (None,) * 17
 
 
 distill_op.register_autograd(_backward_distill, setup_context=_setup_distill)
@@ -512,8 +524,10 @@ def distill_loss(
         loss, stats = composite_distill(rows, teacher_tensors, valid, labels, opts, rows.dtype)
     else:
         want_grad = gradient_wanted(student_logits)
+        stored = _stored_scale(rows, valid, opts.reduction) if want_grad else 1.0
         loss, _, *stats = distill_op(
             rows, teacher_logits, indices, logprobs, valid, labels, *flat_options(opts), want_grad, return_stats,
+            stored,
         )  # fmt: skip
     dtype = student_logits.dtype
     if autocast_enabled(student_logits.device.type):  # a float32 op under autocast, which keeps float64
