@@ -83,6 +83,15 @@ def make_case(name: str, kind: str, reduction: str):
     return logits, target, weight, dict(options, reduction=reduction), upstream
 
 
+FLOAT16_LOSS_SCALE = 4096.0
+FLOAT16_CLASSES = 6000  # most of p_j/N below float16's normal range: what the loss scale must find intact
+
+
+def _float16_case():
+    gen = torch.Generator().manual_seed(16)
+    return torch.randn(256, FLOAT16_CLASSES, generator=gen), torch.randint(0, FLOAT16_CLASSES, (256,), generator=gen)
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     init_gloo(rank, world, port, 60)
     sizes = SHARDS[world]
@@ -179,6 +188,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     loss = torch.compile(step, backend="aot_eager")(local)
     loss.backward()
     results["compiled"] = (loss.detach() / 2.0, local.grad / 2.0)
+    # float16 shards and a loss scale applied in backward (GradScaler)
+    z16, t16 = _float16_case()
+    bounds = [FLOAT16_CLASSES * r // world for r in range(world + 1)]
+    local = z16[:, bounds[rank] : bounds[rank + 1]].half().requires_grad_()
+    (vocab_parallel_cross_entropy(local, t16) * FLOAT16_LOSS_SCALE).backward()
+    results["float16"] = local.grad.double() / FLOAT16_LOSS_SCALE
     # errors: every rank raises the same, nobody hangs
     errors = {}
     logits, target, _, _, _ = make_case("plain", "index", "mean")
@@ -307,3 +322,18 @@ def test_without_an_initialized_group_the_error_says_so():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_float16_shards_keep_their_small_gradients_for_a_loss_scale_applied_in_backward(ranks):
+    world, outputs = ranks
+    z, t = _float16_case()
+    exact = z.double().requires_grad_()
+    torch.nn.functional.cross_entropy(exact, t).backward()
+    pytorch = z.half().requires_grad_()
+    (torch.nn.functional.cross_entropy(pytorch, t) * FLOAT16_LOSS_SCALE).backward()
+    ours = torch.cat([outputs[rank]["results"]["float16"] for rank in range(world)], dim=1)
+
+    def error(g):
+        return ((g.double() - exact.grad).abs().sum() / exact.grad.abs().sum()).item()
+
+    assert error(ours) <= 1.1 * error(pytorch.grad / FLOAT16_LOSS_SCALE) + 1e-6

@@ -62,7 +62,7 @@ from .._validate import check_target_range
 from . import fallback
 from .backends import backend_for
 from .checks import loss_dtype
-from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient
+from .saved_gradient import NO_DOUBLE_BACKWARD, scale_saved_gradient, stored_scale
 
 #: columns of the packed per-token statistics
 _M, _S, _ZT, _WT, _DOT, _Y = range(6)
@@ -485,9 +485,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         )
         ctx.reduction = opts.reduction
         ctx.set_materialize_grads(False)
+        # a float16 gradient of a mean is stored times 2^k ≤ 1/scale (see stored_scale), divided out in backward
+        bound = int(1.0 / rows.scale) if opts.reduction == "mean" and rows.scale > 0.0 else 0
+        stored = stored_scale(logits.dtype, opts.reduction, bound)
+        ctx.gradient_unscale = 1.0 / stored
         grad = None
         if logits.requires_grad:
-            row_scale = 1.0 if opts.reduction == "none" else rows.scale  # "none": upstream per row in backward
+            row_scale = 1.0 if opts.reduction == "none" else rows.scale * stored  # "none": upstream per row in backward
             grad = rows.gradient(e, stats[:, _M], th, target, weight, opts, is_index, start, row_scale)
             grad = grad.to(logits.dtype)
         ctx.save_for_backward(grad, None if rows.valid is None or opts.reduction != "none" else rows.valid)
