@@ -51,6 +51,8 @@ CASES = [
     ({"topk_rest": "drop"}, InvalidArgumentError, "topk_rest"),
     ({"temperature": 0.0}, InvalidArgumentError, "temperature"),
     ({"temperature": float("inf")}, InvalidArgumentError, "temperature"),
+    ({"temperature": 1e155}, InvalidArgumentError, r"temperature must be a number in \(0, 10000\]"),
+    ({"temperature": 2e4}, InvalidArgumentError, "temperature"),
     ({"beta": 1.5}, InvalidArgumentError, "beta"),
     ({"alpha": -0.1}, InvalidArgumentError, "alpha"),
     ({"alpha": "0.5"}, InvalidTypeError, "alpha"),
