@@ -275,3 +275,19 @@ def test_where_the_derivatives_need_the_logits_a_change_through_data_raises(opti
     w.data.clamp_(-0.5, 0.5)
     with pytest.raises(RuntimeError, match="modified.*version counter does not show"):
         torch.autograd.grad(loss, w, create_graph=True)
+
+
+def test_double_backward_through_logits_that_view_a_complex_tensor():
+    c0 = torch.randn(4, dtype=torch.complex128)
+    t = torch.tensor([0, 1, 1, 0])
+    grads = []
+    for loss_fn in (F.cross_entropy, sxt.cross_entropy):
+        c = c0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(torch.view_as_real(c), t), c, create_graph=True)
+        grads.append((g, torch.autograd.grad(g.abs().sum(), c)[0]))
+    for ours, theirs in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, theirs)
+    c = c0.clone().requires_grad_()  # where the logits are needed (softcap): a clear error, no crash
+    loss = sxt.cross_entropy(torch.view_as_real(c), t, softcap=5.0)
+    with pytest.raises(RuntimeError, match="no longer alive"):
+        torch.autograd.grad(loss, c, create_graph=True)

@@ -100,7 +100,8 @@ class _Held:
         base = t._base if t._is_view() else None
         if strong:
             self.ref = lambda: t
-        elif base is not None and base.requires_grad == t.requires_grad:
+        elif base is not None and base.requires_grad == t.requires_grad and base.dtype == t.dtype:
+            # (a view of another dtype — view_as_real, .view(dtype) — cannot be rebuilt by as_strided)
             self.ref = weakref.ref(base)
             self.geometry = (t.shape, t.stride(), t.storage_offset())
         else:
