@@ -231,6 +231,29 @@ def chunk_target_dots(src, q, w, ref, has_prob, has_weight, keep, uniform):
     return dot, total
 
 
+@njit(**EXACT_JIT)
+def direct_target_loss(z, q, w, keep, uniform, has_weight, cap, m, log_s):
+    """Σ_k y_k·(log s − (z'_k − m)), summed term by term in float64: a row's loss for
+    probability targets, y_k = w_k·(keep·q_k + uniform), z' = cap·tanh(z/cap) with softcap
+    (cap > 0; in the compute type, as the kernels cap) and z without.
+
+    The kernels form this loss as Y·log s − Σ_k y_k (z'_k − m), which needs one pass; that
+    difference is inf − inf when some y_k is ±inf.  Term by term, as PyTorch sums
+    −y_k·log p_k, an infinite y_k gives ±inf where −log p_k > 0 and NaN where it is 0
+    (rows whose loss is not finite call this again)."""
+    m64 = np.float64(m)
+    total = 0.0
+    for k in range(z.size):
+        x = load(z[k])
+        if cap > 0.0:
+            x = as_compute(z, cap) * tanh(x * as_compute(z, 1.0 / cap))
+        y = keep * np.float64(load(q[k])) + uniform
+        if has_weight:
+            y *= w[k]
+        total += y * (log_s - (np.float64(x) - m64))
+    return total
+
+
 @njit(**LOOP_JIT)
 def _finish_scaled_inplace(dst, factor, minus):
     f = as_compute(dst, factor)

@@ -41,6 +41,7 @@ from .chunks import (
     chunk_max,
     chunk_softcap,
     chunk_target_dots,
+    direct_target_loss,
     fill_zero,
     fold_chunk,
     prefetch_distance,
@@ -203,6 +204,8 @@ def cross_entropy_row(
     if has_prob:
         total = y_total
         loss = total * log_s - dot_rel
+        if not math.isfinite(loss) and not inplace:  # an infinite y_k (inplace: z is overwritten)
+            loss = direct_target_loss(z, q, w, 1.0 - eps, uniform, has_weight, cap, m, log_s)
     else:
         w_t = w[t] if has_weight else 1.0
         # ε = 0: the other classes' weights do not enter (an inf weight of an unused class stays out)

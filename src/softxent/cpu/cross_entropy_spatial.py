@@ -31,6 +31,7 @@ from numba import get_num_threads, njit, prange
 from .._errors import InvalidArgumentError
 from .._options import CrossEntropyOptions
 from . import cross_entropy_two_class as two_class
+from .chunks import direct_target_loss
 from .cross_entropy import kernel_scalars
 from .simd import (
     EXACT_JIT,
@@ -158,6 +159,22 @@ def _prob_losses(m, log_s, dot, y_total, lam, ell):
     for j in range(m.size):
         ls = np.float64(log_s[j])
         loss = y_total[j] * ls - dot[j]
+        if lam > 0.0:
+            lse = np.float64(m[j]) + ls
+            loss += lam * lse * lse
+        ell[j] = loss
+
+
+@njit(**EXACT_JIT)
+def _direct_where_not_finite(z, q, w, keep, uniform, has_weight, cap, m, log_s, lam, ell):
+    """ℓ_j again, term by term (:func:`~softxent.cpu.chunks.direct_target_loss`), at the positions
+    j where S_j·log s_j − Σ_c y_cj (z_cj − m_j) is not finite: an infinite target probability
+    gives PyTorch's ±inf there rather than inf − inf.  ``z`` and ``q`` are (C, width)."""
+    for j in range(ell.size):
+        if math.isfinite(ell[j]):
+            continue
+        ls = np.float64(log_s[j])
+        loss = direct_target_loss(z[:, j], q[:, j], w, keep, uniform, has_weight, cap, m[j], ls)
         if lam > 0.0:
             lse = np.float64(m[j]) + ls
             loss += lam * lse * lse
@@ -313,6 +330,8 @@ def cross_entropy_spatial_kernel(
             _log_sums(s, log_s)
             if has_prob:
                 _prob_losses(m, log_s, dot, y_total, lam, ell)
+                _direct_where_not_finite(z[n, :, s0 : s0 + width], q[n, :, s0 : s0 + width], w, keep, uniform,
+                                         has_weight, cap, m, log_s, lam, ell)  # fmt: skip
             else:
                 _index_losses(m, log_s, z_t, w_t, t32, dot, has_weight, eps, num_classes, weight_sum, lam, ell)
             if per_position_loss:

@@ -56,6 +56,7 @@ from .row_math import (
     lane_reduce,
     lane_step,
     load_tile,
+    normalizer,
     online_step,
     tanh,
 )
@@ -261,6 +262,33 @@ def cross_entropy_kernel(
     loss, lse, total = row_loss(
         m, s, dot_rel, y_total, z_t, w_t, keep, uniform, weight_sum, lam, active, bad, HAS_PROB, HAS_SMOOTH, HAS_ZLOSS
     )
+    if HAS_PROB:
+        # a loss that is not finite, as from an infinite y_k (Y·log s − Σ y_k (z_k − m) is inf − inf
+        # there): again term by term, Σ_k y_k·(log s − (z_k − m)), as PyTorch sums −y_k·log p_k.  One
+        # more sweep, for tiles holding such a row only, before the gradient may overwrite the logits
+        redo = row_ok & ((loss != loss) | (tl.abs(loss) == float("inf")))
+        redo_end = tl.where(tl.max(redo.to(tl.int32), axis=0) > 0, num_classes, 0)
+        log_s = normalizer(m, s)
+        direct = tl.zeros([ROWS], ACC)
+        for start in range(0, redo_end, BLOCK):
+            c = start + cols
+            mask = redo[:, None] & (c < num_classes)[None, :]
+            z, _ = load_tile(_at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR), mask, cap, ACC, HAS_CAP, "")
+            y = target_tile(
+                _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
+                w_ptr + c[None, :],
+                mask,
+                keep,
+                uniform,
+                ACC,
+                HAS_PROB,
+                HAS_WEIGHT,
+                "",
+            )
+            direct = direct + tl.sum(tl.where(mask, y * (log_s[:, None] - (z - m[:, None])), 0.0), axis=1)
+        if HAS_ZLOSS:
+            direct = direct + lam * lse * lse
+        loss = tl.where(redo, direct, loss)
     store_row_results(
         loss_ptr,
         lse_ptr,
