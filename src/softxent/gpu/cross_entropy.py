@@ -273,7 +273,7 @@ def cross_entropy_kernel(
         for start in range(0, redo_end, BLOCK):
             c = start + cols
             mask = redo[:, None] & (c < num_classes)[None, :]
-            z, _ = load_tile(_at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR), mask, cap, ACC, HAS_CAP, "")
+            z, _tanh = load_tile(_at(z_rows, c[None, :], z_class_stride, CLASS_MAJOR), mask, cap, ACC, HAS_CAP, "")
             y = target_tile(
                 _at(q_rows, c[None, :], q_class_stride, CLASS_MAJOR),
                 w_ptr + c[None, :],
