@@ -14,6 +14,8 @@ import numbers
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._errors import InvalidArgumentError, InvalidTypeError
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -123,6 +125,11 @@ def _zero_dim_item(name: str, value: object) -> object:
     argument of a ``jax.jit`` function), is refused with an error naming the option ``name``."""
     if isinstance(value, numbers.Number):  # first: torch.compile traces a float option as a symbol
         return value
+    if getattr(value, "requires_grad", False):
+        raise InvalidTypeError(
+            f"{name} must be a number, got a tensor that requires grad: softxent's options take no gradient "
+            "(pass a float, or the tensor's .detach())"
+        )
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
         try:
             return value.item()
@@ -133,6 +140,14 @@ def _zero_dim_item(name: str, value: object) -> object:
                 "torch.vmap as a Python number"
             ) from error
     return value
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` as a bool; a TypeError naming ``name`` unless it is True or False (a Python or
+    NumPy bool): a string such as ``"no"`` or a number would otherwise be read by its truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def real_number(name: str, value: object) -> float:

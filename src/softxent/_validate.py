@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from ._errors import AxisError, InvalidArgumentError, InvalidTypeError, TargetIndexError
 
 
 def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     """Return ``axis`` in ``[0, ndim)``, accepting negative values like NumPy."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    if isinstance(axis, (bool, np.bool_)):  # an int to Python, but never an axis (NumPy and torch refuse it)
+        raise InvalidTypeError(f"{name} must be an int, got {type(axis).__name__}")
+    if not isinstance(axis, int):
         try:
             axis = int(axis.__index__())  # numpy integers
         except AttributeError:

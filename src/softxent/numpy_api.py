@@ -14,7 +14,7 @@ import numpy as np
 
 from . import numpy_backend
 from ._errors import InvalidArgumentError, InvalidTypeError, TargetIndexError
-from ._options import CrossEntropyOptions, cross_entropy_options
+from ._options import CrossEntropyOptions, cross_entropy_options, flag
 from ._reduction import loss_scale as reduction_scale
 from ._training import CrossEntropyStats, check_shift, shifted_labels, summarize
 from ._validate import (
@@ -32,9 +32,27 @@ __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entrop
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+def as_array(x, name: str) -> np.ndarray:
+    """``x`` as a NumPy array (``np.asarray``), else a TypeError naming ``name``: a torch tensor that
+    requires grad or has a dtype NumPy lacks (bfloat16) cannot be read, and a masked array with
+    masked entries would lose its mask (the kernels read every entry)."""
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+        raise InvalidTypeError(
+            f"{name} is a masked array with masked entries, which softxent would read like any other: fill them "
+            f"({name}.filled(value)), or leave the samples out with ignore_index"
+        )
+    try:
+        return np.asarray(x)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise InvalidTypeError(
+            f"{name} could not be read as a NumPy array ({type(x).__name__}: {error}); for torch tensors use "
+            "softxent.torch, or pass .detach().cpu().numpy()"
+        ) from error
+
+
 def float_array(x, name: str) -> np.ndarray:
     """``x`` as a NumPy array of dtype float16/float32/float64, else a TypeError naming ``name``."""
-    x = np.asarray(x)
+    x = as_array(x, name)
     if x.dtype not in FLOAT_DTYPES:
         convert = "np.float64" if np.issubdtype(x.dtype, np.floating) else "np.float32"
         raise InvalidTypeError(
@@ -83,6 +101,7 @@ def logsumexp(z, axis: int = -1, keepdims: bool = False) -> np.ndarray:
         >>> float(sx.logsumexp(np.array([1000.0, 1000.0])))  # 1000 + log 2
         1000.6931471805599
     """
+    keepdims = flag("keepdims", keepdims)
     z = _as_logits(z, "z")
     axis = normalize_axis(axis, z.ndim)
     rows, moved_shape = _rows(z, axis)
@@ -172,7 +191,7 @@ def prepare_target(
     (M, C) probabilities in rows form, and the weight as float64 (or None).
     """
     num_classes = logits_shape[axis]
-    target = np.asarray(target)
+    target = as_array(target, "target")
     is_integer, is_floating = (np.issubdtype(target.dtype, kind) for kind in (np.integer, np.floating))
     if unbatched_index_target(len(logits_shape), target.shape, is_integer):
         target = target.reshape(())
@@ -181,7 +200,7 @@ def prepare_target(
     )
     shift = check_shift(shift, is_index, opts.ignore_index, target.ndim)
     if weight is not None:
-        weight = np.asarray(weight)
+        weight = as_array(weight, "weight")
         if not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):
             raise InvalidTypeError(f"weight must be a real array, got {weight.dtype}")
         check_weight_shape(weight.shape, num_classes)
@@ -317,6 +336,7 @@ def cross_entropy(
 
 def _run(call: _CrossEntropyCall, grad_output, want_grad: bool, return_stats: bool):
     """The kernel over the call's rows: the loss, the gradient with ``want_grad``, the statistics."""
+    return_stats = flag("return_stats", return_stats)
     loss_scale = call.loss_scale
     scale = grad_rows = None
     if want_grad:
@@ -382,7 +402,7 @@ def row_scale(grad_output, loss_shape: tuple[int, ...], reduction: str, loss_sca
     a float, or an (M,) float64 array for ``reduction="none"``."""
     if grad_output is None:
         return loss_scale
-    g = np.asarray(grad_output)
+    g = as_array(grad_output, "grad_output")
     if not (np.issubdtype(g.dtype, np.floating) or np.issubdtype(g.dtype, np.integer)):
         raise InvalidTypeError(f"grad_output must be real, got {g.dtype}")
     expected = loss_shape if reduction == "none" else ()

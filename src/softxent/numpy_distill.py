@@ -17,8 +17,9 @@ from ._distill_stats import DistillStats, summarize
 from ._distill_teacher import FusedTeacher, TopK, check_labels, check_target, teacher_arrays, teacher_kind
 from ._errors import InvalidArgumentError, InvalidTypeError
 from ._linear_chunks import auto_chunk_rows
+from ._options import flag
 from ._reduction import reduced_loss_scale
-from .numpy_api import float_array, reduced_loss, results, row_scale
+from .numpy_api import as_array, float_array, reduced_loss, results, row_scale
 from .numpy_linear import NUMPY_OPS, numpy_layer
 
 __all__ = [
@@ -37,7 +38,7 @@ def counted(lead: tuple[int, ...], target, opts: DistillOptions, shift: bool):
     label is not ``ignore_index``; without a target all of them, but for the last position of each
     sequence with ``shift`` — and their labels (read only where valid; None without a target)."""
     if target is not None:
-        target = np.asarray(target)
+        target = as_array(target, "target")
         if not np.issubdtype(target.dtype, np.integer):
             raise InvalidTypeError(f"target must hold integer class indices, got {target.dtype}")
     shift = check_target(lead, None if target is None else target.shape, opts.alpha, shift, opts.ignore_index)
@@ -60,7 +61,8 @@ def teacher_rows(teacher, lead: tuple[int, ...], num_classes: int, opts, valid, 
     kind = teacher_kind(teacher, linear)
     arrays = teacher_arrays(
         teacher, kind, lead, num_classes, opts.topk_rest,
-        float_array=float_array, as_array=np.asarray, is_integer=lambda dtype: np.issubdtype(dtype, np.integer),
+        float_array=float_array, as_array=lambda x: as_array(x, "teacher.indices"),
+        is_integer=lambda dtype: np.issubdtype(dtype, np.integer),
         host_values=lambda indices, logprobs: (indices, logprobs),
     )  # fmt: skip
     if kind == "dense":
@@ -200,6 +202,7 @@ def distill_loss(
         >>> round(float(sx.distill_loss(z_s, z_t)), 6)  # KL between softmax([1, 0]) and softmax([0, 1])
         0.462117
     """
+    return_stats = flag("return_stats", return_stats)
     opts = distill_options(
         divergence, beta, temperature, alpha, ignore_index, reduction, topk_rest, temperature_scaling
     )
@@ -277,6 +280,7 @@ def linear_distill_loss(
         >>> round(float(sx.linear_distill_loss(h, W, teacher)), 6)
         0.462117
     """
+    return_stats = flag("return_stats", return_stats)
     opts = distill_options(
         divergence, beta, temperature, alpha, ignore_index, reduction, topk_rest, temperature_scaling
     )

@@ -23,7 +23,7 @@ from ._linear_chunks import (
     blocked_accumulate_matmul,
     linear_cross_entropy_rows,
 )
-from ._options import check_chunk_size, cross_entropy_options
+from ._options import check_chunk_size, cross_entropy_options, flag
 from ._reduction import loss_scale
 from ._validate import check_linear_shapes
 from .numpy_api import float_array, prepare_target, reduced_loss, results, row_scale, training_stats
@@ -219,6 +219,7 @@ def linear_cross_entropy(
         >>> round(float(sx.linear_cross_entropy(h, W, np.array([0, 1]))), 6)
         0.551445
     """
+    return_stats = flag("return_stats", return_stats)
     opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     extras = (shift, return_stats)
     return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, None, False, extras)
@@ -260,6 +261,7 @@ def linear_cross_entropy_grad(
         inputs' shapes and dtypes; ``dlinear_bias`` is None without a bias; with
         ``return_stats``, a fifth element: the statistics.
     """
+    return_stats = flag("return_stats", return_stats)
     opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     extras = (shift, return_stats)
     return _run(hidden, linear_weight, target, linear_bias, weight, opts, chunk_size, grad_output, True, extras)

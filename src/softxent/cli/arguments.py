@@ -12,6 +12,12 @@ from pathlib import Path
 SEED_LIMIT = 2**32
 
 
+class UsageError(Exception):
+    """A bad value or combination of options found after parsing (``--n`` without ``--v``, a
+    ``--device`` that does not exist): ``softxent`` reports it as argparse reports its own —
+    the command's usage, then ``softxent <command>: error: …`` — and exits with status 2."""
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)

@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arguments import output_dir, output_file, positive_int
+from .arguments import UsageError, output_dir, output_file, positive_int
 
 DEFAULT_SHAPES = {"ce": ["4096x32000", "1024x128256"], "lce": ["4096x1024x32000"], "distill": ["4096x1024x32000"]}
 SHAPE_FORMS = {"ce": "NxV or NxCxd1x…", "lce": "NxDxV", "distill": "NxDxV"}
@@ -101,9 +101,9 @@ def _distributed(args: argparse.Namespace, reps: int) -> int:
     try:
         worlds = [int(w) for w in args.world.split(",")]
     except ValueError:
-        raise SystemExit(f"--world takes comma-separated integers, got {args.world!r}") from None
+        raise UsageError(f"--world takes comma-separated integers, got {args.world!r}") from None
     if not worlds or min(worlds) < 1:
-        raise SystemExit("--world sizes must be >= 1")
+        raise UsageError("--world sizes must be >= 1")
     n, v = (args.n, args.v) if args.n else (4096, 32000)
     rows = distributed.run(n, v, worlds, reps)
     table = distributed.markdown_table(rows, n, v)
@@ -132,9 +132,9 @@ def _jax(args: argparse.Namespace, reps: int, shapes: list[tuple[int, ...]]) -> 
     except ImportError as error:
         raise SystemExit(f"--backend jax needs JAX and optax: pip install 'softxent[jax]' ({error})") from None
     if args.suite in ("dist", "distill"):
-        raise SystemExit("--backend jax runs the suites ce and lce")
+        raise UsageError("--backend jax runs the suites ce and lce")
     if args.dtype == "float64":
-        raise SystemExit("--backend jax times float32, bfloat16 and float16")
+        raise UsageError("--backend jax times float32, bfloat16 and float16")
     rows = jax_suite.run(args.suite, shapes, args.dtype, reps)
     table = jax_suite.markdown_table(rows)
     out = Path(args.out)  # created by _check_outputs
@@ -160,7 +160,7 @@ def _checked_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
         else:
             ok = len(shape) == len(form.split("x"))
         if not ok:
-            raise SystemExit(
+            raise UsageError(
                 f"suite {args.suite} takes shapes {'NxV' if jax_ce else form}, got {'x'.join(map(str, shape))}"
             )
     return shapes
@@ -175,17 +175,17 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if (args.n is None) != (args.v is None):
-        raise SystemExit("--n and --v go together")
+        raise UsageError("--n and --v go together")
     reps = DEFAULT_REPS[args.suite] if args.reps is None else args.reps
     if reps < 1:
-        raise SystemExit("--reps must be >= 1")
+        raise UsageError("--reps must be >= 1")
     if args.suite == "dist" and (args.shape or args.dtype != "float32" or args.device not in (None, "cpu")):
-        raise SystemExit("suite dist runs float32 on CPU gloo processes: it takes --n/--v and --world, "
+        raise UsageError("suite dist runs float32 on CPU gloo processes: it takes --n/--v and --world, "
                          "not --shape, --dtype or --device")  # fmt: skip
     shapes = _checked_shapes(args) if args.suite != "dist" else []
     if getattr(args, "backend", "torch") == "jax":
         if args.device not in (None, "cpu"):
-            raise SystemExit("--backend jax runs on JAX's default device: leave --device out (or give cpu)")
+            raise UsageError("--backend jax runs on JAX's default device: leave --device out (or give cpu)")
         _check_outputs(args)
         return _jax(args, reps, shapes)
     try:
@@ -200,9 +200,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise SystemExit(f"--device takes cpu or cuda (cuda:N), got {args.device!r}") from None
+        raise UsageError(f"--device takes cpu or cuda (cuda:N), got {args.device!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device takes cpu or cuda (cuda:N), got {args.device!r}")
+        raise UsageError(f"--device takes cpu or cuda (cuda:N), got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype)

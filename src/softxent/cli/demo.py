@@ -22,7 +22,7 @@ import softxent as sx
 from softxent._gradcheck import gradient_errors, numerical_gradient
 
 from . import mlp
-from .arguments import output_dir, seed
+from .arguments import UsageError, output_dir, seed
 
 #: the whole-network gradient check passes below this relative error
 GRADCHECK_TOLERANCE = 1e-6
@@ -179,9 +179,9 @@ def main(args: argparse.Namespace) -> int:
     _require_demo_extras()
     for name in ("epochs", "hidden", "batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.lr < math.inf:
-        raise SystemExit("--lr must be a finite number > 0")
+        raise UsageError("--lr must be a finite number > 0")
     output_dir(args.out)  # before training: a bad --out fails at once
     metrics = train(args)
     acc = metrics["test_accuracy"]

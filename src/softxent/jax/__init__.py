@@ -33,7 +33,7 @@ import numpy as np
 from .._distill_stats import DistillStats
 from .._distill_teacher import FusedTeacher, TopK
 from .._errors import InvalidArgumentError
-from .._options import CrossEntropyOptions, cross_entropy_options
+from .._options import CrossEntropyOptions, cross_entropy_options, flag
 from .._training import CrossEntropyStats, check_shift, summarize
 from .._validate import (
     check_target_range,
@@ -111,6 +111,7 @@ def log_softmax(z, axis: int = -1):
 def logsumexp(z, axis: int = -1, keepdims: bool = False):
     r"""log Σ_k e^{z_k} along ``axis``, as m + log Σ_k e^{z_k − m}; its vector-Jacobian
     product is g·softmax(z).  No classes give −inf; ±inf maxima give ±inf, NaN propagates."""
+    keepdims = flag("keepdims", keepdims)
     z = float_array(z, "z")
     if z.ndim == 0:
         return z
@@ -213,6 +214,7 @@ def cross_entropy(
         the loss in the logits' dtype — a scalar, or for ``reduction="none"`` the target's
         (index) shape; ``(loss, stats)`` with ``return_stats``.
     """
+    return_stats = flag("return_stats", return_stats)
     opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     z = float_array(logits, "logits")
     if z.ndim == 0:
@@ -283,6 +285,7 @@ def linear_cross_entropy(
         the loss in the inputs' dtype (a scalar, or ``hidden.shape[:-1]`` for ``"none"``);
         ``(loss, stats)`` with ``return_stats``.
     """
+    return_stats = flag("return_stats", return_stats)
     opts = cross_entropy_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     layer = layer_inputs(hidden, linear_weight, linear_bias, chunk_size)
     lead, num_classes, num_tokens = layer.lead, layer.num_classes, layer.num_tokens

@@ -45,7 +45,7 @@ from .._distill_teacher import (
     teacher_kind,
 )
 from .._errors import InvalidArgumentError, InvalidTypeError
-from .._options import check_chunk_size
+from .._options import check_chunk_size, flag
 from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
 from . import higher_order
@@ -506,6 +506,7 @@ def distill_loss(
         the loss in the student's dtype (float32 under autocast): a scalar, or the token shape for
         ``reduction="none"``; ``(loss, stats)`` with ``return_stats``.
     """
+    return_stats = flag("return_stats", return_stats)
     opts = make_distill_options(
         divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
         reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,
@@ -580,6 +581,7 @@ def linear_distill_loss(
         ``torch.autocast``, where the matmuls run in the autocast dtype and the statistics and ∂W, ∂b
         accumulate in float32; ``(loss, stats)`` with ``return_stats``.
     """
+    return_stats = flag("return_stats", return_stats)
     opts = make_distill_options(
         divergence=divergence, beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
         reduction=reduction, topk_rest=topk_rest, temperature_scaling=temperature_scaling,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._errors import InvalidArgumentError, InvalidTypeError
-from .._options import CrossEntropyOptions, make_options
+from .._options import CrossEntropyOptions, flag, make_options
 from .._validate import normalize_axis
 from ..cpu.cross_entropy_spatial import MAX_CLASSES
 from . import fallback, higher_order, ops, training
@@ -132,6 +132,8 @@ def cross_entropy(
     sharded on the classes (``Shard(1)`` of a 1-D mesh, as under ``loss_parallel()``) runs
     :func:`softxent.torch.distributed.vocab_parallel_cross_entropy` on its shard.
     """
+    inplace_backward = flag("inplace_backward", inplace_backward)
+    return_stats = flag("return_stats", return_stats)
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)  # warns, as PyTorch
     if type(input).__name__ == "DTensor":  # logits sharded on the classes, as under loss_parallel()
@@ -210,6 +212,8 @@ def _fused_loss(call: _Layout, inplace_backward: bool, return_stats: bool):
     else:
         target_rows = target.reshape(1, num_classes) if input.dim() == 1 else _to_rows(target, call.class_dim)
     compute_grad = gradient_wanted(input)
+    if inplace_backward and compute_grad:
+        _check_writable_in_place(input)
     op_args = (call.weight, *ops.op_options(call.opts))
     use_inplace = (
         inplace_backward
@@ -315,6 +319,20 @@ def _no_class_loss(input: Tensor, target: Tensor, is_index: bool, class_dim: int
     return total / 0.0
 
 
+def _check_writable_in_place(input: Tensor) -> None:
+    """Refuse ``inplace_backward=True`` where PyTorch refuses any in-place operation: on a leaf that
+    requires grad (an ``nn.Parameter``, a tensor made with ``requires_grad=True``) or a view of one,
+    whose values the optimizer and autograd still need."""
+    base = input._base if input._base is not None else input
+    if base.is_leaf and base.requires_grad:
+        what = "a view of a leaf Variable" if input._base is not None else "a leaf Variable"
+        raise InvalidArgumentError(
+            f"inplace_backward=True would overwrite input, {what} that requires grad (PyTorch: {what} that "
+            "requires grad is being used in an in-place operation); pass the output of an operation (the "
+            "model's logits), or call without inplace_backward"
+        )
+
+
 class _InplaceCrossEntropy(torch.autograd.Function):
     """Eager path of ``inplace_backward=True`` (fused CPU and Triton kernels): the kernel writes the gradient
     over the logits' storage, so no N×C buffer is allocated."""
@@ -358,6 +376,13 @@ def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor
     return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim).contiguous()
 
 
+def _check_tensor(input) -> None:
+    """A TypeError naming ``input`` unless it is a tensor (the softmax family's first check: the
+    dtype is checked after ``dtype=`` casts it)."""
+    if not isinstance(input, Tensor):
+        raise InvalidTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+
+
 def _implicit_dim(name: str, input: Tensor) -> int:
     """``F.softmax``'s deprecated choice of a dim when none is given (0 for 0-, 1- and 3-D inputs,
     else 1), with PyTorch's warning."""
@@ -389,6 +414,7 @@ def softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = N
     with its warning).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
     On CPU it runs a fused Numba kernel, on CUDA a fused Triton kernel; elsewhere ``torch.softmax``.
     """
+    _check_tensor(input)
     if dim is None:
         dim = _implicit_dim("softmax", input)
     if backend_for(input.device).name == "fallback":
@@ -402,6 +428,7 @@ def log_softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None
     Drop-in for ``torch.log_softmax`` / ``F.log_softmax`` (``dim=None`` as in :func:`softmax`).
     Gradient: ``g − softmax(z)·Σ_k g_k``.
     """
+    _check_tensor(input)
     if dim is None:
         dim = _implicit_dim("log_softmax", input)
     if backend_for(input.device).name == "fallback":
@@ -415,7 +442,9 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     ``dim`` is an int, or as in PyTorch a tuple/list of dims reduced together.
     Rows holding +inf give +inf, rows of only −inf give −inf.  Gradient: softmax(z)·g.
     """
-    if isinstance(input, Tensor) and not (input.is_floating_point() or input.is_complex()):
+    keepdim = flag("keepdim", keepdim)
+    _check_tensor(input)
+    if not (input.is_floating_point() or input.is_complex()):
         input = input.to(torch.get_default_dtype())  # integers and bools, as PyTorch: the default float dtype
     if isinstance(dim, (tuple, list)):
         if len(dim) != 1:  # several dims at once: PyTorch's own reduction (the fused kernel takes one axis)

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from .. import _reduction
-from .._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError, InvalidTypeError
 from .._linear_chunks import active_tokens, linear_cross_entropy_rows
-from .._options import CrossEntropyOptions, make_options
+from .._options import CrossEntropyOptions, flag, make_options
 from .._validate import check_linear_shapes, check_target_range
 from . import fallback, higher_order, ops, training
 from .backends import backend_for
@@ -424,6 +424,9 @@ def linear_cross_entropy(
     cannot tell from its arguments: gather it first (call the loss inside the module's forward,
     or ``FSDPModule.unshard()``), as :func:`softxent.transformers.patch` does.
     """
+    return_stats = flag("return_stats", return_stats)
+    if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
+        raise InvalidTypeError(f"loss_dtype must be a floating-point torch.dtype (or None), got {loss_dtype!r}")
     ignore_index_given = ignore_index is not None
     if ignore_index is None:
         ignore_index = -100  # PyTorch's F.linear_cross_entropy: None means the default −100

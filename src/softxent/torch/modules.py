@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._options import make_options
+from .._options import check_chunk_size, flag, make_options
 from . import functional, linear
 
 #: the options every loss checks with :func:`softxent._options.make_options`
@@ -24,6 +24,10 @@ class _OptionsModule(torch.nn.Module):
         options = {name: arguments[name] for name in self.__constants__}
         if check_now:
             make_options(**{name: options[name] for name in _CHECKED})
+            if "chunk_size" in options:
+                check_chunk_size(options["chunk_size"])
+            if "return_stats" in options:
+                flag("return_stats", options["return_stats"])
         self.register_buffer("weight", weight)
         for name, value in options.items():
             setattr(self, name, value)
