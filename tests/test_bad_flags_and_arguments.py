@@ -101,13 +101,12 @@ def test_linear_cross_entropy_loss_dtype_must_be_a_float_dtype(dtype):
     assert loss.dtype == torch.float64
 
 
-@pytest.mark.parametrize("make", [lambda: torch.nn.Parameter(X.clone()), lambda: X.clone().requires_grad_()])
-def test_inplace_backward_refuses_a_leaf_that_requires_grad(make):
-    leaf = make()
+def test_inplace_backward_refuses_a_parameter():
+    leaf = torch.nn.Parameter(X.clone())
     before = leaf.detach().clone()
-    with pytest.raises(InvalidArgumentError, match="leaf Variable that requires grad"):
+    with pytest.raises(InvalidArgumentError, match="overwrite input, a parameter that requires grad"):
         sxt.cross_entropy(leaf, T, inplace_backward=True)
-    with pytest.raises(InvalidArgumentError, match="a view of a leaf Variable"):
+    with pytest.raises(InvalidArgumentError, match="a view of a parameter"):
         sxt.cross_entropy(leaf[1:], T[1:], inplace_backward=True)
     assert torch.equal(leaf.detach(), before)
     # the output of an operation is overwritten, as documented, and gives PyTorch's gradient

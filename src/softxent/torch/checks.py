@@ -54,7 +54,17 @@ def plain_target(input: Tensor, target):
         target = target.to_dense()
     if unbatched_index_target(input.dim(), target.shape, target_kind(target)[0]):
         target = target.reshape(())
-    return target
+    return saveable(target)
+
+
+def saveable(t: Tensor | None) -> Tensor | None:
+    """``t``, or outside inference mode a normal copy of an inference tensor (one made under
+    ``torch.inference_mode()``, such as a teacher's probabilities), which autograd may not save for
+    backward: the fused ops save their target and class weights (PyTorch's own loss raises for
+    some options and not for others)."""
+    if t is not None and t.is_inference() and not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
+        return t.clone()
+    return t
 
 
 def check_same_device(input: Tensor, input_name: str = "input", /, **others) -> None:

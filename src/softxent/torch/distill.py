@@ -55,7 +55,7 @@ from .checks import matmul_dtype as matmul_dtype_of
 from .distill_composite import composite_distill
 from .fallback import compute_dtype
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
-from .saved_gradient import scale_saved_gradient, stored_scale
+from .saved_gradient import scale_saved_gradient, stored_scale, under_transform
 
 __all__ = ["TopK", "FusedTeacher", "DistillStats", "distill_loss", "linear_distill_loss"]
 
@@ -367,7 +367,14 @@ def _backward_linear(ctx, grad_loss, *_grads_of_data):
     if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of the saved inputs
         return tuple(_differentiable_linear(ctx, (hidden, weight, bias), teacher, valid, labels, grad_loss)) + none[3:]
     wanted = [ctx.needs_input_grad[i] for i in range(3)]
-    if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
+    saved = all(have or not need for have, need in zip(ctx.computed, wanted, strict=True))
+    if not saved and under_transform(grad_loss):  # the op's rerun on it would drop the tangent: a zero jvp
+        raise NotImplementedError(
+            "softxent.torch.linear_distill_loss: a torch.func transform (jvp, vmap, grad) or forward-mode AD of "
+            "torch.autograd.grad through this loss with reduction='none' is not supported; use reduction='mean' "
+            "or 'sum', or distill_loss on the logits"
+        )
+    if saved:
         grads = [
             scale_saved_gradient(ctx, g, grad_loss, "linear_distill_loss", anchors=(hidden, weight)) if need else None
             for g, need in zip(computed, wanted, strict=True)

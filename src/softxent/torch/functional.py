@@ -31,6 +31,7 @@ from .checks import (
     gradient_wanted,
     loss_dtype,
     plain_target,
+    saveable,
 )
 from .saved_gradient import ignored_samples, scale_saved_gradient, stored_scale
 
@@ -149,6 +150,7 @@ def cross_entropy(
     class_dim = 0 if input.dim() == 1 else 1
     target = plain_target(input, target)
     is_index = check_target(input, tuple(input.shape), class_dim, target, weight, opts)
+    weight = saveable(weight)
     target = training.shift_target(target, is_index, opts, shift)
     if input.shape[class_dim] == 0:
         if return_stats:
@@ -320,15 +322,16 @@ def _no_class_loss(input: Tensor, target: Tensor, is_index: bool, class_dim: int
 
 
 def _check_writable_in_place(input: Tensor) -> None:
-    """Refuse ``inplace_backward=True`` where PyTorch refuses any in-place operation: on a leaf that
-    requires grad (an ``nn.Parameter``, a tensor made with ``requires_grad=True``) or a view of one,
-    whose values the optimizer and autograd still need."""
+    """Refuse ``inplace_backward=True`` on an ``nn.Parameter`` that requires grad, or a view of one:
+    the gradient would replace the model's weights, and the optimizer would step from it.  (Any
+    other tensor is overwritten, as documented — a leaf made with ``requires_grad=True`` too, whose
+    ``.grad`` then is that memory; PyTorch's in-place ops refuse every leaf that requires grad.)"""
     base = input._base if input._base is not None else input
-    if base.is_leaf and base.requires_grad:
-        what = "a view of a leaf Variable" if input._base is not None else "a leaf Variable"
+    if isinstance(base, torch.nn.Parameter) and base.requires_grad:
+        what = "a view of a parameter" if input._base is not None else "a parameter"
         raise InvalidArgumentError(
-            f"inplace_backward=True would overwrite input, {what} that requires grad (PyTorch: {what} that "
-            "requires grad is being used in an in-place operation); pass the output of an operation (the "
+            f"inplace_backward=True would overwrite input, {what} that requires grad (PyTorch: a leaf Variable "
+            "that requires grad is being used in an in-place operation); pass the output of an operation (the "
             "model's logits), or call without inplace_backward"
         )
 

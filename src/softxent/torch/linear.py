@@ -49,7 +49,7 @@ from .functional import cross_entropy
 from .linear_arrays import array_ops, gradient_buffers, gradient_outputs
 from .linear_options import chunk_size_from_options
 from .ops import options_from_op
-from .saved_gradient import scale_saved_gradient, stored_scale
+from .saved_gradient import scale_saved_gradient, stored_scale, under_transform
 from .target_counts import device_loss_scale, empty_stats
 
 
@@ -253,6 +253,10 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
     none = (None,) * 19
     if grad_loss is None:
         return none
+    wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
+    saved = all(have or not need for have, need in zip(ctx.computed, wanted, strict=True))
+    # create_graph=True, or an upstream of a torch.func transform that the op's rerun would drop:
+    # differentiate the composite of the saved inputs
     if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of the saved inputs
         return (
             tuple(_differentiable_gradients(ctx, input, linear_weight, linear_bias, target, weight, grad_loss))
@@ -261,8 +265,13 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
     grad_class_weight = None
     if ctx.needs_input_grad[4]:
         grad_class_weight = _class_weight_gradient(ctx, (input, linear_weight, linear_bias), target, weight, grad_loss)
-    wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
-    if all(have or not need for have, need in zip(ctx.computed, wanted, strict=True)):
+    if not saved and under_transform(grad_loss):  # the op's rerun would drop the transform's tangent
+        layer_grads = _transformed_gradients(ctx, (input, linear_weight, linear_bias), target, weight, grad_loss)
+        return tuple(g if need else None for g, need in zip(layer_grads, wanted, strict=True)) + (
+            grad_class_weight,
+            *none[5:],
+        )
+    if saved:
         grads = [
             scale_saved_gradient(ctx, g, grad_loss, "linear_cross_entropy", anchors=(input, linear_weight))
             if need
@@ -289,6 +298,34 @@ def _differentiable_gradients(ctx, input, linear_weight, linear_bias, target, we
 
     tensors = (input, linear_weight, linear_bias, target, weight)
     return higher_order.differentiable(loss_of, tensors, ctx.needs_input_grad[:5], grad_loss)
+
+
+def _transformed_gradients(ctx, layer, target: Tensor, weight: Tensor | None, grad_loss: Tensor) -> list:
+    r"""(∂input, ∂linear_weight, ∂linear_bias, None) for an upstream ``grad_loss`` u of a torch.func
+    transform or forward-mode AD (``jvp(lambda u: autograd.grad(loss, h, u), …)``): the gradient G of
+    the loss (its reduction's scale included) with respect to the logits z = h·Wᵀ + b, from the saved
+    inputs by the fused op with upstream 1, then with plain PyTorch ops in u, which the transform follows,
+
+        ∂z = u ⊙ G,   ∂h = ∂z·W,   ∂W = ∂zᵀ·h,   ∂b = Σ_i ∂z_i
+
+    (the logits held whole for this step).  The target's gradient is not formed here."""
+    hidden, linear_weight, linear_bias = layer
+    if ctx.needs_input_grad[3]:
+        raise NotImplementedError(
+            "softxent.torch.linear_cross_entropy: the gradient with respect to a probability target, under a "
+            "torch.func transform of torch.autograd.grad, is not supported"
+        )
+    mm = ctx.matmul_dtype
+    with torch.no_grad():
+        b = None if linear_bias is None else linear_bias.to(mm)
+        z = torch.nn.functional.linear(hidden.to(mm), linear_weight.to(mm), b)
+        _, g, *_ = ops.cross_entropy(z, target, weight, *ops.op_options(ctx.opts), True, False)
+    unscale = 1.0 / stored_scale(z.dtype, ctx.opts.reduction, z.shape[0])  # the op's float16 mean: G·2^k
+    d_z = g.to(fallback.compute_dtype(mm)) * unscale * grad_loss.reshape(-1, 1)
+    d_hidden = (d_z.to(mm) @ linear_weight.to(mm)).to(hidden.dtype)
+    d_weight = (d_z.to(mm).T @ hidden.to(mm)).to(linear_weight.dtype)
+    d_bias = None if linear_bias is None else d_z.sum(0).to(linear_bias.dtype)
+    return [d_hidden, d_weight, d_bias, None]
 
 
 def _class_weight_gradient(ctx, layer, target: Tensor, weight: Tensor, grad_loss: Tensor) -> Tensor:

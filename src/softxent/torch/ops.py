@@ -28,7 +28,7 @@ from .._options import CrossEntropyOptions
 from .._validate import check_target_range
 from . import deferred_checks, eager_calls, fallback, higher_order
 from .backends import Backend, backend_for
-from .saved_gradient import ignored_samples, scale_saved_gradient, stored_scale, upstream_factor
+from .saved_gradient import ignored_samples, scale_saved_gradient, stored_scale, under_transform, upstream_factor
 from .target_counts import bad_indices, device_loss_scale, empty_stats
 
 
@@ -401,24 +401,26 @@ def _logsumexp_backward_fake(z, lse, g):
 
 # Backward formulas: the fused backward kernels in a plain backward; differentiable PyTorch
 # ops on the saved output when a graph of the backward is built (create_graph), so that
-# higher derivatives differentiate back into these ops.
+# higher derivatives differentiate back into these ops, and when the upstream g carries a
+# torch.func transform or a forward-mode tangent (jvp/vmap of autograd.grad), which the
+# custom backward op would drop.
 def _softmax_backward(ctx, g):
     (p,) = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or under_transform(g):
         return _softmax_backward_formula(p, g, False)
     return eager_calls.call(softmax_backward_op, _softmax_backward_rows, None, p, g, False)
 
 
 def _log_softmax_backward(ctx, g):
     (log_p,) = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or under_transform(g):
         return _softmax_backward_formula(log_p, g, True)
     return eager_calls.call(softmax_backward_op, _softmax_backward_rows, None, log_p, g, True)
 
 
 def _logsumexp_backward(ctx, g):
     z, lse = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or under_transform(g):
         return g[:, None] * torch.exp(z - lse[:, None])
     return eager_calls.call(logsumexp_backward_op, _logsumexp_backward_rows, None, z, lse, g)
 

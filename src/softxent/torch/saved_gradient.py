@@ -15,6 +15,9 @@ NO_DOUBLE_BACKWARD = (
 
 
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+#: a tensor of a torch.func transform (vmap's batched tensor, grad/jvp's wrapper), such as the
+#: upstream gradient of ``vmap(lambda u: torch.autograd.grad(loss, x, u))``
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
 def _traced() -> bool:
@@ -24,10 +27,21 @@ def _traced() -> bool:
 
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when running eagerly on real tensors, where in-place updates and ``.item()`` are safe
-    (not under ``autograd.grad(..., is_grads_batched=True)``, whose upstream is a batched tensor)."""
+    (not under ``autograd.grad(..., is_grads_batched=True)``, whose upstream is a batched tensor,
+    nor under a torch.func transform of ``autograd.grad``, whose upstream is wrapped)."""
     if _traced():
         return False
-    return all(type(t) is Tensor and not _is_legacy_batched(t) for t in tensors)
+    return all(type(t) is Tensor and not _is_legacy_batched(t) and not _is_functorch_wrapped(t) for t in tensors)
+
+
+def under_transform(t: Tensor) -> bool:
+    """True when ``t`` (an upstream gradient) carries a torch.func transform or a forward-mode AD
+    tangent — ``jvp``/``vmap``/``grad`` of a function that calls ``torch.autograd.grad``.  A
+    backward that reruns a custom op on it must use differentiable PyTorch ops instead: the op
+    has no rule for these transforms, and the tangent would be lost (a zero jvp)."""
+    if _is_functorch_wrapped(t) or _is_legacy_batched(t):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 def _graph_is_kept() -> bool:
