@@ -151,3 +151,30 @@ def test_linear_distill_under_jvp_of_autograd_grad_is_exact_or_refused(reduction
             jvp(f, (u0,), (torch.ones_like(u0),))
     else:
         torch.testing.assert_close(jvp(f, (u0,), (torch.ones_like(u0),))[1], f(torch.ones_like(u0)))
+
+
+def test_class_weights_and_teachers_made_in_inference_mode_train_the_fused_linear_losses():
+    h = H.clone().requires_grad_()
+    with torch.inference_mode():
+        w = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.5
+        teacher = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    (g,) = torch.autograd.grad(sxt.linear_cross_entropy(h, W, T, weight=w), h)
+    ref = H.clone().requires_grad_()
+    torch.testing.assert_close(g, torch.autograd.grad(F.cross_entropy(ref @ W.T, T, weight=w.clone()), ref)[0])
+    (g,) = torch.autograd.grad(sxt.linear_distill_loss(h, W, teacher, reduction="none").sum(), h)
+    (r,) = torch.autograd.grad(sxt.distill_loss(ref @ W.T, teacher.clone(), reduction="none").sum(), ref)
+    torch.testing.assert_close(g, r)
+
+
+def test_vmap_over_autograd_grad_of_linear_cross_entropy_with_respect_to_class_weights():
+    q = Q.clone()
+    outs = []
+    for lib in ("torch", "softxent"):
+        h, w = H.clone().requires_grad_(), torch.linspace(0.5, 2.0, 4, dtype=torch.float64).requires_grad_()
+        if lib == "softxent":
+            loss = sxt.linear_cross_entropy(h, W, q, weight=w, reduction="none")
+        else:
+            loss = F.cross_entropy(h @ W.T, q, weight=w, reduction="none")
+        upstream = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        outs.append(vmap(lambda u, loss=loss, w=w: torch.autograd.grad(loss, w, u, retain_graph=True)[0])(upstream))
+    torch.testing.assert_close(outs[1], outs[0])

@@ -62,7 +62,9 @@ def saveable(t: Tensor | None) -> Tensor | None:
     ``torch.inference_mode()``, such as a teacher's probabilities), which autograd may not save for
     backward: the fused ops save their target and class weights (PyTorch's own loss raises for
     some options and not for others)."""
-    if t is not None and t.is_inference() and not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
+    if t is None or torch.compiler.is_compiling():  # a traced tensor is never an inference tensor
+        return t
+    if t.is_inference() and not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
         return t.clone()
     return t
 

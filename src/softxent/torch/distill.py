@@ -50,7 +50,15 @@ from .._reduction import reduced_loss_scale
 from .._validate import check_linear_shapes
 from . import higher_order
 from .backends import backend_for
-from .checks import autocast_enabled, check_input, check_same_device, composite_needed, gradient_wanted, linear_in
+from .checks import (
+    autocast_enabled,
+    check_input,
+    check_same_device,
+    composite_needed,
+    gradient_wanted,
+    linear_in,
+    saveable,
+)
 from .checks import matmul_dtype as matmul_dtype_of
 from .distill_composite import composite_distill
 from .fallback import compute_dtype
@@ -460,7 +468,7 @@ def _check_teacher(teacher, lead: tuple[int, ...], num_classes: int, linear: boo
     for t in tensors:
         if t is not None and t.device != device:
             raise InvalidArgumentError(f"the teacher's tensors are on {t.device} but the student is on {device}")
-    return tensors
+    return tuple(saveable(t) for t in tensors)  # a teacher run under inference_mode(): copied, so it can be saved
 
 
 def _finish(loss: Tensor, stats, valid: Tensor, lead, opts: DistillOptions, dtype, return_stats: bool):

@@ -42,6 +42,7 @@ from .checks import (
     composite_needed,
     linear_in,
     plain_target,
+    saveable,
 )
 from .checks import loss_dtype as promoted_loss_dtype
 from .checks import matmul_dtype as matmul_dtype_of
@@ -349,7 +350,8 @@ def _class_weight_gradient(ctx, layer, target: Tensor, weight: Tensor, grad_loss
         z = torch.nn.functional.linear(hidden[rows].to(ctx.matmul_dtype), w, b).to(acc)
         nlp = fallback.neg_log_softmax(fallback.capped_logits(z, ctx.opts.softcap)[0])
         y = (1.0 - eps) * target[rows].to(acc) + eps / num_classes
-        total += ((upstream[rows] if upstream.shape[0] > 1 else upstream) * y * nlp).sum(0)
+        # out of place: under vmap of autograd.grad the upstream carries a batch the buffer lacks
+        total = total + ((upstream[rows] if upstream.shape[0] > 1 else upstream) * y * nlp).sum(0)
     return total.to(weight.dtype)
 
 
@@ -487,6 +489,7 @@ def linear_cross_entropy(
     lead = tuple(input.shape[:-1])
     target = plain_target(input, target)
     is_index = check_target(input, lead + (num_classes,), len(lead), target, weight, opts)
+    weight = saveable(weight)
     if not is_index and ignore_index_given:
         raise InvalidArgumentError("ignore_index cannot be specified when target contains probabilities")
     target = training.shift_target(target, is_index, opts, shift)
