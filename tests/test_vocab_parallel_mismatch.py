@@ -197,6 +197,17 @@ def case_linear_targets(rank, world, groups):
     return _vp_linear(rank, *_linear_data(13), target, SHARDS[world])
 
 
+def case_linear_inputs(rank, world, groups):
+    # the same targets, but each rank its own hidden states (a data-parallel batch, as when a
+    # fully_shard-ed head's Shard(0) weight is passed): never a made-up loss
+    _, target, _ = make_data(7)
+    hidden, linear_weight, bias = _linear_data(13)
+    if rank == 1:
+        hidden = hidden.clone()
+        hidden[4, 2] += 1.0
+    return _vp_linear(rank, hidden, linear_weight, bias, target, SHARDS[world])
+
+
 def case_vocab_start_on_one_rank(rank, world, groups):
     logits, target, _ = make_data(8)
     return _vp(rank, logits, target, SHARDS[world], explicit_start=rank == 0)
@@ -253,7 +264,8 @@ MISMATCH_CASES = [
     ("target_kind", case_target_kind, "disagree on the kind of targets", 1),
     ("op", case_op, "disagree on the op", 1),
     ("linear_features", case_linear_features, "or the input's number of features", 1),
-    ("linear_targets", case_linear_targets, "disagree on the class-index targets", 1),
+    ("linear_targets", case_linear_targets, "disagree on the class-index targets or the input", 1),
+    ("linear_inputs", case_linear_inputs, "disagree on the class-index targets or the input", 1),
     ("vocab_start_on_one_rank", case_vocab_start_on_one_rank, None, 1),
     ("vocab_start_wrong_on_one_rank", case_vocab_start_wrong_on_one_rank, "rank 1 starts at 10, expected 9", 1),
     ("after_the_errors", case_after_the_errors, None, 1),

@@ -210,6 +210,7 @@ class _Call:
     device: torch.device
     vocab_start: int | None  # None: from the shard sizes
     features: int = 0  # D of the linear op's input
+    inputs: Tensor | None = None  # the linear op's input (N, D), the same on every rank
     digest: int = field(init=False)
 
     def __post_init__(self):
@@ -268,6 +269,16 @@ def _target_checksum(target: Tensor) -> Tensor:
     n = target.shape[0]
     mix = torch.arange(1, n + 1, dtype=torch.int64, device=target.device) * 0x2545F4914F6CDD1D  # wraps
     h = ((target.to(torch.int64) + 1) * (mix | 1)).sum()
+    return (h ^ (h >> 31)) & _INT32_MAX
+
+
+def _input_checksum(x: Tensor) -> Tensor:
+    """A 31-bit checksum of the bits of the linear op's input (N, D), on its device (no host sync):
+    the integer sum of its elements' bit patterns, exact and in any order the same, so equal inputs
+    agree on every rank whatever its threads.  Inputs that differ — each rank its own batch, as under
+    FSDP or DDP — disagree (but for a permutation of the same values)."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    h = x.view(bits).sum(dtype=torch.int64) * 0x2545F4914F6CDD1D  # wraps
     return (h ^ (h >> 31)) & _INT32_MAX
 
 
@@ -331,7 +342,16 @@ def _check_headers(headers: list[_Header]) -> str:
         name, f"ignore_index, label_smoothing, z_loss or softcap{features} (digests of the options)",
         [f"{h.digest:#010x}" for h in headers], "pass the same options on every rank",
     )  # fmt: skip
-    if headers[0].is_index:
+    if headers[0].op == 1:  # the linear op: a checksum of its input (and class-index targets)
+        what = ("the class-index targets or " if headers[0].is_index else "") + "the input"
+        _disagreement(
+            name, f"{what} (checksums)", [f"{h.targets:#010x}" for h in headers],
+            "every rank must pass the same tokens — the same input (hidden states) and targets — and its shard "
+            "of the vocabulary; a rank with a batch of its own (DDP, FSDP: a Shard(0) DTensor weight of "
+            "fully_shard is not a vocabulary shard) needs the whole weight instead (call the head module, or "
+            "pass weight.full_tensor())",
+        )  # fmt: skip
+    elif headers[0].is_index:
         _disagreement(
             name, "the class-index targets (checksums of the targets)", [f"{h.targets:#010x}" for h in headers],
             "the targets of the tokens must be the same on every rank",
@@ -360,6 +380,9 @@ def _gather_statistics(call: _Call, stats_of, group):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     code = _DTYPES.index(call.dtype)
     checksum = _target_checksum(call.target) if call.is_index else None
+    if call.inputs is not None:  # the linear op: its input must be the same on every rank too
+        inputs = _input_checksum(call.inputs)
+        checksum = inputs if checksum is None else checksum ^ inputs
     for _ in range(2):
         start = call.vocab_start if call.vocab_start is not None else state.start_of(rank, call.size)
         fits = call.tokens <= state.rows and code == state.dtype and start >= 0
@@ -666,7 +689,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             return stats, None
 
         call = _Call(1, opts, is_index, target, weight is not None, num_tokens, size, acc, hidden.device, start,
-                     features)  # fmt: skip
+                     features, hidden)  # fmt: skip
         global_rows, start = _global_rows(call, stats_of, weight, group)[:2]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, linear_weight, linear_bias, target, weight)
