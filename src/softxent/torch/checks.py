@@ -19,10 +19,15 @@ from .._options import CrossEntropyOptions
 from .._validate import check_target_range, check_weight_shape, target_is_index, unbatched_index_target
 
 
-def check_input(input: Tensor, name: str = "input") -> None:
-    """Raise unless ``input`` is a dense floating-point tensor (the error names ``name``)."""
+def check_tensor(input, name: str = "input") -> None:
+    """A TypeError naming ``name`` unless ``input`` is a tensor (of any dtype and layout)."""
     if not isinstance(input, Tensor):
         raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+
+
+def check_input(input: Tensor, name: str = "input") -> None:
+    """Raise unless ``input`` is a dense floating-point tensor (the error names ``name``)."""
+    check_tensor(input, name)
     if input.layout != torch.strided:
         raise UnsupportedLayoutError(
             f"{name} must be a dense (strided) tensor, got layout {input.layout} (PyTorch's cross_entropy "

@@ -26,6 +26,7 @@ from .checks import (
     check_index_range,
     check_input,
     check_target,
+    check_tensor,
     class_indices,
     composite_needed,
     gradient_wanted,
@@ -379,13 +380,6 @@ def _rows_call(op, input: Tensor, dim: int, dtype: torch.dtype | None) -> Tensor
     return _from_rows(op(_to_rows(input, dim).contiguous()), input, dim).contiguous()
 
 
-def _check_tensor(input) -> None:
-    """A TypeError naming ``input`` unless it is a tensor (the softmax family's first check: the
-    dtype is checked after ``dtype=`` casts it)."""
-    if not isinstance(input, Tensor):
-        raise InvalidTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-
-
 def _implicit_dim(name: str, input: Tensor) -> int:
     """``F.softmax``'s deprecated choice of a dim when none is given (0 for 0-, 1- and 3-D inputs,
     else 1), with PyTorch's warning."""
@@ -417,7 +411,7 @@ def softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = N
     with its warning).  Gradient: ``p ⊙ (g − ⟨g, p⟩)``.
     On CPU it runs a fused Numba kernel, on CUDA a fused Triton kernel; elsewhere ``torch.softmax``.
     """
-    _check_tensor(input)
+    check_tensor(input)  # the dtype is checked after dtype= casts it
     if dim is None:
         dim = _implicit_dim("softmax", input)
     if backend_for(input.device).name == "fallback":
@@ -431,7 +425,7 @@ def log_softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None
     Drop-in for ``torch.log_softmax`` / ``F.log_softmax`` (``dim=None`` as in :func:`softmax`).
     Gradient: ``g − softmax(z)·Σ_k g_k``.
     """
-    _check_tensor(input)
+    check_tensor(input)  # the dtype is checked after dtype= casts it
     if dim is None:
         dim = _implicit_dim("log_softmax", input)
     if backend_for(input.device).name == "fallback":
@@ -446,7 +440,7 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     Rows holding +inf give +inf, rows of only −inf give −inf.  Gradient: softmax(z)·g.
     """
     keepdim = flag("keepdim", keepdim)
-    _check_tensor(input)
+    check_tensor(input)  # the dtype is checked after dtype= casts it
     if not (input.is_floating_point() or input.is_complex()):
         input = input.to(torch.get_default_dtype())  # integers and bools, as PyTorch: the default float dtype
     if isinstance(dim, (tuple, list)):

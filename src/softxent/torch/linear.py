@@ -256,8 +256,6 @@ def _backward(ctx, grad_loss, *_grads_of_grads):
         return none
     wanted = [ctx.needs_input_grad[i] for i in _GRADIENT_INPUTS]
     saved = all(have or not need for have, need in zip(ctx.computed, wanted, strict=True))
-    # create_graph=True, or an upstream of a torch.func transform that the op's rerun would drop:
-    # differentiate the composite of the saved inputs
     if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of the saved inputs
         return (
             tuple(_differentiable_gradients(ctx, input, linear_weight, linear_bias, target, weight, grad_loss))

@@ -31,7 +31,12 @@ def _plain_eager(*tensors: Tensor) -> bool:
     nor under a torch.func transform of ``autograd.grad``, whose upstream is wrapped)."""
     if _traced():
         return False
-    return all(type(t) is Tensor and not _is_legacy_batched(t) and not _is_functorch_wrapped(t) for t in tensors)
+    return all(type(t) is Tensor and not _transform_wrapped(t) for t in tensors)
+
+
+def _transform_wrapped(t: Tensor) -> bool:
+    """A batched tensor of ``is_grads_batched=True`` or a tensor of a torch.func transform."""
+    return _is_legacy_batched(t) or _is_functorch_wrapped(t)
 
 
 def under_transform(t: Tensor) -> bool:
@@ -39,9 +44,7 @@ def under_transform(t: Tensor) -> bool:
     tangent — ``jvp``/``vmap``/``grad`` of a function that calls ``torch.autograd.grad``.  A
     backward that reruns a custom op on it must use differentiable PyTorch ops instead: the op
     has no rule for these transforms, and the tangent would be lost (a zero jvp)."""
-    if _is_functorch_wrapped(t) or _is_legacy_batched(t):
-        return True
-    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+    return _transform_wrapped(t) or torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 def _graph_is_kept() -> bool:
